@@ -1,0 +1,1 @@
+"""ONNX lowering, emitters and verification; installed as ``qzo_fx.exporters``."""

@@ -1,0 +1,27 @@
+"""qzo_fx: low-bit quantization-aware training on torch.fx, with STE and zeroth-order
+estimators (FOGZO, n-SPSA, ZOQO), exported to ONNX Q/DQ for ONNX Runtime.
+
+Example:
+    >>> import torch, qzo_fx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=2))
+    >>> qm(torch.randn(3, 4)).shape
+    torch.Size([3, 2])
+"""
+from __future__ import annotations
+
+from qzo_fx import ops  # registers the qzo custom ops before any graph refers to them
+from qzo_fx.config import QuantConfig, QuantSpec
+from qzo_fx.errors import (CalibrationError, CaptureError, ConfigError, ExportError, NonFiniteLossError,
+                           PassError, QzoError, TrainStepError, UnsupportedModelError)
+from qzo_fx.inspect import draw_svg, graph_code, graph_diff, print_tabular, to_networkx
+from qzo_fx.prepare import list_quantizers, prepare
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prepare", "QuantConfig", "QuantSpec", "list_quantizers",
+    "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
+    "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",
+    "CalibrationError", "TrainStepError", "NonFiniteLossError", "ExportError", "ops",
+]

@@ -1,0 +1,86 @@
+"""The ``qzo-fx`` command line: ``inspect`` (more subcommands come with export and benchmarks)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch.nn as nn
+from tabulate import tabulate
+
+from qzo_fx.config import QuantConfig
+from qzo_fx.errors import QzoError
+from qzo_fx.inspect import draw_svg, graph_diff, tabular, to_dot
+from qzo_fx.prepare import list_quantizers, prepare
+
+__all__ = ["main", "load_factory"]
+
+
+def load_factory(spec: str) -> tuple[nn.Module, Optional[tuple[Any, ...]]]:
+    """``"package.module:factory"`` -> (model, example_inputs or None).
+
+    The factory returns a model, or a ``(model, example_inputs)`` pair.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise QzoError(f"{spec!r}: expected MODULE:FACTORY, e.g. mypkg.models:make_model")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise QzoError(f"{spec!r}: cannot load the factory ({error}).") from error
+    made = factory()
+    model, inputs = (made if isinstance(made, tuple) else (made, None))
+    if not isinstance(model, nn.Module):
+        raise QzoError(f"{spec!r} returned {type(model).__name__}, not an nn.Module.")
+    return model, (tuple(inputs) if inputs is not None else None)
+
+
+def _config(args: argparse.Namespace) -> QuantConfig:
+    return QuantConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model, inputs = load_factory(args.factory)
+    qm = prepare(model, _config(args), example_inputs=inputs)
+    rows = [(q.name, q.role, q.target, q.bits, q.granularity, q.scale_shape, q.ste) for q in list_quantizers(qm)]
+    print(f"captured with: {qm.meta['qzo.capture'].method}; {len(rows)} quantizers")
+    print(tabulate(rows, headers=["quantizer", "role", "target", "bits", "granularity", "scale", "ste"]))
+    if args.table:
+        print(tabular(qm))
+    print(graph_diff(model, qm) if inputs is None or qm.meta["qzo.capture"].method == "symbolic" else qm.code)
+    if args.svg:
+        try:
+            print(f"wrote {draw_svg(qm, args.svg)}")
+        except QzoError as error:
+            dot = Path(args.svg).with_suffix(".dot")
+            dot.write_text(to_dot(qm))
+            print(f"{error}\nwrote {dot} instead", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qzo-fx", description="Low-bit QAT on torch.fx with STE and zeroth-order estimators.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="prepare a model and show its quantizers, graph diff and picture")
+    inspect.add_argument("factory", help="MODULE:FACTORY returning a model or (model, example_inputs)")
+    inspect.add_argument("--weight-bits", type=int, default=8)
+    inspect.add_argument("--activation-bits", type=int, default=None)
+    inspect.add_argument("--svg", default=None, help="write a drawing of the prepared graph")
+    inspect.add_argument("--table", action="store_true", help="also print the node table")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except QzoError as error:
+        print(f"qzo-fx: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

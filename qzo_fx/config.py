@@ -1,0 +1,203 @@
+"""Quantization configuration: frozen, validated at construction.
+
+A :class:`QuantSpec` says how one tensor is quantized; a :class:`QuantConfig` says which
+tensors get which spec (global defaults, overrides by module type and by module-name
+pattern, and a skip list). Only the annotate pass reads a config: everything downstream sees
+resolved specs in ``node.meta``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import torch.nn as nn
+
+from qzo_fx.errors import ConfigError
+
+__all__ = ["QuantSpec", "QuantConfig", "STE_KINDS", "SIGN_ONLY_STE_KINDS"]
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+STE_KINDS = ("identity", "clipped", "hardtanh", "tanh", "approxsign", "lsq")
+# Surrogates defined for the sign function only (1-bit); see algorithms.md, STE table.
+SIGN_ONLY_STE_KINDS = ("hardtanh", "tanh", "approxsign")
+SCALE_INITS = ("maxabs", "mse", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is fake-quantized.
+
+    Args:
+        bits: 1..8. One bit is ``scale * sign(x)``; more bits use an integer grid.
+        symmetric: zero point 0 (signed grid) if True, else an unsigned grid with a zero point.
+        narrow_range: drop the most negative level of a signed grid (2 bits -> ternary).
+        granularity: ``per_tensor``, ``per_channel`` (one scale per slice along ``axis``) or
+            ``per_group`` (blocks of ``group_size`` along ``axis``, ONNX blocked layout).
+        axis: channel or block axis; ``None`` lets the annotator pick the natural one per op
+            (output channels for per_channel, input channels for per_group).
+        group_size: block length for ``per_group``.
+        ste: straight-through surrogate: identity, clipped, hardtanh/tanh/approxsign (1 bit
+            only) or lsq (clipped identity with a learned scale and LSQ gradient scaling).
+        scale_init: ``maxabs``, ``mse`` (grid search of the clipping ratio) or ``percentile``.
+        percentile: used by ``scale_init="percentile"``.
+        learn_scale: make the scale a trainable parameter (implied by ``ste="lsq"``).
+
+    Example:
+        >>> QuantSpec(bits=4, granularity="per_group", group_size=32).qrange
+        (-8, 7)
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    narrow_range: bool = False
+    granularity: str = "per_channel"
+    axis: Optional[int] = None
+    group_size: int = 32
+    ste: str = "identity"
+    scale_init: str = "maxabs"
+    percentile: float = 99.99
+    learn_scale: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits", self.bits, "an int in 1..8")
+        _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
+        _check(self.ste in STE_KINDS, "ste", self.ste, f"one of {STE_KINDS}")
+        _check(self.scale_init in SCALE_INITS, "scale_init", self.scale_init, f"one of {SCALE_INITS}")
+        _check(isinstance(self.group_size, int) and self.group_size >= 1, "group_size", self.group_size, "an int >= 1")
+        _check(0.0 < self.percentile <= 100.0, "percentile", self.percentile, "a float in (0, 100]")
+        if self.ste in SIGN_ONLY_STE_KINDS and self.bits != 1:
+            raise ConfigError("ste", self.ste, "identity, clipped or lsq for bits >= 2",
+                              f"{self.ste} is a surrogate of sign(); use it with bits=1.")
+        if self.bits == 1 and not self.symmetric:
+            raise ConfigError("symmetric", False, "True for bits=1", "1-bit quantization is scale * sign(x).")
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """Integer grid ``(qmin, qmax)``; 1 bit stores codes -1 and +1."""
+        if self.bits == 1:
+            return (-1, 1)
+        if not self.symmetric:
+            return (0, 2**self.bits - 1)
+        half = 2 ** (self.bits - 1)
+        return (-half + int(self.narrow_range), half - 1)
+
+    @property
+    def learns_scale(self) -> bool:
+        return self.learn_scale or self.ste == "lsq"
+
+    def replace(self, **changes: Any) -> "QuantSpec":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+SpecLike = Union[QuantSpec, Mapping[str, Any], None]
+_INHERIT = object()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which tensors to quantize, and how.
+
+    Args:
+        weight: spec for weights (``None``: weights stay float).
+        activation: spec for activations at the inputs of quantized ops (``None``: off).
+        weight_bits, activation_bits: shortcuts that set ``bits`` of the spec (an activation
+            spec is created, per tensor, if only ``activation_bits`` is given).
+        overrides: ``{pattern_or_type: {"weight": spec, "activation": spec}}``. String keys are
+            ``fnmatch`` patterns on module names, type keys match ``isinstance``. A value of
+            ``None`` turns that tensor off, a dict replaces fields of the inherited spec, a
+            ``QuantSpec`` replaces it. Type overrides apply first, then name patterns in order.
+        skip: module-name patterns that stay in float.
+        skip_first, skip_last: keep the first / last quantizable layer in float.
+
+    Example:
+        >>> cfg = QuantConfig(weight_bits=2, overrides={"head": {"weight": {"bits": 8}}})
+        >>> cfg.weight.bits
+        2
+    """
+
+    weight: Optional[QuantSpec] = field(default_factory=QuantSpec)
+    activation: Optional[QuantSpec] = None
+    weight_bits: Optional[int] = None
+    activation_bits: Optional[int] = None
+    overrides: Mapping[Union[str, type], Mapping[str, SpecLike]] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    skip_first: bool = False
+    skip_last: bool = False
+
+    def __post_init__(self) -> None:
+        weight, activation = self.weight, self.activation
+        if self.weight_bits is not None:
+            weight = (weight or QuantSpec()).replace(bits=_bits("weight_bits", self.weight_bits))
+        if self.activation_bits is not None:
+            base = activation or QuantSpec(granularity="per_tensor")
+            activation = base.replace(bits=_bits("activation_bits", self.activation_bits))
+        _check_activation(activation, "activation")
+        for key, value in self.overrides.items():
+            _check_override(key, value)
+        object.__setattr__(self, "weight", weight)
+        object.__setattr__(self, "activation", activation)
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def resolve(self, module_name: str, module: Optional[nn.Module]) -> tuple[Optional[QuantSpec], Optional[QuantSpec]]:
+        """The (weight, activation) specs for one module after overrides and skips."""
+        if any(fnmatch.fnmatchcase(module_name, pattern) for pattern in self.skip):
+            return None, None
+        weight, activation = self.weight, self.activation
+        type_rules = [(k, v) for k, v in self.overrides.items() if isinstance(k, type)]
+        name_rules = [(k, v) for k, v in self.overrides.items() if isinstance(k, str)]
+        for key, rule in type_rules:
+            if module is not None and isinstance(module, key):
+                weight, activation = _apply(rule, weight, activation)
+        for key, rule in name_rules:
+            if fnmatch.fnmatchcase(module_name, key):
+                weight, activation = _apply(rule, weight, activation)
+        return weight, activation
+
+
+def _apply(rule: Mapping[str, SpecLike], weight: Optional[QuantSpec], activation: Optional[QuantSpec]):
+    return (_merge(rule.get("weight", _INHERIT), weight, QuantSpec()),
+            _merge(rule.get("activation", _INHERIT), activation, QuantSpec(granularity="per_tensor")))
+
+
+def _merge(value: Any, inherited: Optional[QuantSpec], default: QuantSpec) -> Optional[QuantSpec]:
+    if value is _INHERIT:
+        return inherited
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    return (inherited or default).replace(**value)
+
+
+def _check_override(key: object, value: object) -> None:
+    if not isinstance(key, (str, type)):
+        raise ConfigError("overrides", key, "keys that are module-name patterns (str) or module types")
+    if not isinstance(value, Mapping) or not set(value) <= {"weight", "activation"}:
+        raise ConfigError(f"overrides[{key!r}]", value, "a dict with keys 'weight' and/or 'activation'")
+    for role, spec in value.items():
+        if isinstance(spec, Mapping):
+            try:
+                QuantSpec().replace(**spec)
+            except TypeError as error:
+                raise ConfigError(f"overrides[{key!r}][{role!r}]", spec, "fields of QuantSpec") from error
+        elif spec is not None and not isinstance(spec, QuantSpec):
+            raise ConfigError(f"overrides[{key!r}][{role!r}]", spec, "a QuantSpec, a dict of its fields, or None")
+    if "activation" in value:
+        _check_activation(_merge(value["activation"], None, QuantSpec(granularity="per_tensor")), f"overrides[{key!r}]['activation']")
+
+
+def _check_activation(spec: Optional[QuantSpec], where: str) -> None:
+    if spec is not None and spec.granularity != "per_tensor":
+        raise ConfigError(f"{where}.granularity", spec.granularity, "'per_tensor' for activations",
+                          "Activation scales are calibrated per tensor.")
+
+
+def _bits(name: str, bits: object) -> int:
+    _check(isinstance(bits, int) and 1 <= bits <= 8, name, bits, "an int in 1..8")
+    return bits  # type: ignore[return-value]
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, allowed)

@@ -1,0 +1,81 @@
+"""Which graph ops carry a quantizable weight, and where their weight and input sit.
+
+Policy lives in the annotator; this table is the mechanism's knowledge of op signatures. It
+covers modules (functionalized by ``insert_qdq``), ``torch.nn.functional`` calls and the ATen
+ops that ``torch.export`` produces.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import Node
+
+__all__ = ["OpSignature", "op_signature", "MODULE_TYPES"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class OpSignature:
+    kind: str                 # "linear", "conv", "conv_transpose", "embedding", "matmul"
+    weight_arg: int           # position of the weight among the node's args
+    input_arg: Optional[int]  # position of the activation input (None: indices, not quantized)
+    channel_axis: int         # per-channel axis of the weight (output channels)
+    group_axis: int           # per-group (blocked) axis of the weight (input channels)
+
+
+_LINEAR = OpSignature("linear", 1, 0, 0, 1)
+_CONV = OpSignature("conv", 1, 0, 0, 1)
+_CONV_T = OpSignature("conv_transpose", 1, 0, 1, 0)
+_EMBEDDING = OpSignature("embedding", 1, None, 0, 1)
+
+MODULE_TYPES: dict[type, OpSignature] = {
+    nn.Linear: _LINEAR,
+    nn.Conv1d: _CONV, nn.Conv2d: _CONV, nn.Conv3d: _CONV,
+    nn.ConvTranspose1d: _CONV_T, nn.ConvTranspose2d: _CONV_T, nn.ConvTranspose3d: _CONV_T,
+    nn.Embedding: _EMBEDDING,
+}
+
+_FUNCTIONS: dict[Any, OpSignature] = {
+    F.linear: _LINEAR, aten.linear.default: _LINEAR,
+    F.conv1d: _CONV, F.conv2d: _CONV, F.conv3d: _CONV,
+    aten.conv1d.default: _CONV, aten.conv2d.default: _CONV, aten.conv3d.default: _CONV,
+    F.conv_transpose1d: _CONV_T, F.conv_transpose2d: _CONV_T, F.conv_transpose3d: _CONV_T,
+    F.embedding: _EMBEDDING,
+    aten.embedding.default: OpSignature("embedding", 0, None, 0, 1),
+}
+_MATMULS = (torch.matmul, operator.matmul, torch.mm, aten.matmul.default, aten.mm.default)
+
+
+def _is_param(node: Any) -> bool:
+    return isinstance(node, Node) and node.op == "get_attr"
+
+
+def op_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignature]:
+    """The signature of ``node`` if it is a quantizable op with a parameter weight, else None."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        for module_type, sig in MODULE_TYPES.items():
+            if type(module) is module_type:
+                return sig
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target in _FUNCTIONS:
+        sig = _FUNCTIONS[node.target]
+        # Only positional weights: insert_qdq rewires node.args.
+        return sig if len(node.args) > sig.weight_arg and _is_param(node.args[sig.weight_arg]) else None
+    if node.target is aten.convolution.default and len(node.args) > 6:
+        return (_CONV_T if node.args[6] else _CONV) if _is_param(node.args[1]) else None
+    if node.target in _MATMULS and len(node.args) == 2:
+        # x @ W with W [in, out]: output channels are the last axis, input channels the first.
+        if _is_param(node.args[1]) and not _is_param(node.args[0]):
+            return OpSignature("matmul", 1, 0, -1, 0)
+        if _is_param(node.args[0]) and not _is_param(node.args[1]):
+            return OpSignature("matmul", 0, 1, 0, 1)
+    return None

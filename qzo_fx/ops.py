@@ -1,0 +1,169 @@
+"""The ``qzo`` custom ops: fake quantization with straight-through gradients.
+
+Two ops, defined once and used by every pass and exporter:
+
+* ``qzo::fake_quant(x, scale, zero_point, qmin, qmax, axis, group_size, ste)`` --
+  ``(clamp(round_half_even(x / scale) + zp, qmin, qmax) - zp) * scale``, exactly ONNX
+  QuantizeLinear -> DequantizeLinear (a division, never a multiply by ``1/scale``, so ties
+  round like ONNX Runtime).
+* ``qzo::fake_sign(x, scale, axis, group_size, ste)`` -- 1 bit: ``scale * sign(x)`` with
+  ``sign(0) = +1`` so that every value lies on the two-level grid.
+
+Scale layout: a 0-d tensor per tensor; a 1-d tensor of ``x.shape[axis]`` entries per channel;
+per group (``group_size > 0``) a tensor shaped like ``x`` with ``x.shape[axis] / group_size``
+along ``axis`` (the ONNX blocked layout).
+
+Gradients: ``x`` gets the surrogate of ``ste``; ``scale`` gets the LSQ gradient scaled by
+``1 / sqrt(N * qmax)`` (N elements per scale entry) when it requires grad; ``zero_point`` none.
+Fake kernels let torch.export and torch.compile trace the ops; vmap rules let perturbation
+branches run batched.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["fake_quant", "fake_sign", "expand_param", "SIGN_SURROGATES"]
+
+
+def expand_param(param: Tensor, x: Tensor, axis: int, group_size: int) -> Tensor:
+    """Broadcast a scale or zero point of the documented layout against ``x``."""
+    if param.dim() == 0:
+        return param
+    if group_size > 0:
+        return param.repeat_interleave(group_size, dim=axis)
+    shape = [1] * x.dim()
+    shape[axis] = param.numel()
+    return param.reshape(shape)
+
+
+def _reduce_to(grad: Tensor, param: Tensor, axis: int, group_size: int) -> Tensor:
+    """Sum a full-size gradient back onto the layout of ``param`` (inverse of expand_param)."""
+    if param.dim() == 0:
+        return grad.sum()
+    if group_size > 0:
+        moved = grad.movedim(axis, -1)
+        blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // group_size, group_size)
+        return blocks.sum(-1).movedim(-1, axis)
+    dims = [d for d in range(grad.dim()) if d != axis]
+    return grad.sum(dim=dims)
+
+
+def _lsq_grad_factor(x: Tensor, scale: Tensor, qmax: int) -> float:
+    per_entry = x.numel() / max(scale.numel(), 1)
+    return 1.0 / math.sqrt(per_entry * max(qmax, 1))
+
+
+# ---------------------------------------------------------------------------- fake_quant
+@torch.library.custom_op("qzo::fake_quant", mutates_args=())
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+               axis: int, group_size: int, ste: str) -> Tensor:
+    s = expand_param(scale, x, axis, group_size)
+    z = expand_param(zero_point, x, axis, group_size)
+    q = torch.round(x / s).add_(z).clamp_(qmin, qmax)
+    return q.sub_(z).mul_(s)
+
+
+@fake_quant.register_fake
+def _(x, scale, zero_point, qmin, qmax, axis, group_size, ste):
+    return torch.empty_like(x)
+
+
+def _fq_setup(ctx, inputs, output) -> None:
+    x, scale, zero_point, qmin, qmax, axis, group_size, ste = inputs
+    ctx.meta = (qmin, qmax, axis, group_size, ste)
+    needs_mask = ste in ("clipped", "lsq") or scale.requires_grad
+    # Identity STE with a fixed scale saves nothing: its backward is a pass-through.
+    ctx.save_for_backward(*((x, scale, zero_point) if needs_mask else ()))
+
+
+def _fq_backward(ctx, grad: Tensor):
+    qmin, qmax, axis, group_size, ste = ctx.meta
+    if not ctx.saved_tensors:
+        return grad, None, None, None, None, None, None, None
+    x, scale, zero_point = ctx.saved_tensors
+    s = expand_param(scale, x, axis, group_size)
+    z = expand_param(zero_point, x, axis, group_size)
+    v = x / s
+    level = v + z
+    below, above = level < qmin, level > qmax
+    inside = ~(below | above)
+    grad_x = grad if ste == "identity" else grad * inside
+    grad_scale = None
+    if ctx.needs_input_grad[1]:
+        # d/ds of s*(clamp(round(x/s)+z) - z), round passed straight through (LSQ).
+        local = torch.where(inside, torch.round(v) - v, torch.where(below, qmin - z, qmax - z))
+        grad_scale = _reduce_to(grad * local, scale, axis, group_size) * _lsq_grad_factor(x, scale, qmax)
+    return grad_x, grad_scale, None, None, None, None, None, None
+
+
+fake_quant.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+@torch.library.register_vmap("qzo::fake_quant")
+def _fq_vmap(info, in_dims, x, scale, zero_point, qmin, qmax, axis, group_size, ste):
+    x_dim, scale_dim, zp_dim = in_dims[:3]
+    if scale_dim is not None or zp_dim is not None:
+        raise NotImplementedError("qzo.fake_quant: batching over scales is not supported")
+    x = x.movedim(x_dim, 0) if x_dim is not None else x.unsqueeze(0)
+    scale, zero_point = _unsqueeze_blocked(scale, group_size), _unsqueeze_blocked(zero_point, group_size)
+    out = fake_quant(x, scale, zero_point, qmin, qmax, axis + 1, group_size, ste)
+    return out, 0
+
+
+def _unsqueeze_blocked(param: Tensor, group_size: int) -> Tensor:
+    # Blocked params have one dim per dim of x, so they gain the branch axis too.
+    return param.unsqueeze(0) if group_size > 0 and param.dim() > 0 else param
+
+
+# ---------------------------------------------------------------------------- fake_sign
+SIGN_SURROGATES = {
+    "identity": lambda u: torch.ones_like(u),
+    "clipped": lambda u: (u.abs() <= 1).to(u.dtype),
+    "lsq": lambda u: (u.abs() <= 1).to(u.dtype),
+    "hardtanh": lambda u: (u.abs() <= 1).to(u.dtype),
+    "tanh": lambda u: 1 - torch.tanh(u).square(),
+    "approxsign": lambda u: (2 - 2 * u.abs()).clamp_min(0),
+}
+
+
+@torch.library.custom_op("qzo::fake_sign", mutates_args=())
+def fake_sign(x: Tensor, scale: Tensor, axis: int, group_size: int, ste: str) -> Tensor:
+    s = expand_param(scale, x, axis, group_size)
+    return torch.where(x >= 0, s, -s).to(x.dtype).expand_as(x).clone()
+
+
+@fake_sign.register_fake
+def _(x, scale, axis, group_size, ste):
+    return torch.empty_like(x)
+
+
+def _fs_setup(ctx, inputs, output) -> None:
+    x, scale, axis, group_size, ste = inputs
+    ctx.meta = (axis, group_size, ste)
+    ctx.save_for_backward(x, scale)
+
+
+def _fs_backward(ctx, grad: Tensor):
+    axis, group_size, ste = ctx.meta
+    x, scale = ctx.saved_tensors
+    s = expand_param(scale, x, axis, group_size)
+    grad_x = grad if ste == "identity" else grad * SIGN_SURROGATES[ste](x / s)
+    grad_scale = None
+    if ctx.needs_input_grad[1]:
+        sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        grad_scale = _reduce_to(grad * sign, scale, axis, group_size) * _lsq_grad_factor(x, scale, 1)
+    return grad_x, grad_scale, None, None, None
+
+
+fake_sign.register_autograd(_fs_backward, setup_context=_fs_setup)
+
+
+@torch.library.register_vmap("qzo::fake_sign")
+def _fs_vmap(info, in_dims, x, scale, axis, group_size, ste):
+    if in_dims[1] is not None:
+        raise NotImplementedError("qzo.fake_sign: batching over scales is not supported")
+    x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.unsqueeze(0)
+    return fake_sign(x, _unsqueeze_blocked(scale, group_size), axis + 1, group_size, ste), 0

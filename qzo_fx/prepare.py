@@ -1,0 +1,80 @@
+"""``prepare``: the user's model in, a trainable fake-quantized GraphModule out."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional, Sequence
+
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from qzo_fx.config import QuantConfig
+from qzo_fx.context import QUANT_CONTAINER, PrepareContext
+from qzo_fx.errors import QzoError
+from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
+from qzo_fx.passes.annotate import annotate
+from qzo_fx.passes.calibrate import calibrate
+from qzo_fx.passes.capture import capture as capture_model
+from qzo_fx.passes.cleanup import cleanup
+from qzo_fx.passes.insert_qdq import insert_qdq
+from qzo_fx.quantizer import Quantizer, QuantizerInfo
+
+__all__ = ["prepare", "PREPARE_PIPELINE", "list_quantizers"]
+
+PREPARE_PIPELINE = (
+    Pass("annotate", annotate, "resolve the config into a spec per quantizable op (policy)"),
+    Pass("insert_qdq", insert_qdq, "realize specs as qzo.fake_quant nodes with their quantizers"),
+    Pass("calibrate", calibrate, "set activation scales from the example inputs"),
+    Pass("cleanup", cleanup, "drop reads that functionalization left unused"),
+)
+
+
+def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
+            example_inputs: Optional[Sequence[Any]] = None, *,
+            example_kwargs: Optional[dict[str, Any]] = None, capture: str = "auto",
+            instruments: Sequence[PassInstrument] = ()) -> GraphModule:
+    """Capture ``model`` and insert fake-quantization with straight-through gradients.
+
+    The user's model is copied first and never changed. The result is a ``GraphModule`` that
+    trains with any torch optimizer (the STE gives the latent weights their gradients).
+
+    Args:
+        model: any ``nn.Module``.
+        config: what to quantize; default 8-bit per-channel weights, float activations.
+        example_inputs: positional inputs; needed for activation calibration and torch.export.
+        example_kwargs: keyword inputs for the same.
+        capture: ``"auto"`` (symbolic trace, then torch.export), ``"symbolic"`` or ``"export"``.
+        instruments: pass instruments (e.g. ``PrintAfterPass()``, ``DumpPasses(dir)``).
+
+    Example:
+        >>> import torch, qzo_fx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=2))
+        >>> [q.bits for q in qzo_fx.list_quantizers(qm)]
+        [2, 2]
+    """
+    if not isinstance(model, nn.Module):
+        raise QzoError(f"prepare() takes an nn.Module, got {type(model).__name__}.")
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise QzoError(f"config must be a qzo_fx.QuantConfig, got {type(config).__name__}.")
+    args = None if example_inputs is None else tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    gm, report = capture_model(copy.deepcopy(model), args, kwargs, capture)
+    gm.meta["qzo.capture"] = report
+    ctx = PrepareContext(config, args, kwargs)
+    return PassManager(PREPARE_PIPELINE, instruments).run(gm, ctx).graph_module
+
+
+def list_quantizers(model: nn.Module) -> list[QuantizerInfo]:
+    """Every quantizer of a prepared model: parameter, bits, granularity, scale shape, STE.
+
+    Example:
+        >>> import torch, qzo_fx
+        >>> qm = qzo_fx.prepare(torch.nn.Linear(8, 4), qzo_fx.QuantConfig(weight_bits=4))
+        >>> qzo_fx.list_quantizers(qm)[0].scale_shape
+        (4,)
+    """
+    container = getattr(model, QUANT_CONTAINER, None)
+    if container is None:
+        return []
+    return [q.info(name) for name, q in container.named_children() if isinstance(q, Quantizer)]

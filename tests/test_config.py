@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+import torch.nn as nn
+
+from qzo_fx import ConfigError, QuantConfig, QuantSpec, QzoError
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"bits": 0}, "bits"), ({"bits": 9}, "bits"), ({"granularity": "per_row"}, "granularity"),
+    ({"ste": "magic"}, "ste"), ({"ste": "tanh", "bits": 2}, "ste"), ({"scale_init": "minmax"}, "scale_init"),
+    ({"group_size": 0}, "group_size"), ({"bits": 1, "symmetric": False}, "symmetric"),
+])
+def test_invalid_spec_names_field_value_and_range(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        QuantSpec(**kwargs)
+    assert isinstance(info.value, QzoError)
+    assert info.value.field == field and "allowed" in str(info.value)
+
+
+def test_qrange():
+    assert QuantSpec(bits=2).qrange == (-2, 1)
+    assert QuantSpec(bits=2, narrow_range=True).qrange == (-1, 1)
+    assert QuantSpec(bits=4, symmetric=False).qrange == (0, 15)
+    assert QuantSpec(bits=1).qrange == (-1, 1)
+
+
+def test_shortcuts_and_frozen():
+    cfg = QuantConfig(weight_bits=2, activation_bits=8)
+    assert cfg.weight.bits == 2 and cfg.activation.bits == 8 and cfg.activation.granularity == "per_tensor"
+    with pytest.raises(Exception):
+        cfg.weight = None  # type: ignore[misc]
+
+
+def test_overrides_by_type_then_name_and_skip():
+    cfg = QuantConfig(weight_bits=2, overrides={nn.Conv2d: {"weight": {"bits": 4}}, "head*": {"weight": {"bits": 8}},
+                                                "emb": {"weight": None}}, skip=("stem",))
+    assert cfg.resolve("body", nn.Conv2d(1, 1, 1))[0].bits == 4
+    assert cfg.resolve("head.fc", nn.Linear(1, 1))[0].bits == 8
+    assert cfg.resolve("emb", nn.Embedding(2, 2))[0] is None
+    assert cfg.resolve("stem", nn.Linear(1, 1)) == (None, None)
+
+
+def test_bad_overrides_and_activation_granularity():
+    with pytest.raises(ConfigError, match="overrides"):
+        QuantConfig(overrides={"x": {"weights": None}})
+    with pytest.raises(ConfigError, match="fields of QuantSpec"):
+        QuantConfig(overrides={"x": {"weight": {"bitz": 3}}})
+    with pytest.raises(ConfigError, match="per_tensor"):
+        QuantConfig(activation=QuantSpec(granularity="per_channel"))

@@ -1,0 +1,128 @@
+"""The prepared model: user's model untouched, STE training, modes, state_dict, listing."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qzo_fx
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [type(m) for m in model.modules()], model.training)
+
+
+def test_user_model_is_never_changed(cnn):
+    before = _snapshot(cnn)
+    x = torch.randn(4, 1, 8, 8)
+    qm = qzo_fx.prepare(cnn, qzo_fx.QuantConfig(weight_bits=2, activation_bits=8), example_inputs=(x,))
+    qm.train()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.1)
+    qm(x).sum().backward()
+    opt.step()
+    after = _snapshot(cnn)
+    assert before[1] == after[1] and before[2] == after[2]
+    for key, value in before[0].items():
+        assert torch.equal(value, after[0][key]), key
+    assert all(p.grad is None for p in cnn.parameters())
+
+
+def test_calibration_leaves_batchnorm_statistics(cnn):
+    cnn.train()
+    qm = qzo_fx.prepare(cnn, qzo_fx.QuantConfig(activation_bits=8), example_inputs=(torch.randn(4, 1, 8, 8) * 5,))
+    assert torch.equal(qm.get_buffer("bn.running_mean"), torch.zeros(4))
+    assert qm.training
+
+
+def test_trains_with_ste_and_weights_get_gradients(mlp):
+    qm = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=2))
+    qm(torch.randn(8, 16)).square().mean().backward()
+    assert qm.get_parameter("0.weight").grad.abs().sum() > 0
+    assert qm.get_parameter("2.bias").grad is not None
+
+
+def test_quantized_weights_lie_on_grid(mlp):
+    qm = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=2))
+    quantizer = qm.qzo_quant.get_submodule("0_weight")
+    w = quantizer(qm.get_parameter("0.weight"))
+    codes = w / quantizer.scale[:, None]
+    assert torch.equal(codes, codes.round()) and codes.min() >= -2 and codes.max() <= 1
+
+
+def test_eval_train_modes(cnn):
+    qm = qzo_fx.prepare(cnn, qzo_fx.QuantConfig(weight_bits=4))
+    x = torch.randn(4, 1, 8, 8)
+    qm.eval()
+    assert not qm.bn.training
+    first = qm(x)
+    torch.testing.assert_close(qm(x), first)
+    qm.train()
+    assert qm.bn.training
+
+
+def test_state_dict_round_trips_into_fresh_prepare(mlp):
+    cfg = qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=2, ste="lsq"), activation_bits=8)
+    x = torch.randn(5, 16)
+    qm = qzo_fx.prepare(mlp, cfg, example_inputs=(x,))
+    with torch.no_grad():
+        qm.qzo_quant.get_submodule("0_weight").scale.mul_(1.5)
+    other = qzo_fx.prepare(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)), cfg, example_inputs=(x,))
+    other.load_state_dict(qm.state_dict())
+    torch.testing.assert_close(other(x), qm(x))
+    assert isinstance(other.qzo_quant.get_submodule("0_weight").scale, nn.Parameter)
+
+
+def test_listing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    rows = qzo_fx.list_quantizers(qzo_fx.prepare(model, qzo_fx.QuantConfig(
+        weight=qzo_fx.QuantSpec(bits=4, granularity="per_group", group_size=4, ste="lsq"))))
+    assert [(r.target, r.bits, r.granularity, r.scale_shape, r.ste) for r in rows] == [
+        ("0.weight", 4, "per_group", (8, 2), "lsq"), ("1.weight", 4, "per_group", (2, 2), "lsq")]
+
+
+def test_one_bit_weights_train():
+    model = nn.Sequential(nn.Linear(8, 4))
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=1, ste="approxsign")))
+    assert any(n.target is torch.ops.qzo.fake_sign.default for n in qm.graph.nodes)
+    qm(torch.randn(3, 8)).sum().backward()
+    assert qm.get_parameter("0.weight").grad is not None
+
+
+class Branchy(nn.Module):
+    def __init__(self, on_values: bool = False):
+        super().__init__()
+        self.fc, self.on_values = nn.Linear(4, 4), on_values
+
+    def forward(self, x):
+        # Symbolic tracing cannot follow either branch; torch.export specializes on shapes only.
+        if (x.sum() > 0) if self.on_values else (x.shape[0] > 1):
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_capture_errors_name_every_method_tried():
+    with pytest.raises(qzo_fx.CaptureError, match="symbolic: .*export: "):
+        qzo_fx.prepare(Branchy(on_values=True), example_inputs=(torch.ones(2, 4),))
+    with pytest.raises(qzo_fx.CaptureError, match="example_inputs"):
+        qzo_fx.prepare(Branchy())
+
+
+def test_export_capture_fallback_on_shape_control_flow():
+
+    x = torch.ones(2, 4)
+    qm = qzo_fx.prepare(Branchy(), qzo_fx.QuantConfig(weight_bits=8), example_inputs=(x,))
+    assert qm.meta["qzo.capture"].method == "export"
+    assert "symbolic" in qm.meta["qzo.capture"].failures
+    assert len(qzo_fx.list_quantizers(qm)) == 1
+
+
+def test_bad_inputs_raise_qzo_errors(mlp):
+    with pytest.raises(qzo_fx.QzoError, match="nn.Module"):
+        qzo_fx.prepare("not a model")
+    with pytest.raises(qzo_fx.QzoError, match="QuantConfig"):
+        qzo_fx.prepare(mlp, {"weight_bits": 2})
+    with pytest.raises(qzo_fx.CaptureError, match="capture="):
+        qzo_fx.prepare(mlp, capture="jit")
