@@ -15,12 +15,15 @@ from qzo_fx.config import QuantConfig, QuantSpec
 from qzo_fx.errors import (CalibrationError, CaptureError, ConfigError, ExportError, NonFiniteLossError,
                            PassError, QzoError, TrainStepError, UnsupportedModelError)
 from qzo_fx.inspect import draw_svg, graph_code, graph_diff, print_tabular, to_networkx
+from qzo_fx.estimators import FOGZO, NSPSA, STE
 from qzo_fx.prepare import list_quantizers, prepare
+from qzo_fx.train import StepStats, TrainStep, train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prepare", "QuantConfig", "QuantSpec", "list_quantizers",
+    "train_step", "TrainStep", "StepStats", "STE", "FOGZO", "NSPSA",
     "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
     "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",
     "CalibrationError", "TrainStepError", "NonFiniteLossError", "ExportError", "ops",

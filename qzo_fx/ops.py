@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["fake_quant", "fake_sign", "expand_param", "SIGN_SURROGATES"]
+__all__ = ["fake_quant", "fake_sign", "fake_quant_kernel", "fake_sign_kernel", "expand_param", "SIGN_SURROGATES"]
 
 
 def expand_param(param: Tensor, x: Tensor, axis: int, group_size: int) -> Tensor:
@@ -57,13 +57,24 @@ def _lsq_grad_factor(x: Tensor, scale: Tensor, qmax: int) -> float:
 
 
 # ---------------------------------------------------------------------------- fake_quant
+def fake_quant_kernel(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                      axis: int, group_size: int, ste: str = "identity") -> Tensor:
+    """The forward of ``qzo.fake_quant`` in plain aten ops: what no-grad branch graphs call
+    (no dispatcher or autograd wrapper per call, and vmap batches it natively)."""
+    s = expand_param(scale, x, axis, group_size)
+    q = torch.div(x, s).round_()
+    if qmin < 0:
+        # Signed grids are symmetric: their zero point is 0 (see calibration), skip two passes.
+        return q.clamp_min_(qmin).clamp_max_(qmax).mul_(s)
+    z = expand_param(zero_point, x, axis, group_size)
+    # clamp_min_/clamp_max_ rather than clamp_: vmap has batching rules for these two only.
+    return q.add_(z).clamp_min_(qmin).clamp_max_(qmax).sub_(z).mul_(s)
+
+
 @torch.library.custom_op("qzo::fake_quant", mutates_args=())
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                axis: int, group_size: int, ste: str) -> Tensor:
-    s = expand_param(scale, x, axis, group_size)
-    z = expand_param(zero_point, x, axis, group_size)
-    q = torch.round(x / s).add_(z).clamp_(qmin, qmax)
-    return q.sub_(z).mul_(s)
+    return fake_quant_kernel(x, scale, zero_point, qmin, qmax, axis, group_size)
 
 
 @fake_quant.register_fake
@@ -129,10 +140,15 @@ SIGN_SURROGATES = {
 }
 
 
+def fake_sign_kernel(x: Tensor, scale: Tensor, axis: int, group_size: int, ste: str = "identity") -> Tensor:
+    """The forward of ``qzo.fake_sign`` in plain aten ops (see fake_quant_kernel)."""
+    s = expand_param(scale, x, axis, group_size)
+    return torch.where(x >= 0, s, -s).to(x.dtype)
+
+
 @torch.library.custom_op("qzo::fake_sign", mutates_args=())
 def fake_sign(x: Tensor, scale: Tensor, axis: int, group_size: int, ste: str) -> Tensor:
-    s = expand_param(scale, x, axis, group_size)
-    return torch.where(x >= 0, s, -s).to(x.dtype).expand_as(x).clone()
+    return fake_sign_kernel(x, scale, axis, group_size).expand_as(x).clone()
 
 
 @fake_sign.register_fake

@@ -84,8 +84,9 @@ class Quantizer(nn.Module):
         return ops.fake_quant(x, self.scale, self.zero_point, qmin, qmax, self.axis, self.group_size, self.spec.ste)
 
     def step_size(self, like: Tensor) -> Tensor:
-        """The quantization step broadcast against ``like`` (per-channel and per-group aware)."""
-        return ops.expand_param(self.scale.detach(), like, self.axis, self.group_size).expand_as(like)
+        """The quantization step in a shape that broadcasts against ``like`` (per-channel: a
+        column, not a full tensor, so that eps-sized arithmetic stays cheap)."""
+        return ops.expand_param(self.scale.detach(), like, self.axis, self.group_size)
 
     def info(self, name: str) -> QuantizerInfo:
         return QuantizerInfo(name, self.role, self.target, self.spec.bits, self.spec.granularity,

@@ -1,0 +1,116 @@
+"""Wall time of a training step per estimator and branch strategy, as ratios measured in one run.
+
+    python benchmarks/step_overhead.py [--quick] [--models mlp,cnn,vit,llama]
+
+Ratios: STE QAT step / float step; FOGZO (two-sided, one-sided) / STE; n-SPSA K=2n branches,
+batched vs sequential throughput. Targets: FOGZO two-sided <= 1.70x STE, one-sided <= 1.40x.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qzo_fx
+from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
+
+
+def reference_models():
+    """name -> (model factory, batch, loss_fn, config)."""
+    ce = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    lm = lambda m, b: F.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten())
+    images = lambda n: (torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)))
+    text = (torch.randint(0, 128, (16, 64)), torch.randint(0, 128, (16, 64)))
+    return {
+        "mlp": (MLP, images(256), ce),
+        "cnn": (SmallCNN, images(64), ce),
+        "vit": (TinyViT, images(64), ce),
+        "llama": (TinyLlama, text, lm),
+    }
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 3) -> dict:
+    """Median seconds per callable, timed round-robin so that machine drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def step_fns(factory, batch, loss_fn):
+    """The callables compared for one model: float, STE (W8A8 and W2), FOGZO per strategy."""
+    torch.manual_seed(0)
+    model = factory()
+    w8a8 = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(batch[0],))
+    w2 = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=2), example_inputs=(batch[0],))
+
+    def run(step, m):
+        def go():
+            m.zero_grad(set_to_none=True)
+            step(batch)
+        return go
+
+    fns = {"float": run(lambda b: loss_fn(model, b).backward(), model),
+           "ste-w8a8": run(qzo_fx.train_step(w8a8, loss_fn, qzo_fx.STE()), w8a8),
+           "ste-w2": run(qzo_fx.train_step(w2, loss_fn, qzo_fx.STE()), w2)}
+    steps = {}
+    for strategy in ("inplace", "sequential", "batched", "auto"):
+        for two_sided in (True, False):
+            est = qzo_fx.FOGZO(total_steps=10**6, seed=0, two_sided=two_sided)
+            key = f"fogzo-{'2s' if two_sided else '1s'}-{strategy}"
+            steps[key] = qzo_fx.train_step(w2, loss_fn, est, strategy=strategy)
+            fns[key] = run(steps[key], w2)
+    return fns, steps
+
+
+def nspsa_throughput(factory, batch, loss_fn, ks, rounds):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(factory(), qzo_fx.QuantConfig(weight_bits=2))
+    fns = {}
+    for k in ks:
+        for strategy in ("sequential", "batched"):
+            step = qzo_fx.train_step(qm, loss_fn, qzo_fx.NSPSA(n=k // 2, seed=0), strategy=strategy)
+            fns[(k, strategy)] = (lambda s: lambda: s(batch))(step)
+    return interleaved(fns, rounds, warmup=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds; n-SPSA at K <= 8 only")
+    parser.add_argument("--models", default="mlp,cnn,vit,llama")
+    args = parser.parse_args()
+    rounds = 7 if args.quick else 40
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds")
+    table = reference_models()
+    for name in args.models.split(","):
+        factory, batch, loss_fn = table[name]
+        fns, steps = step_fns(factory, batch, loss_fn)
+        t = interleaved(fns, rounds)
+        ste = t["ste-w2"]
+        print(f"\n== {name}: float {t['float']*1e3:.2f} ms | STE W8A8 {t['ste-w8a8']*1e3:.2f} ms "
+              f"= {t['ste-w8a8']/t['float']:.2f}x float | STE W2 {ste*1e3:.2f} ms")
+        for key, value in t.items():
+            if key.startswith("fogzo"):
+                print(f"   {key:24s} {value*1e3:7.2f} ms  {value/ste:5.2f}x STE")
+        print(f"   auto chose: {steps['fogzo-2s-auto'].runner.strategy} (2s), {steps['fogzo-1s-auto'].runner.strategy} (1s)")
+    ks = (2, 8) if args.quick else (2, 8, 32, 64)
+    factory, batch, loss_fn = table["mlp"]
+    thr = nspsa_throughput(factory, batch, loss_fn, ks, 3 if args.quick else 7)
+    print("\n== n-SPSA on the MLP (K = 2n branches): ms per step; batched throughput / sequential")
+    for k in ks:
+        seq, bat = thr[(k, "sequential")], thr[(k, "batched")]
+        print(f"   K={k:3d}  sequential {seq*1e3:8.2f} ms  batched {bat*1e3:8.2f} ms  speed-up {seq/bat:4.2f}x")
+
+
+if __name__ == "__main__":
+    main()

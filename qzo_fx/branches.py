@@ -1,0 +1,182 @@
+"""Perturbation branches: evaluate the loss at ``theta + sign * delta`` for K branches.
+
+Strategies (all give the same losses to float tolerance; see tests/test_branches.py):
+
+* ``inplace``    -- write theta + delta into the parameters, run the model, restore theta
+                    exactly from a copy (MeZO-style; the cheapest for K = 2 on CPU).
+* ``sequential`` -- run the branch graph once per branch with out-of-place values.
+* ``batched``    -- run the branch graph under ``torch.func.vmap`` with every lifted parameter
+                    stacked on a leading branch axis (K branches in one pass, chunked).
+* ``auto``       -- run the candidates in turn on the first steps, timing each, then keep
+                    the one with the smallest median time.
+
+Branch semantics: same batch, same randomness as the base pass (the RNG state is reset before
+every branch, vmap uses ``randomness="same"``), BatchNorm uses batch statistics but never
+updates its running statistics, and every buffer is restored afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.fx import GraphModule
+
+from qzo_fx.context import QUANT_CONTAINER
+from qzo_fx.errors import TrainStepError
+from qzo_fx.pass_infra import Pass, PassManager
+from qzo_fx.passes.lift_params import LiftContext, lift_params
+from qzo_fx.passes.lower_qdq import lower_qdq
+
+__all__ = ["Branch", "BranchRunner", "STRATEGIES", "branch_graph"]
+
+STRATEGIES = ("auto", "inplace", "sequential", "batched")
+_CANDIDATES = ("sequential", "inplace", "batched")
+_AUTO_ROUNDS = 3  # timed steps per candidate before auto settles
+Branch = tuple[Sequence[Tensor], float]  # (delta per parameter, sign)
+LossFn = Callable[[Any, Any], Tensor]
+
+
+BRANCH_PIPELINE = (
+    Pass("lift_params", lift_params, "perturbed parameters become inputs: one value per branch, or K stacked"),
+    Pass("lower_qdq", lower_qdq, "branches never differentiate: call q/dq kernels without the op wrapper"),
+)
+
+
+def branch_graph(model: GraphModule, names: Sequence[str]) -> GraphModule:
+    """The model's graph with parameters ``names`` lifted to leading inputs (shares all state)."""
+    gm = GraphModule(model, copy.deepcopy(model.graph), class_name="BranchGraph")
+    return PassManager(BRANCH_PIPELINE).run(gm, LiftContext(tuple(names))).graph_module
+
+
+class _BranchModel:
+    """What ``loss_fn`` receives in a branch: calls the branch graph with bound parameter values."""
+
+    def __init__(self, graph: GraphModule, model: nn.Module, values: Sequence[Tensor]) -> None:
+        self._graph, self._model, self._values = graph, model, values
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._graph(*self._values, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+@contextlib.contextmanager
+def _branch_mode(norms: Sequence[nn.Module], buffers: Sequence[Tensor]) -> Iterator[None]:
+    """no_grad, frozen BatchNorm statistics, restored buffers and RNG."""
+    saved = [b.clone() for b in buffers]
+    outer_rng = torch.get_rng_state()
+    try:
+        for m in norms:
+            # With track_running_stats off, a training-mode BatchNorm uses batch statistics
+            # and leaves running_mean/var alone: exactly the branch semantics.
+            m.track_running_stats = False
+        with torch.no_grad():
+            yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+        torch.set_rng_state(outer_rng)
+
+
+class BranchRunner:
+    """Evaluates branch losses for one model, loss function and set of perturbed parameters."""
+
+    def __init__(self, model: GraphModule, loss_fn: LossFn, names: Sequence[str], strategy: str = "auto",
+                 max_chunk: int = 64) -> None:
+        if strategy not in STRATEGIES:
+            raise TrainStepError(f"strategy={strategy!r} is invalid: allowed {STRATEGIES}.")
+        self.model, self.loss_fn, self.names = model, loss_fn, tuple(names)
+        self.params = [model.get_parameter(n) for n in self.names]
+        self._norms = [m for m in model.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self._buffers = [b for name, b in model.named_buffers() if not name.startswith(QUANT_CONTAINER + ".")]
+        self.strategy, self.max_chunk = strategy, max_chunk
+        self._graph: Optional[GraphModule] = None
+        self.timings: dict[str, list[float]] = {}
+
+    @property
+    def graph(self) -> GraphModule:
+        """The branch graph (built on first use)."""
+        if self._graph is None:
+            self._graph = branch_graph(self.model, self.names)
+        return self._graph
+
+    def losses(self, branches: Sequence[Branch], batch: Any, rng_state: Tensor) -> Tensor:
+        """Loss of every branch, shape [K]."""
+        if self.strategy == "auto":
+            return self._choose(branches, batch, rng_state)
+        with _branch_mode(self._norms, self._buffers):
+            return getattr(self, "_" + self.strategy)(branches, batch, rng_state)
+
+    def _choose(self, branches, batch, rng_state) -> Tensor:
+        """Round-robin over the candidates for the first steps (each step is a real step with
+        one candidate), then keep the one with the smallest median time."""
+        pending = [c for c in _CANDIDATES if len(self.timings.setdefault(c, [])) < _AUTO_ROUNDS
+                   and self.timings[c] != [float("inf")]]
+        if not pending:
+            medians = {c: sorted(t)[len(t) // 2] for c, t in self.timings.items()}
+            self.strategy = min(medians, key=medians.get)
+            return self.losses(branches, batch, rng_state)
+        candidate = min(pending, key=lambda c: len(self.timings[c]))
+        start = time.perf_counter()
+        try:
+            with _branch_mode(self._norms, self._buffers):
+                losses = getattr(self, "_" + candidate)(branches, batch, rng_state)
+        except Exception as error:  # e.g. a loss_fn that vmap cannot batch (.item()) rules it out
+            if candidate == "sequential":
+                raise TrainStepError(f"branch evaluation failed: {type(error).__name__}: {error}") from error
+            self.timings[candidate] = [float("inf")]
+            return self._choose(branches, batch, rng_state)
+        self.timings[candidate].append(time.perf_counter() - start)
+        return losses
+
+    def _loss(self, model: Any, batch: Any, rng_state: Tensor) -> Tensor:
+        torch.set_rng_state(rng_state)
+        return self.loss_fn(model, batch).detach().reshape(())
+
+    def _inplace(self, branches, batch, rng_state) -> Tensor:
+        snapshot = torch._foreach_mul(self.params, 1.0)  # fp32 copy: restore is exact
+        out = []
+        try:
+            for deltas, sign in branches:
+                torch._foreach_copy_(self.params, snapshot)
+                torch._foreach_add_(self.params, deltas, alpha=sign)
+                out.append(self._loss(self.model, batch, rng_state))
+        finally:
+            torch._foreach_copy_(self.params, snapshot)  # never theta + d - d: no drift
+        return torch.stack(out)
+
+    def _sequential(self, branches, batch, rng_state) -> Tensor:
+        out = []
+        for deltas, sign in branches:
+            values = torch._foreach_add(self.params, deltas, alpha=sign)
+            out.append(self._loss(_BranchModel(self.graph, self.model, values), batch, rng_state))
+        return torch.stack(out)
+
+    def _batched(self, branches, batch, rng_state) -> Tensor:
+        graph, model = self.graph, self.model
+
+        def one(*values: Tensor) -> Tensor:
+            return self.loss_fn(_BranchModel(graph, model, values), batch).reshape(())
+
+        batched = torch.func.vmap(one, randomness="same")
+        out = []
+        for start in range(0, len(branches), self.max_chunk):
+            chunk = branches[start:start + self.max_chunk]
+            stacked = [p.new_empty((len(chunk), *p.shape)) for p in self.params]
+            for k, (deltas, sign) in enumerate(chunk):
+                # Written straight into the stacked buffers: one pass, no torch.stack copy.
+                for j, p in enumerate(self.params):
+                    torch.add(p, deltas[j], alpha=sign, out=stacked[j][k])
+            torch.set_rng_state(rng_state)
+            out.append(batched(*stacked).detach())
+        return torch.cat(out)

@@ -1,0 +1,245 @@
+"""``train_step``: one training step for the chosen gradient estimator.
+
+The step writes its gradient estimate into ``.grad``; any torch optimizer then steps::
+
+    step = qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(beta_min=0.999, total_steps=T))
+    for batch in loader:
+        opt.zero_grad(set_to_none=True)
+        loss = step(batch)
+        opt.step()
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from qzo_fx import zo_math
+from qzo_fx.branches import STRATEGIES, BranchRunner
+from qzo_fx.context import QUANT_CONTAINER
+from qzo_fx.errors import NonFiniteLossError, TrainStepError
+from qzo_fx.estimators import FOGZO, NSPSA, STE
+from qzo_fx.quantizer import Quantizer
+
+__all__ = ["train_step", "TrainStep", "StepStats", "PerturbedParam", "perturbed_params"]
+
+
+@dataclass
+class StepStats:
+    """Compute accounting (fwd = 1, bwd = 2 forward-pass equivalents) and branch timing."""
+
+    steps: int = 0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    branch_seconds: float = 0.0
+    step_seconds: float = 0.0
+    beta: Optional[float] = None
+    nonfinite_skips: int = 0
+    zero_gradient_fallbacks: int = 0
+    strategy: Optional[str] = None
+    last_branch_losses: list[float] = field(default_factory=list)
+
+    @property
+    def fwd_equivalents(self) -> int:
+        return self.forward_passes + 2 * self.backward_passes
+
+
+@dataclass(frozen=True)
+class PerturbedParam:
+    """A parameter in the perturbed set with its smoothing row (eps_bar, noise law)."""
+
+    name: str
+    quantizer: Optional[Quantizer]   # None: a float parameter (perturb="all")
+    eps_bar: float
+    law: str
+
+    def eps(self, param: Tensor, eps_float: float) -> Tensor:
+        """Per-coordinate perturbation size, in a shape that broadcasts against ``param``."""
+        if self.quantizer is None:
+            return torch.tensor(eps_float, dtype=param.dtype, device=param.device)
+        return self.quantizer.step_size(param) * self.eps_bar
+
+
+def perturbed_params(model: nn.Module, perturb: str) -> list[PerturbedParam]:
+    """Latent weights feeding quantizers (one entry per shared parameter), plus every other
+    trainable parameter except quantizer scales when ``perturb == "all"``."""
+    container = getattr(model, QUANT_CONTAINER, None)
+    chosen: dict[int, PerturbedParam] = {}
+    for quantizer in (container.children() if container is not None else ()):
+        if isinstance(quantizer, Quantizer) and quantizer.role == "weight":
+            param = model.get_parameter(quantizer.target)
+            row = zo_math.smoothing_of(quantizer.spec.ste, quantizer.spec.bits)
+            chosen.setdefault(id(param), PerturbedParam(quantizer.target, quantizer, zo_math.EPS_BAR[row],
+                                                        zo_math.NOISE_LAW[row]))
+    if perturb == "all":
+        for name, param in model.named_parameters():
+            if param.requires_grad and not name.startswith(QUANT_CONTAINER + ".") and id(param) not in chosen:
+                chosen[id(param)] = PerturbedParam(name, None, 1.0, "gaussian")
+    return [p for p in chosen.values() if model.get_parameter(p.name).requires_grad]
+
+
+class TrainStep:
+    """A callable training step; see :func:`train_step`."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Any,
+                 strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64) -> None:
+        if not isinstance(model, nn.Module):
+            raise TrainStepError(f"train_step takes the prepared model (an nn.Module), got {type(model).__name__}.")
+        if not isinstance(estimator, (STE, FOGZO, NSPSA)):
+            raise TrainStepError(f"estimator must be qzo_fx.STE(), FOGZO(...) or NSPSA(...), got {estimator!r}.")
+        if on_nonfinite not in ("raise", "skip"):
+            raise TrainStepError(f"on_nonfinite={on_nonfinite!r} is invalid: allowed 'raise' or 'skip'.")
+        if strategy not in STRATEGIES:
+            raise TrainStepError(f"strategy={strategy!r} is invalid: allowed {STRATEGIES}.")
+        self.model, self.loss_fn, self.estimator = model, loss_fn, estimator
+        self.on_nonfinite, self.stats, self.step_index = on_nonfinite, StepStats(), 0
+        self.perturbed: list[PerturbedParam] = []
+        self.runner: Optional[BranchRunner] = None
+        if not isinstance(estimator, STE):
+            self.perturbed = perturbed_params(model, estimator.perturb)
+            if not self.perturbed:
+                raise TrainStepError(f"{type(estimator).__name__}: the model has no parameter to perturb; "
+                                     "prepare it with a weight spec, or use perturb='all'.")
+            self.runner = BranchRunner(model, loss_fn, [p.name for p in self.perturbed], strategy, max_chunk)
+        base_seed = getattr(estimator, "seed", None)
+        self.base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if base_seed is None else base_seed
+
+    @property
+    def branch_graph(self):
+        """The branch graph (perturbed parameters lifted to inputs); None for the STE."""
+        return None if self.runner is None else self.runner.graph
+
+    def __call__(self, batch: Any) -> Tensor:
+        start = time.perf_counter()
+        estimator = self.estimator
+        if isinstance(estimator, NSPSA):
+            loss = self._nspsa(batch)
+        elif isinstance(estimator, FOGZO) and self.step_index >= estimator.ste_steps:
+            loss = self._fogzo(batch)
+        else:
+            loss, _, _ = self._ste(batch)
+        self.step_index += 1
+        self.stats.steps += 1
+        self.stats.step_seconds += time.perf_counter() - start
+        if self.runner is not None:
+            self.stats.strategy = self.runner.strategy
+        return loss
+
+    # ------------------------------------------------------------------ estimators
+    def _ste(self, batch: Any) -> tuple[Tensor, Tensor, bool]:
+        """Base forward + backward; returns (loss, RNG state before the forward, finite?)."""
+        rng_state = torch.get_rng_state()
+        loss = self.loss_fn(self.model, batch)
+        self.stats.forward_passes += 1
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise TrainStepError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                                 f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
+        if not self._check_finite(loss.detach().reshape(1), "base"):
+            return loss.detach(), rng_state, False
+        loss.backward()
+        self.stats.backward_passes += 1
+        return loss.detach(), rng_state, True
+
+    def _fogzo(self, batch: Any) -> Tensor:
+        est: FOGZO = self.estimator
+        loss, rng_state, finite = self._ste(batch)
+        if not finite:
+            return loss
+        beta = est.beta(self.step_index)
+        self.stats.beta = beta
+        params = [self.model.get_parameter(p.name) for p in self.perturbed]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        eps = [pp.eps(p, est.eps_float) for pp, p in zip(self.perturbed, params)]
+        stream = zo_math.NoiseStream(self.base_seed + self.step_index)
+        directions = zo_math.fogzo_directions(grads, eps, [p.law for p in self.perturbed], beta, est.n,
+                                              stream, est.normalize, est.noise)
+        if directions is None:
+            self.stats.zero_gradient_fallbacks += 1
+            return loss
+        losses = self._branch_losses(directions, eps, batch, rng_state, est.two_sided)
+        if losses is None:
+            return loss
+        if est.two_sided:
+            coefficients = ((losses[0::2] - losses[1::2]) / 2).tolist()
+        else:
+            coefficients = (losses - loss).tolist()
+        self._write(params, zo_math.combine(coefficients, directions, eps))
+        return loss
+
+    def _nspsa(self, batch: Any) -> Tensor:
+        est: NSPSA = self.estimator
+        rng_state = torch.get_rng_state()
+        params = [self.model.get_parameter(p.name) for p in self.perturbed]
+        if est.eps is not None:
+            eps = [torch.tensor(est.eps, dtype=p.dtype, device=p.device) for p in params]
+        else:
+            eps = [pp.eps(p, est.eps_float) for pp, p in zip(self.perturbed, params)]
+        laws = ["gaussian" if est.noise == "gaussian" else p.law for p in self.perturbed]
+        stream = zo_math.NoiseStream(self.base_seed + self.step_index)
+        directions = [zo_math.sample_like(stream, laws, params) for _ in range(est.n)]
+        losses = self._branch_losses(directions, eps, batch, rng_state, two_sided=True)
+        if losses is None:
+            return torch.tensor(float("nan"))
+        self._write(params, zo_math.combine(((losses[0::2] - losses[1::2]) / 2).tolist(), directions, eps))
+        return losses.mean()
+
+    # ------------------------------------------------------------------ helpers
+    def _branch_losses(self, directions, eps, batch, rng_state, two_sided: bool) -> Optional[Tensor]:
+        branches = []
+        for v in directions:
+            delta = torch._foreach_mul(v, eps)
+            branches.append((delta, 1.0))
+            if two_sided:
+                branches.append((delta, -1.0))
+        start = time.perf_counter()
+        losses = self.runner.losses(branches, batch, rng_state)
+        self.stats.branch_seconds += time.perf_counter() - start
+        self.stats.forward_passes += len(branches)
+        self.stats.last_branch_losses = losses.tolist()
+        return losses if self._check_finite(losses, "branch") else None
+
+    def _check_finite(self, losses: Tensor, where: str) -> bool:
+        if bool(torch.isfinite(losses).all()):
+            return True
+        self.stats.nonfinite_skips += 1
+        message = (f"step {self.step_index}: non-finite {where} loss {losses.tolist()}; lower the learning rate "
+                   "or check the data, or pass on_nonfinite='skip' to skip such steps.")
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(message)
+        warnings.warn(message + " Step skipped (gradients cleared).", RuntimeWarning, stacklevel=3)
+        for p in self.model.parameters():
+            p.grad = None
+        return False
+
+    def _write(self, params, estimate) -> None:
+        for p, g in zip(params, estimate):
+            p.grad = g  # replaces the STE gradient; the estimate is a fresh tensor
+
+
+def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Any = None, *,
+               strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64) -> TrainStep:
+    """Build the training step of ``model`` for ``estimator``.
+
+    Args:
+        model: a prepared model (:func:`qzo_fx.prepare`).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``. In perturbation branches it receives a
+            stand-in that calls the branch graph; it must not depend on global state it changes.
+        estimator: ``STE()`` (default), ``FOGZO(...)`` or ``NSPSA(...)``.
+        strategy: how branches run: "auto", "inplace", "sequential" or "batched".
+        on_nonfinite: "raise" (NonFiniteLossError) or "skip" (warn, clear gradients, count).
+        max_chunk: at most this many branches per batched call (memory bound).
+
+    Example:
+        >>> import torch, qzo_fx
+        >>> qm = qzo_fx.prepare(torch.nn.Linear(4, 2), qzo_fx.QuantConfig(weight_bits=2))
+        >>> step = qzo_fx.train_step(qm, lambda m, b: m(b).square().mean(), qzo_fx.FOGZO(total_steps=10, seed=0))
+        >>> float(step(torch.randn(8, 4))) > 0
+        True
+    """
+    return TrainStep(model, loss_fn, STE() if estimator is None else estimator, strategy, on_nonfinite, max_chunk)

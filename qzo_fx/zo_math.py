@@ -1,0 +1,139 @@
+"""Zeroth-order numerics as plain tensor functions (no graphs, no modules).
+
+Everything works on lists of tensors, one per perturbed parameter, in the parameter's shape.
+Notation follows algorithms.md: eps = scale * eps_bar per coordinate, z = theta / eps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "NoiseStream", "sample_like", "fogzo_directions", "combine",
+           "Tensors"]
+
+Tensors = list[Tensor]
+
+# eps_bar and unit-variance noise law of each STE: the STE is the exact gradient of the
+# quantizer smoothed by eps_bar * u, u ~ law (units of one quantization step).
+EPS_BAR = {
+    "round": 1.0 / (2.0 * math.sqrt(3.0)),
+    "hardtanh": 1.0 / math.sqrt(3.0),
+    "tanh": math.pi / math.sqrt(12.0),
+    "approxsign": 1.0 / math.sqrt(6.0),
+}
+NOISE_LAW = {"round": "uniform", "hardtanh": "uniform", "tanh": "logistic", "approxsign": "triangular"}
+
+
+def smoothing_of(ste: str, bits: int) -> str:
+    """Which row of the STE table a quantizer uses: ``round`` for b >= 2, else its sign surrogate."""
+    if bits >= 2:
+        return "round"
+    # Identity, clipped and LSQ on sign() all pass the gradient within one step: hardtanh's row.
+    return ste if ste in ("tanh", "approxsign") else "hardtanh"
+
+
+class NoiseStream:
+    """Seeded source of perturbation noise.
+
+    Uniform-based laws are built from 16-bit integers cut from SFC64 raw output: on CPU that is
+    ~4x faster than torch's generator, and noise sampling is a large share of a ZO step. The
+    65,536 levels are centred (mean exactly 0) and rescaled to unit variance. The same seed
+    gives the same stream on every machine, which distributed ranks rely on.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self._rng = np.random.Generator(np.random.SFC64(seed))
+
+    def sign(self) -> float:
+        return 1.0 if self._rng.random() < 0.5 else -1.0
+
+    def _levels(self, numel: int) -> Tensor:
+        """``numel`` i.i.d. values uniform on the 65,536 centred levels of (-1, 1)."""
+        words = self._rng.bit_generator.random_raw((numel + 3) // 4)
+        raw = torch.from_numpy(words.view(np.int16)[:numel].copy())
+        return raw.float().add_(0.5).mul_(1.0 / 32768.0)
+
+    def sample(self, law: str, shape: Sequence[int], dtype=torch.float32, device=None) -> Tensor:
+        """i.i.d. noise of mean 0 and variance 1 from ``law``, shaped ``shape``."""
+        numel = math.prod(shape)
+        if law == "uniform":
+            u = self._levels(numel).mul_(math.sqrt(3.0))
+        elif law == "triangular":
+            # The sum of two uniforms on (-a/2, a/2) is triangular on (-a, a), variance a^2/6.
+            u = self._levels(numel).add_(self._levels(numel)).mul_(math.sqrt(6.0) / 2.0)
+        elif law == "logistic":
+            # Logistic(0, s) has variance s^2 pi^2 / 3; s = sqrt(3) / pi gives unit variance.
+            p = self._levels(numel).add_(1.0).mul_(0.5)
+            u = torch.log(p / (1.0 - p)).mul_(math.sqrt(3.0) / math.pi)
+        elif law == "gaussian":
+            u = torch.from_numpy(self._rng.standard_normal(numel, dtype=np.float32))
+        else:
+            raise ValueError(f"unknown noise law {law!r}")
+        return u.reshape(shape).to(dtype=dtype, device=device)
+
+
+def _norms(parts: Tensors, per_tensor: bool) -> Optional[list[float]]:
+    """Norm of ``parts`` (one global, or one per tensor); None if any is zero or not finite."""
+    norms = torch._foreach_norm(parts)
+    if per_tensor:
+        values = torch.stack(norms).tolist()
+    else:
+        values = [float(torch.linalg.vector_norm(torch.stack(norms)))] * len(parts)
+    return None if any(n == 0.0 or not math.isfinite(n) for n in values) else values
+
+
+def sample_like(stream: NoiseStream, laws: Sequence[str], like: Tensors) -> Tensors:
+    """Noise shaped like each tensor of ``like``; one draw per law, split into views."""
+    out: list[Optional[Tensor]] = [None] * len(like)
+    for law in dict.fromkeys(laws):
+        members = [i for i, l in enumerate(laws) if l == law]
+        flat = stream.sample(law, (sum(like[i].numel() for i in members),), like[members[0]].dtype,
+                             like[members[0]].device)
+        for i, part in zip(members, flat.split([like[i].numel() for i in members])):
+            out[i] = part.view(like[i].shape)
+    return out  # type: ignore[return-value]
+
+
+def fogzo_directions(grads: Tensors, eps: Tensors, laws: Sequence[str], beta: float, n: int,
+                     stream: NoiseStream, normalize: str = "global",
+                     noise: str = "per_coordinate") -> Optional[list[Tensors]]:
+    """The n FOGZO directions ``v_i = sqrt(beta) s_i g_hat + sqrt(1 - beta) u_i`` in z-space.
+
+    ``g_hat`` is the unit vector of ``eps * g`` (``eps`` may be any shape that broadcasts to its
+    parameter). Returns None when that vector is zero: the caller keeps the STE gradient.
+    """
+    g_z = torch._foreach_mul(grads, eps)
+    norms = _norms(g_z, per_tensor=normalize == "per_tensor")
+    if norms is None:
+        return None
+    a, b = math.sqrt(beta), math.sqrt(max(1.0 - beta, 0.0))
+    directions = []
+    for _ in range(n):
+        s = stream.sign()
+        if b == 0.0:
+            directions.append(torch._foreach_mul(g_z, [a * s / nz for nz in norms]))
+            continue
+        u = sample_like(stream, laws, grads)
+        if noise == "unit_norm":
+            u_norm = _norms(u, per_tensor=False)
+            if u_norm:
+                torch._foreach_div_(u, u_norm[0])
+        # b * (u + (a s / (b |g_z|)) g_z), in place on the fresh noise.
+        torch._foreach_add_(u, torch._foreach_mul(g_z, [a * s / (b * nz) for nz in norms]))
+        torch._foreach_mul_(u, b)
+        directions.append(u)
+    return directions
+
+
+def combine(coefficients: Sequence[float], directions: Sequence[Tensors], eps: Tensors) -> Tensors:
+    """``G_j = (1/n) sum_i c_i v_ij / eps_j``: back from z-space to parameter units."""
+    n = len(directions)
+    out = torch._foreach_mul(directions[0], float(coefficients[0]) / n)
+    for c, v in zip(coefficients[1:], directions[1:]):
+        torch._foreach_add_(out, v, alpha=float(c) / n)
+    torch._foreach_div_(out, eps)
+    return out
