@@ -18,12 +18,16 @@ from qzo_fx.inspect import draw_svg, graph_code, graph_diff, print_tabular, to_n
 from qzo_fx.estimators import FOGZO, NSPSA, STE
 from qzo_fx.prepare import list_quantizers, prepare
 from qzo_fx.train import StepStats, TrainStep, train_step
+from qzo_fx.exporters.onnx_export import ExportResult, export_onnx
+from qzo_fx.exporters.runtime import onnx_session
+from qzo_fx.exporters.verify import ParityReport, verify_onnx
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prepare", "QuantConfig", "QuantSpec", "list_quantizers",
     "train_step", "TrainStep", "StepStats", "STE", "FOGZO", "NSPSA",
+    "export_onnx", "ExportResult", "verify_onnx", "ParityReport", "onnx_session",
     "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
     "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",
     "CalibrationError", "TrainStepError", "NonFiniteLossError", "ExportError", "ops",

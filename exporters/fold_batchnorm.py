@@ -1,0 +1,91 @@
+"""Fold eval-mode BatchNorm into the preceding conv/linear.
+
+``BN(conv(x, (q - z) s) + b) = conv(x, (q - z) (s k)) + (b - mu) k + beta`` with
+``k = gamma / sqrt(var + eps)``: the integer codes stay as trained and ``k`` goes into the
+dequantization scale, multiplied, never divided by gamma (timm zero-initialises some gammas).
+Channels with ``k <= 0`` would need negative scales, so such a BatchNorm is left in place.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER
+from qzo_fx.pass_infra import PassResult
+
+__all__ = ["fold_batchnorm"]
+
+aten = torch.ops.aten
+_PRODUCERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, aten.conv1d.default, aten.conv2d.default,
+              aten.conv3d.default, aten.linear.default}
+
+
+def _foldable(gm: GraphModule, bn_node: Node):
+    if bn_node.op != "call_module":
+        return None
+    bn = gm.get_submodule(str(bn_node.target))
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
+        return None
+    producer = bn_node.args[0]
+    if not isinstance(producer, Node) or producer.target not in _PRODUCERS or len(producer.users) != 1:
+        return None
+    weight = producer.args[1]
+    k = (bn.weight.detach() if bn.affine else 1.0) / torch.sqrt(bn.running_var + bn.eps)
+    if weight.op == "call_function" and weight.target is torch.ops.qzo.dequantize.default:
+        scale = gm.get_buffer(str(weight.args[1].target))
+        if (k <= 0).any() or (scale.dim() > 0 and weight.args[3] != 0):
+            return None  # negative scales, or scales not along output channels
+    elif weight.op != "get_attr":
+        return None
+    return bn, producer, weight, k
+
+
+def _fold(gm: GraphModule, bn: nn.Module, producer: Node, weight: Node, k: torch.Tensor, tag: str) -> None:
+    if weight.op == "get_attr":  # a float weight: scale it directly (a new buffer; nothing shared changes)
+        w = operator.attrgetter(str(weight.target))(gm)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_weight", w.detach() * k.reshape(shape))
+        with gm.graph.inserting_before(producer):
+            producer.update_arg(1, gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_weight"))
+    else:
+        scale_target = str(weight.args[1].target)
+        scale = gm.get_buffer(scale_target)
+        folded = scale * k.reshape((-1,) + (1,) * max(scale.dim() - 1, 0)) if scale.dim() else scale * k
+        owner, _, name = scale_target.rpartition(".")
+        gm.get_submodule(owner).register_buffer(name, folded.contiguous())
+        if scale.dim() == 0:
+            # A per-tensor scale times k is per channel; a per-channel zero point must follow.
+            zero_target = str(weight.args[2].target)
+            zero = gm.get_buffer(zero_target)
+            z_owner, _, z_name = zero_target.rpartition(".")
+            gm.get_submodule(z_owner).register_buffer(z_name, zero.expand(k.shape).contiguous())
+            weight.update_arg(3, 0)
+    bias = producer.args[2] if len(producer.args) > 2 else None
+    b = gm.get_parameter(str(bias.target)).detach() if isinstance(bias, Node) else torch.zeros_like(k)
+    shift = bn.bias.detach() if bn.affine else torch.zeros_like(k)
+    gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_bias", (b - bn.running_mean) * k + shift)
+    with gm.graph.inserting_before(producer):
+        new_bias = gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_bias")
+    args = list(producer.args) + [None] * (3 - len(producer.args))
+    args[2] = new_bias
+    producer.args = tuple(args)
+
+
+def fold_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:
+    if not hasattr(gm, EXPORT_CONTAINER):
+        gm.add_submodule(EXPORT_CONTAINER, nn.Module())
+    modified = False
+    for node in list(gm.graph.nodes):
+        match = _foldable(gm, node)
+        if match is None:
+            continue
+        bn, producer, weight, k = match
+        _fold(gm, bn, producer, weight, k.detach(), tag=str(node.target).replace(".", "_") + "_folded")
+        node.replace_all_uses_with(producer)
+        gm.graph.erase_node(node)
+        modified = True
+    return PassResult(gm, modified)

@@ -1,0 +1,74 @@
+"""Lower weights: ``fake_quant(weight)`` -> ``dequantize(integer codes)``.
+
+The codes are computed once from the latent weights with the quantizer's own kernel, stored as
+int8/uint8 buffers (int4 packing happens on the ONNX file), and the STE op disappears. The
+result equals the eval-mode fake-quantized weight bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+
+from qzo_fx.context import QUANT_CONTAINER, QUANTIZER_KEY
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY
+from qzo_fx.ops import expand_param
+from qzo_fx.pass_infra import PassResult
+from qzo_fx.quantizer import Quantizer
+
+__all__ = ["lower_weights", "integer_codes"]
+
+_STE_OPS = (torch.ops.qzo.fake_quant.default, torch.ops.qzo.fake_sign.default)
+
+
+def integer_codes(quantizer: Quantizer, weight: torch.Tensor) -> torch.Tensor:
+    """The stored integers of ``weight``: int8 for signed grids, uint8 for unsigned ones."""
+    with torch.no_grad():
+        if quantizer.is_sign:
+            return torch.where(weight >= 0, 1, -1).to(torch.int8)
+        qmin, qmax = quantizer.spec.qrange
+        s = quantizer.step_size(weight)
+        z = torch.zeros((), dtype=weight.dtype) if qmin < 0 else _expand_zero(quantizer, weight)
+        codes = torch.round(weight / s).add_(z).clamp_(qmin, qmax)
+        return codes.to(torch.int8 if qmin < 0 else torch.uint8)
+
+
+def _expand_zero(quantizer: Quantizer, like: torch.Tensor) -> torch.Tensor:
+    return expand_param(quantizer.zero_point.detach(), like, quantizer.axis, quantizer.group_size)
+
+
+def _weight_quantizer(gm: GraphModule, node: Node):
+    if node.op != "call_function" or node.target not in _STE_OPS or QUANTIZER_KEY not in node.meta:
+        return None
+    quantizer = getattr(gm, QUANT_CONTAINER).get_submodule(node.meta[QUANTIZER_KEY])
+    return quantizer if quantizer.role == "weight" and node.args[0].op == "get_attr" else None
+
+
+def lower_weights(gm: GraphModule, *, ctx: object = None) -> PassResult:
+    if not hasattr(gm, EXPORT_CONTAINER):
+        gm.add_submodule(EXPORT_CONTAINER, nn.Module())
+    container = getattr(gm, EXPORT_CONTAINER)
+    packable = gm.meta.setdefault(PACKABLE_KEY, {})
+    modified = False
+    for node in list(gm.graph.nodes):
+        quantizer = _weight_quantizer(gm, node)
+        if quantizer is None:
+            continue
+        qname = node.meta[QUANTIZER_KEY]
+        weight = gm.get_parameter(str(node.args[0].target))
+        holder = nn.Module()
+        holder.register_buffer("codes", integer_codes(quantizer, weight))
+        holder.register_buffer("scale", quantizer.scale.detach().clone())
+        zero = torch.zeros_like(quantizer.zero_point) if quantizer.is_sign else quantizer.zero_point.detach()
+        holder.register_buffer("zero_point", zero.to(holder.codes.dtype))
+        container.add_module(qname, holder)
+        packable[f"{EXPORT_CONTAINER}.{qname}"] = (quantizer.spec.bits, holder.codes.dtype == torch.int8)
+        axis = max(quantizer.axis, 0)
+        with gm.graph.inserting_before(node):
+            reads = [gm.graph.get_attr(f"{EXPORT_CONTAINER}.{qname}.{b}") for b in ("codes", "scale", "zero_point")]
+            new = gm.graph.call_function(torch.ops.qzo.dequantize.default, (*reads, axis, quantizer.group_size))
+        new.meta[QUANTIZER_KEY] = qname
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        modified = True
+    return PassResult(gm, modified)

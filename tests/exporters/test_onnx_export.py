@@ -1,0 +1,146 @@
+"""ONNX export: spec-clean files, exact op-type lists, int4 storage, parity with ONNX Runtime."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+import qzo_fx
+from qzo_fx.exporters.lower import lower_for_export
+from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+IMAGES = torch.randn(4, 1, 28, 28)
+TOKENS = torch.randint(0, 128, (2, 16))
+W4 = qzo_fx.QuantConfig(weight_bits=4)
+W8A8 = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
+
+
+def _export(model, x, cfg, tmp_path, **kwargs):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(model, cfg, example_inputs=(x,))
+    result = qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx", target="cpu", **kwargs)
+    return qm, result, onnx.load(str(result.path))
+
+
+@pytest.mark.parametrize("name,factory,x,cfg,ops", [
+    ("mlp-w4", MLP, IMAGES, W4, {"DequantizeLinear": 2, "Gemm": 2, "Relu": 1, "Reshape": 1}),
+    ("mlp-w8a8", MLP, IMAGES, W8A8, {"DequantizeLinear": 4, "QuantizeLinear": 2, "Gemm": 2, "Relu": 1, "Reshape": 1}),
+    ("cnn-bn-w8a8", SmallCNN, IMAGES, W8A8, {"Conv": 3, "DequantizeLinear": 8, "QuantizeLinear": 4, "Gemm": 1,
+                                             "ReduceMean": 1, "Relu": 3}),
+])
+def test_op_types_and_parity(name, factory, x, cfg, ops, tmp_path):
+    qm, result, model = _export(factory(), x, cfg, tmp_path)
+    assert result.op_types == ops  # BatchNorm folded: no BatchNormalization node
+    onnx.checker.check_model(model, full_check=True)
+    report = qzo_fx.verify_onnx(qm, result.path, (torch.randn(7, *x.shape[1:]),))
+    assert report.ok and report.outputs[0].steps < 0.01, str(report)
+
+
+@pytest.mark.parametrize("factory,x,cfg", [
+    (TinyViT, IMAGES, qzo_fx.QuantConfig(weight_bits=4, activation_bits=8)),
+    (TinyLlama, TOKENS, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)),
+])
+def test_transformers_parity_and_core_ops(factory, x, cfg, tmp_path):
+    qm, result, _ = _export(factory(), x, cfg, tmp_path)
+    assert result.op_types["DequantizeLinear"] == 2 * result.op_types["QuantizeLinear"] + (1 if factory is TinyLlama else 0) \
+        or result.op_types["DequantizeLinear"] > result.op_types["QuantizeLinear"]
+    assert {"MatMul", "Softmax", "LayerNormalization"} <= set(result.op_types)
+    x2 = torch.randint(0, 128, (3, 16)) if factory is TinyLlama else torch.randn(5, 1, 28, 28)
+    assert qzo_fx.verify_onnx(qm, result.path, (x2,)).ok
+
+
+def test_int4_weights_are_true_int4_and_small(tmp_path):
+    qm, result, model = _export(MLP(), IMAGES, W4, tmp_path)
+    kinds = {init.name: init.data_type for init in model.graph.initializer}
+    assert sorted(t for n, t in kinds.items() if n.endswith("codes")) == [onnx.TensorProto.INT4] * 2
+    assert result.opset == 21
+    fp32_bytes = sum(p.numel() * 4 for p in MLP().parameters())
+    assert result.size_bytes < 0.16 * fp32_bytes
+
+
+def test_blocked_int4_layout(tmp_path):
+    cfg = qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=4, granularity="per_group", group_size=16))
+    qm, result, model = _export(MLP(), IMAGES, cfg, tmp_path)
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq[0].attribute}
+    assert attrs == {"axis": 1, "block_size": 16}
+    assert qzo_fx.verify_onnx(qm, result.path, (IMAGES,)).ok
+
+
+def test_codes_equal_the_trained_grid(tmp_path):
+    qm, result, model = _export(MLP(), IMAGES, qzo_fx.QuantConfig(weight_bits=3), tmp_path)
+    codes = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("codes")}
+    quantizer = qm.qzo_quant.get_submodule("1_weight")
+    expected = (quantizer(qm.get_parameter("1.weight")) / quantizer.scale[:, None]).round().detach().numpy()
+    got = next(v for k, v in codes.items() if "1_weight" in k).astype(np.int32)
+    np.testing.assert_array_equal(got, expected.astype(np.int32))
+    assert got.min() >= -4 and got.max() <= 3
+
+
+def test_one_bit_and_asymmetric(tmp_path):
+    cfg = qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=1, ste="tanh"),
+                             activation=qzo_fx.QuantSpec(bits=4, symmetric=False, granularity="per_tensor"))
+    qm, result, model = _export(MLP(), IMAGES, cfg, tmp_path)
+    assert "Clip" in result.op_types  # 4-bit activations in uint8 storage: QCDQ
+    x = torch.rand(6, 1, 28, 28)
+    assert qzo_fx.verify_onnx(qm, result.path, (x,)).ok
+    # ORT's int32 bias rounding at scale s_act * s_weight is what breaks exactness below 8 bits.
+    rounded = qzo_fx.onnx_session(result.path, exact_bias=False)
+    got = rounded.run(None, {rounded.get_inputs()[0].name: x.numpy()})[0]
+    qm.eval()
+    assert np.abs(got - qm(x).detach().numpy()).max() > 10 * qzo_fx.verify_onnx(qm, result.path, (x,)).outputs[0].max_abs_diff
+
+
+def test_lowering_keeps_prepared_model_and_is_exact():
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(SmallCNN(), W8A8, example_inputs=(IMAGES,))
+    qm.eval()
+    before = {k: v.clone() for k, v in qm.state_dict().items()}
+    lowered = lower_for_export(qm, fold_bn=False)
+    torch.testing.assert_close(lowered(IMAGES), qm(IMAGES), rtol=0, atol=0)
+    folded = lower_for_export(qm)
+    assert not any(isinstance(m, nn.BatchNorm2d) for n, m in folded.named_modules() if n in
+                   {str(x.target) for x in folded.graph.nodes if x.op == "call_module"})
+    torch.testing.assert_close(folded(IMAGES), qm(IMAGES), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, qm.state_dict()[k]) for k, v in before.items())
+
+
+def test_target_lint(tmp_path):
+    asym = qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=8, symmetric=False))
+    qm = qzo_fx.prepare(MLP(), asym)
+    with pytest.raises(qzo_fx.ExportError, match="TensorRT rejects non-zero zero points"):
+        qzo_fx.export_onnx(qm, (IMAGES,), tmp_path / "a.onnx", target="tensorrt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qzo_fx.export_onnx(qzo_fx.prepare(MLP(), qzo_fx.QuantConfig(weight_bits=8)), (IMAGES,), tmp_path / "b.onnx",
+                           target="cuda")
+    assert any("CUDA provider" in str(w.message) for w in caught)
+    bad = qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=4, granularity="per_group", group_size=512),
+                             overrides={"3": {"weight": None}})
+    with pytest.raises(qzo_fx.ExportError, match="block size 512"):
+        qzo_fx.export_onnx(qzo_fx.prepare(MLP((1024, 8)), bad), (torch.randn(2, 1024),), tmp_path / "c.onnx")
+
+
+def test_session_falls_back_to_cpu(tmp_path):
+    _, result, _ = _export(MLP(), IMAGES, W4, tmp_path)
+    session = qzo_fx.onnx_session(result.path, target="cuda")
+    assert session.get_providers()[0] in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    with pytest.raises(qzo_fx.ExportError, match="target"):
+        qzo_fx.onnx_session(result.path, target="npu")
+
+
+@pytest.mark.gpu
+def test_cuda_provider_really_runs(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU / onnxruntime-gpu here")
+    qm, result, _ = _export(MLP(), IMAGES, W4, tmp_path)
+    report = qzo_fx.verify_onnx(qm, result.path, (IMAGES,), target="cuda")
+    assert report.provider == "CUDAExecutionProvider" and report.ok
