@@ -12,21 +12,38 @@ __all__ = ["lint_target"]
 _BROKEN_BLOCK_SIZES = (512,)
 
 
+def _gpu_providers() -> set[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return set()
+    return set(onnxruntime.get_available_providers()) & {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+
+
 def lint_target(qm: nn.Module, target: str, strict: bool = False) -> list[str]:
-    """Findings for ``target`` ("auto" checks the GPU rules too). ``strict`` raises on any."""
+    """Findings for ``target``; "auto" applies the rules of the providers this onnxruntime has.
+    ``strict`` raises on any finding."""
+    if target == "auto":
+        gpu = _gpu_providers()
+        target = "tensorrt" if "TensorrtExecutionProvider" in gpu else "cuda" if gpu else "cpu"
+        return _lint(qm, target, strict, refuse=False)
+    return _lint(qm, target, strict, refuse=True)
+
+
+def _lint(qm: nn.Module, target: str, strict: bool, refuse: bool) -> list[str]:
     rows = list_quantizers(qm)
     weights = [q for q in rows if q.role == "weight"]
     activations = [q for q in rows if q.role == "activation"]
     findings, refusals = [], []
     asym = [q.name for q in rows if q.bits > 1 and _asymmetric(qm, q.name)]
-    if target in ("tensorrt", "auto") and asym:
+    if target == "tensorrt" and asym:
         message = f"TensorRT rejects non-zero zero points (asymmetric quantizers {asym}); use symmetric=True."
-        (refusals if target == "tensorrt" else findings).append(message)
-    if target in ("cuda", "auto") and weights and not activations and all(q.bits == 8 for q in weights):
+        (refusals if refuse else findings).append(message)
+    if target == "cuda" and weights and not activations and all(q.bits == 8 for q in weights):
         findings.append("int8 weight-only runs in float on the CUDA provider (storage saving only); "
                         "int4 weight-only (MatMulNBits) or W8A8 on TensorRT accelerates.")
     conv_asym = [q.name for q in weights if q.name in asym and q.granularity == "per_channel"]
-    if target in ("cpu", "auto") and conv_asym:
+    if target == "cpu" and conv_asym:
         findings.append(f"per-channel asymmetric weights {conv_asym} do not fuse to QLinearConv on CPU; "
                         "use symmetric weights for speed.")
     broken = [q.name for q in weights if q.granularity == "per_group" and q.bits <= 4

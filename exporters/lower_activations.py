@@ -9,13 +9,12 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from qzo_fx.context import QUANT_CONTAINER, QUANTIZER_KEY
+from qzo_fx.context import QUANTIZER_KEY
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.quantizer import quantizer_of
 
 __all__ = ["lower_activations"]
-
-_STE_OPS = (torch.ops.qzo.fake_quant.default, torch.ops.qzo.fake_sign.default)
 
 
 def lower_activations(gm: GraphModule, *, ctx: object = None) -> PassResult:
@@ -23,12 +22,10 @@ def lower_activations(gm: GraphModule, *, ctx: object = None) -> PassResult:
         gm.add_submodule(EXPORT_CONTAINER, nn.Module())
     container, modified = getattr(gm, EXPORT_CONTAINER), False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _STE_OPS or QUANTIZER_KEY not in node.meta:
+        found = quantizer_of(gm, node)
+        if found is None or found[1].role != "activation":
             continue
-        qname = node.meta[QUANTIZER_KEY]
-        quantizer = getattr(gm, QUANT_CONTAINER).get_submodule(qname)
-        if quantizer.role != "activation":
-            continue
+        qname, quantizer = found
         holder = nn.Module()
         holder.register_buffer("scale", quantizer.scale.detach().clone().reshape(()))
         qmin, qmax = quantizer.spec.qrange

@@ -10,15 +10,13 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule, Node
 
-from qzo_fx.context import QUANT_CONTAINER, QUANTIZER_KEY
+from qzo_fx.context import QUANTIZER_KEY
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY
 from qzo_fx.ops import expand_param
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.quantizer import Quantizer
+from qzo_fx.quantizer import Quantizer, quantizer_of
 
 __all__ = ["lower_weights", "integer_codes"]
-
-_STE_OPS = (torch.ops.qzo.fake_quant.default, torch.ops.qzo.fake_sign.default)
 
 
 def integer_codes(quantizer: Quantizer, weight: torch.Tensor) -> torch.Tensor:
@@ -38,10 +36,10 @@ def _expand_zero(quantizer: Quantizer, like: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_quantizer(gm: GraphModule, node: Node):
-    if node.op != "call_function" or node.target not in _STE_OPS or QUANTIZER_KEY not in node.meta:
+    found = quantizer_of(gm, node)
+    if found is None or found[1].role != "weight" or node.args[0].op != "get_attr":
         return None
-    quantizer = getattr(gm, QUANT_CONTAINER).get_submodule(node.meta[QUANTIZER_KEY])
-    return quantizer if quantizer.role == "weight" and node.args[0].op == "get_attr" else None
+    return found
 
 
 def lower_weights(gm: GraphModule, *, ctx: object = None) -> PassResult:
@@ -51,10 +49,10 @@ def lower_weights(gm: GraphModule, *, ctx: object = None) -> PassResult:
     packable = gm.meta.setdefault(PACKABLE_KEY, {})
     modified = False
     for node in list(gm.graph.nodes):
-        quantizer = _weight_quantizer(gm, node)
-        if quantizer is None:
+        found = _weight_quantizer(gm, node)
+        if found is None:
             continue
-        qname = node.meta[QUANTIZER_KEY]
+        qname, quantizer = found
         weight = gm.get_parameter(str(node.args[0].target))
         holder = nn.Module()
         holder.register_buffer("codes", integer_codes(quantizer, weight))

@@ -23,7 +23,7 @@ from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.lint import lint_target
 from qzo_fx.exporters.lower import lower_for_export
 
-__all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram"]
+__all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram", "strip_debug_info"]
 
 _INT8_OPSET = 18
 _INT4_OPSET = 21  # INT4/UINT4 and blocked (block_size) Q/DQ
@@ -80,6 +80,16 @@ def pack_low_bit_weights(model: onnx.ModelProto, packable: dict[str, tuple[int, 
     return packed
 
 
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop per-node stack traces, module paths and doc strings (most of a small model's file)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+    del model.graph.metadata_props[:]
+    model.graph.doc_string = ""
+
+
 def _dynamic_shapes(args: Sequence[Any]):
     batch = torch.export.Dim("batch", min=1)
     return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
@@ -102,7 +112,7 @@ def _translate(lowered: GraphModule, args: tuple, opset: int, dynamic: bool):
 
 def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str, Path], *, target: str = "auto",
                 opset: Optional[int] = None, fold_batchnorm: bool = True, dynamic_batch: bool = True,
-                strict: bool = False) -> ExportResult:
+                strict: bool = False, keep_debug_info: bool = False) -> ExportResult:
     """Export a prepared model to ONNX with integer weights and Q/DQ activations.
 
     Weights become integer initializers (int8/uint8; <= 4 bits as true INT4/UINT4 at opset 21)
@@ -119,6 +129,7 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
         opset: default: 21 when any weight is <= 4 bits or blocked, else 18.
         fold_batchnorm: fold eval-mode BatchNorm into the preceding conv/linear.
         dynamic_batch: export the first dimension of every input as dynamic.
+        keep_debug_info: keep torch.onnx's per-node stack traces and module paths.
 
     Example:
         >>> import torch, qzo_fx
@@ -146,6 +157,8 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
         except Exception as error:
             raise ExportError(f"torch.onnx could not export {type(qm).__name__}: {error}") from error
     pack_low_bit_weights(model, lowered.meta.get(PACKABLE_KEY, {}))
+    if not keep_debug_info:
+        strip_debug_info(model)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:

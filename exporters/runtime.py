@@ -39,13 +39,14 @@ def has_low_bit_qdq(model) -> bool:
 
 
 def onnx_session(path: Union[str, Path, bytes], target: str = "auto", threads: int = 0,
-                 exact_bias: Optional[bool] = None):
+                 exact_bias: Optional[bool] = None, config: Optional[dict[str, str]] = None):
     """An ``onnxruntime.InferenceSession`` on the first provider of ``target`` that loads.
 
     A provider can be listed by onnxruntime-gpu and still fail to load (missing CUDA or TensorRT
     libraries): ONNX Runtime then silently runs on CPU. This checks the providers the session
     really got and logs one line when it fell back.
 
+    ``config``: extra session config entries (e.g. ``{"session.intra_op.allow_spinning": "0"}``).
     ``exact_bias``: ONNX Runtime's ``WeightBiasQuantization`` rounds float biases of Q/DQ
     Gemm/Conv to int32 at scale ``s_act * s_weight``; below 8 bits that step is coarse and the
     result departs from the trained model. ``None`` disables it for files with sub-8-bit types.
@@ -68,6 +69,8 @@ def onnx_session(path: Union[str, Path, bytes], target: str = "auto", threads: i
         options.intra_op_num_threads = threads
     # Exact int4 results from fused MatMulNBits kernels (accuracy level 1 = fp32 compute).
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     model = str(path) if isinstance(path, Path) else path
     if exact_bias is None:
         exact_bias = has_low_bit_qdq(onnx.load(model) if isinstance(model, str) else onnx.load_from_string(model))

@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 from qzo_fx.config import QuantSpec
 from qzo_fx.context import ANNOTATION_KEY, PrepareContext
 from qzo_fx.errors import UnsupportedModelError
-from qzo_fx.op_table import OpSignature, op_signature
+from qzo_fx.op_table import POOL, OpSignature, op_signature, pool_signature
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["Annotation", "annotate"]
@@ -94,7 +94,23 @@ def annotate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
             modified = True
     if problems:
         raise UnsupportedModelError("Cannot quantize as configured:\n  " + "\n  ".join(problems))
-    return PassResult(gm, modified)
+    return PassResult(gm, _annotate_pools(gm, ctx, modules) or modified)
+
+
+def _annotate_pools(gm: GraphModule, ctx: PrepareContext, modules: dict[str, nn.Module]) -> bool:
+    if not ctx.config.quantize_pool_inputs:
+        return False
+    modified = False
+    for node in gm.graph.nodes:
+        if pool_signature(node, modules) is None:
+            continue
+        name = str(node.target) if node.op == "call_module" else node.name
+        activation = ctx.config.resolve(name, modules.get(name))[1]
+        annotation = Annotation(name, POOL, None, activation) if activation is not None else None
+        if node.meta.get(ANNOTATION_KEY) != annotation:
+            node.meta[ANNOTATION_KEY] = annotation
+            modified = True
+    return modified
 
 
 def _is_parameter_or_module(gm: GraphModule, node: Node, sig: OpSignature) -> bool:

@@ -124,7 +124,7 @@ def insert_qdq(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
         annotation = node.meta.get(ANNOTATION_KEY)
         if annotation is None or node.meta.get(_REALIZED):
             continue
-        if node.op == "call_module":
+        if node.op == "call_module" and annotation.weight is not None:
             node = _functionalize(gm, node)
         sig = annotation.signature
         if annotation.weight is not None:

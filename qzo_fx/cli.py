@@ -1,4 +1,4 @@
-"""The ``qzo-fx`` command line: ``inspect`` (more subcommands come with export and benchmarks)."""
+"""The ``qzo-fx`` command line: ``inspect`` and ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,35 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    """(prepared model, example inputs): from a factory, or a saved prepared model + shape."""
+    if args.model.endswith((".pt", ".pth")):
+        import torch
+
+        qm = torch.load(args.model, weights_only=False)
+        if not args.input_shape:
+            raise QzoError(f"{args.model}: a saved model needs --input-shape, e.g. --input-shape 2,1,28,28")
+        return qm, (torch.randn(*[int(d) for d in args.input_shape.split(",")]),)
+    model, inputs = load_factory(args.model)
+    if inputs is None:
+        raise QzoError(f"{args.model}: export needs example inputs; return (model, (x,)) from the factory.")
+    return prepare(model, _config(args), example_inputs=inputs), inputs
+
+
+def _export(args: argparse.Namespace) -> int:
+    from qzo_fx.exporters.onnx_export import export_onnx
+    from qzo_fx.exporters.verify import verify_onnx
+
+    qm, inputs = _load_model(args)
+    result = export_onnx(qm, inputs, args.out, target=args.target)
+    print(f"wrote {result.path}: {result.size_bytes / 1024:.1f} KiB, opset {result.opset}, "
+          f"dynamic batch {result.dynamic_batch}")
+    print(tabulate(sorted(result.op_types.items()), headers=["ONNX op", "count"]))
+    report = verify_onnx(qm, result.path, inputs, target="cpu" if args.target == "auto" else args.target)
+    print(report)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qzo-fx", description="Low-bit QAT on torch.fx with STE and zeroth-order estimators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--svg", default=None, help="write a drawing of the prepared graph")
     inspect.add_argument("--table", action="store_true", help="also print the node table")
     inspect.set_defaults(run=_inspect)
+    export = sub.add_parser("export", help="prepare (or load) a model, write ONNX, print size, ops and parity")
+    export.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs), or a saved prepared model (.pt)")
+    export.add_argument("--out", default="model.onnx")
+    export.add_argument("--target", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    export.add_argument("--weight-bits", type=int, default=8)
+    export.add_argument("--activation-bits", type=int, default=None)
+    export.add_argument("--input-shape", default=None, help="for a saved model: e.g. 2,1,28,28")
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -103,14 +103,16 @@ class QuantConfig:
     Args:
         weight: spec for weights (``None``: weights stay float).
         activation: spec for activations at the inputs of quantized ops (``None``: off).
-        weight_bits, activation_bits: shortcuts that set ``bits`` of the spec (an activation
-            spec is created, per tensor, if only ``activation_bits`` is given).
+        weight_bits, activation_bits: shortcuts that set ``bits`` of the spec (if only
+            ``activation_bits`` is given, the activation spec is per tensor and asymmetric).
         overrides: ``{pattern_or_type: {"weight": spec, "activation": spec}}``. String keys are
             ``fnmatch`` patterns on module names, type keys match ``isinstance``. A value of
             ``None`` turns that tensor off, a dict replaces fields of the inherited spec, a
             ``QuantSpec`` replaces it. Type overrides apply first, then name patterns in order.
         skip: module-name patterns that stay in float.
         skip_first, skip_last: keep the first / last quantizable layer in float.
+        quantize_pool_inputs: with an activation spec, also quantize the inputs of pooling and
+            mean ops (so the conv before them ends in a Q and fuses to QLinearConv in ONNX Runtime).
 
     Example:
         >>> cfg = QuantConfig(weight_bits=2, overrides={"head": {"weight": {"bits": 8}}})
@@ -126,13 +128,14 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     skip_first: bool = False
     skip_last: bool = False
+    quantize_pool_inputs: bool = True
 
     def __post_init__(self) -> None:
         weight, activation = self.weight, self.activation
         if self.weight_bits is not None:
             weight = (weight or QuantSpec()).replace(bits=_bits("weight_bits", self.weight_bits))
         if self.activation_bits is not None:
-            base = activation or QuantSpec(granularity="per_tensor")
+            base = activation or DEFAULT_ACTIVATION
             activation = base.replace(bits=_bits("activation_bits", self.activation_bits))
         _check_activation(activation, "activation")
         for key, value in self.overrides.items():
@@ -159,7 +162,7 @@ class QuantConfig:
 
 def _apply(rule: Mapping[str, SpecLike], weight: Optional[QuantSpec], activation: Optional[QuantSpec]):
     return (_merge(rule.get("weight", _INHERIT), weight, QuantSpec()),
-            _merge(rule.get("activation", _INHERIT), activation, QuantSpec(granularity="per_tensor")))
+            _merge(rule.get("activation", _INHERIT), activation, DEFAULT_ACTIVATION))
 
 
 def _merge(value: Any, inherited: Optional[QuantSpec], default: QuantSpec) -> Optional[QuantSpec]:
@@ -184,7 +187,7 @@ def _check_override(key: object, value: object) -> None:
         elif spec is not None and not isinstance(spec, QuantSpec):
             raise ConfigError(f"overrides[{key!r}][{role!r}]", spec, "a QuantSpec, a dict of its fields, or None")
     if "activation" in value:
-        _check_activation(_merge(value["activation"], None, QuantSpec(granularity="per_tensor")), f"overrides[{key!r}]['activation']")
+        _check_activation(_merge(value["activation"], None, DEFAULT_ACTIVATION), f"overrides[{key!r}]['activation']")
 
 
 def _check_activation(spec: Optional[QuantSpec], where: str) -> None:
@@ -201,3 +204,9 @@ def _bits(name: str, bits: object) -> int:
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(name, value, allowed)
+
+
+# Activations: per tensor, unsigned with a zero point. After a ReLU the zero point is 0 on a uint8
+# grid, which lets ONNX Runtime drop the ReLU and fuse QLinearConv/QGemm on CPU. TensorRT wants
+# symmetric=True instead (the export lint says so).
+DEFAULT_ACTIVATION = QuantSpec(granularity="per_tensor", symmetric=False)

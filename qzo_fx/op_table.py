@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-__all__ = ["OpSignature", "op_signature", "MODULE_TYPES"]
+__all__ = ["OpSignature", "op_signature", "pool_signature", "POOL", "MODULE_TYPES"]
 
 aten = torch.ops.aten
 
@@ -50,6 +50,27 @@ _FUNCTIONS: dict[Any, OpSignature] = {
     aten.embedding.default: OpSignature("embedding", 0, None, 0, 1),
 }
 _MATMULS = (torch.matmul, operator.matmul, torch.mm, aten.matmul.default, aten.mm.default)
+
+# Pooling ops: no weight, but quantizing their input puts a Q right after the producing conv, so
+# ONNX Runtime can fuse that conv to QLinearConv (DQ -> Conv -> Q).
+POOL = OpSignature("pool", -1, 0, 0, 0)
+_POOL_FUNCTIONS = {torch.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                   F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                   aten.mean.dim, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+                   aten.max_pool2d.default}
+_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+def pool_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignature]:
+    """POOL if ``node`` pools or averages a tensor (call_function, call_method or module)."""
+    if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+        return POOL
+    if node.op == "call_method" and node.target == "mean":
+        return POOL
+    if node.op == "call_module" and isinstance(modules.get(node.target), _POOL_MODULES):
+        return POOL
+    return None
 
 
 def _is_param(node: Any) -> bool:

@@ -16,8 +16,9 @@ from torch import Tensor
 from qzo_fx import ops
 from qzo_fx.calibration import init_scale
 from qzo_fx.config import QuantSpec
+from qzo_fx.context import QUANT_CONTAINER
 
-__all__ = ["Quantizer", "QuantizerInfo"]
+__all__ = ["Quantizer", "QuantizerInfo", "quantizer_of"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +97,18 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"role={self.role}, target={self.target}, bits={self.spec.bits}, "
                 f"granularity={self.spec.granularity}, ste={self.spec.ste}")
+
+
+def quantizer_of(gm: nn.Module, node) -> Optional[tuple[str, Quantizer]]:
+    """``(name, quantizer)`` of a ``qzo.fake_quant``/``qzo.fake_sign`` node, read from the graph
+    itself (the ``get_attr`` of its scale), so it holds after a save/load that drops node.meta."""
+    if node.op != "call_function" or node.target not in (ops.fake_quant._opoverload, ops.fake_sign._opoverload):
+        return None
+    scale = node.args[1]
+    if getattr(scale, "op", None) != "get_attr":
+        return None
+    container, _, rest = str(scale.target).partition(".")
+    name = rest.rpartition(".")[0]
+    if container != QUANT_CONTAINER or not name:
+        return None
+    return name, gm.get_submodule(container).get_submodule(name)

@@ -75,3 +75,15 @@ def test_cli_bad_factory_is_clean_error(capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "qzo_fx.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "inspect" in out.stdout
+
+
+def test_cli_export_factory_and_saved_model(capsys, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "tests.test_inspect:make_model", "--weight-bits", "4", "--out", str(out), "--target", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "opset 21" in printed and "DequantizeLinear" in printed and "parity OK" in printed
+    model, inputs = make_model()
+    saved = tmp_path / "qm.pt"
+    torch.save(qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8)), saved)
+    assert main(["export", str(saved), "--input-shape", "2,6", "--out", str(out)]) == 0
+    assert main(["export", str(saved), "--out", str(out)]) == 2

@@ -39,7 +39,7 @@ def test_insert_qdq_golden_order(mlp):
     assert _ops(qm) == ["fake_quant.default", "fake_quant.default", "linear", "call_module",
                            "fake_quant.default", "fake_quant.default", "linear"]
     fq = [n for n in qm.graph.nodes if n.target is FQ]
-    assert [n.args[3:] for n in fq] == [(-8, 7, 0, 0, "identity"), (-128, 127, -1, 0, "identity")] * 2
+    assert [n.args[3:] for n in fq] == [(-8, 7, 0, 0, "identity"), (0, 255, -1, 0, "identity")] * 2
     # Every pass run again on the prepared graph changes nothing.
     ctx = PrepareContext(qzo_fx.QuantConfig(weight_bits=4, activation_bits=8), (torch.randn(2, 16),))
     for p in (annotate, insert_qdq, calibrate, cleanup):
