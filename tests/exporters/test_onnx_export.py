@@ -29,18 +29,21 @@ def _export(model, x, cfg, tmp_path, **kwargs):
     return qm, result, onnx.load(str(result.path))
 
 
-@pytest.mark.parametrize("name,factory,x,cfg,ops", [
-    ("mlp-w4", MLP, IMAGES, W4, {"DequantizeLinear": 2, "Gemm": 2, "Relu": 1, "Reshape": 1}),
-    ("mlp-w8a8", MLP, IMAGES, W8A8, {"DequantizeLinear": 4, "QuantizeLinear": 2, "Gemm": 2, "Relu": 1, "Reshape": 1}),
+# Weight-only files run in float in ORT: equal up to float rounding. W8A8 files run fused integer
+# kernels (QGemm/QLinearConv requantize in integers): a fraction of a step.
+@pytest.mark.parametrize("name,factory,x,cfg,ops,bound", [
+    ("mlp-w4", MLP, IMAGES, W4, {"DequantizeLinear": 2, "Gemm": 2, "Relu": 1, "Reshape": 1}, 0.01),
+    ("mlp-w8a8", MLP, IMAGES, W8A8, {"DequantizeLinear": 4, "QuantizeLinear": 2, "Gemm": 2, "Relu": 1,
+                                     "Reshape": 1}, 0.25),
     ("cnn-bn-w8a8", SmallCNN, IMAGES, W8A8, {"Conv": 3, "DequantizeLinear": 9, "QuantizeLinear": 5, "Gemm": 1,
-                                             "ReduceMean": 1, "Relu": 3}),
+                                             "ReduceMean": 1, "Relu": 3}, 0.25),
 ])
-def test_op_types_and_parity(name, factory, x, cfg, ops, tmp_path):
+def test_op_types_and_parity(name, factory, x, cfg, ops, bound, tmp_path):
     qm, result, model = _export(factory(), x, cfg, tmp_path)
     assert result.op_types == ops  # BatchNorm folded: no BatchNormalization node
     onnx.checker.check_model(model, full_check=True)
     report = qzo_fx.verify_onnx(qm, result.path, (torch.randn(7, *x.shape[1:]),))
-    assert report.ok and report.outputs[0].steps < 0.01, str(report)
+    assert report.ok and report.outputs[0].steps < bound, str(report)
 
 
 @pytest.mark.parametrize("factory,x,cfg", [
