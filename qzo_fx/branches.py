@@ -31,6 +31,7 @@ from qzo_fx.errors import TrainStepError
 from qzo_fx.pass_infra import Pass, PassManager
 from qzo_fx.passes.lift_params import LiftContext, lift_params
 from qzo_fx.passes.lower_qdq import lower_qdq
+from qzo_fx.workspace import Workspace
 
 __all__ = ["Branch", "BranchRunner", "STRATEGIES", "branch_graph"]
 
@@ -91,7 +92,7 @@ class BranchRunner:
     """Evaluates branch losses for one model, loss function and set of perturbed parameters."""
 
     def __init__(self, model: GraphModule, loss_fn: LossFn, names: Sequence[str], strategy: str = "auto",
-                 max_chunk: int = 64) -> None:
+                 max_chunk: int = 64, workspace: Optional[Workspace] = None) -> None:
         if strategy not in STRATEGIES:
             raise TrainStepError(f"strategy={strategy!r} is invalid: allowed {STRATEGIES}.")
         self.model, self.loss_fn, self.names = model, loss_fn, tuple(names)
@@ -100,6 +101,7 @@ class BranchRunner:
                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self._buffers = [b for name, b in model.named_buffers() if not name.startswith(QUANT_CONTAINER + ".")]
         self.strategy, self.max_chunk = strategy, max_chunk
+        self.workspace = Workspace.get(workspace)
         self._graph: Optional[GraphModule] = None
         self.timings: dict[str, list[float]] = {}
 
@@ -144,7 +146,8 @@ class BranchRunner:
         return self.loss_fn(model, batch).detach().reshape(())
 
     def _inplace(self, branches, batch, rng_state) -> Tensor:
-        snapshot = torch._foreach_mul(self.params, 1.0)  # fp32 copy: restore is exact
+        snapshot = self.workspace.like("snapshot", self.params)
+        torch._foreach_copy_(snapshot, self.params)  # a full-precision copy: restore is exact
         out = []
         try:
             for deltas, sign in branches:
@@ -156,9 +159,10 @@ class BranchRunner:
         return torch.stack(out)
 
     def _sequential(self, branches, batch, rng_state) -> Tensor:
-        out = []
+        out, values = [], self.workspace.like("values", self.params)
         for deltas, sign in branches:
-            values = torch._foreach_add(self.params, deltas, alpha=sign)
+            for v, p, d in zip(values, self.params, deltas):
+                torch.add(p, d, alpha=sign, out=v)  # one reused buffer set for every branch
             out.append(self._loss(_BranchModel(self.graph, self.model, values), batch, rng_state))
         return torch.stack(out)
 
@@ -172,7 +176,8 @@ class BranchRunner:
         out = []
         for start in range(0, len(branches), self.max_chunk):
             chunk = branches[start:start + self.max_chunk]
-            stacked = [p.new_empty((len(chunk), *p.shape)) for p in self.params]
+            stacked = [self.workspace.buffer(("stacked", j), (len(chunk), *p.shape), p)
+                       for j, p in enumerate(self.params)]
             for k, (deltas, sign) in enumerate(chunk):
                 # Written straight into the stacked buffers: one pass, no torch.stack copy.
                 for j, p in enumerate(self.params):

@@ -26,6 +26,7 @@ from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import NonFiniteLossError, TrainStepError
 from qzo_fx.estimators import FOGZO, NSPSA, STE
 from qzo_fx.quantizer import Quantizer
+from qzo_fx.workspace import Workspace
 
 __all__ = ["train_step", "TrainStep", "StepStats", "PerturbedParam", "perturbed_params"]
 
@@ -101,12 +102,14 @@ class TrainStep:
         self.on_nonfinite, self.stats, self.step_index = on_nonfinite, StepStats(), 0
         self.perturbed: list[PerturbedParam] = []
         self.runner: Optional[BranchRunner] = None
+        self.workspace = Workspace()  # noise, deltas and branch values: allocated once
         if not isinstance(estimator, STE):
             self.perturbed = perturbed_params(model, estimator.perturb)
             if not self.perturbed:
                 raise TrainStepError(f"{type(estimator).__name__}: the model has no parameter to perturb; "
                                      "prepare it with a weight spec, or use perturb='all'.")
-            self.runner = BranchRunner(model, loss_fn, [p.name for p in self.perturbed], strategy, max_chunk)
+            self.runner = BranchRunner(model, loss_fn, [p.name for p in self.perturbed], strategy, max_chunk,
+                                       self.workspace)
         base_seed = getattr(estimator, "seed", None)
         self.base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if base_seed is None else base_seed
 
@@ -158,7 +161,7 @@ class TrainStep:
         eps = [pp.eps(p, est.eps_float) for pp, p in zip(self.perturbed, params)]
         stream = zo_math.NoiseStream(self.base_seed + self.step_index)
         directions = zo_math.fogzo_directions(grads, eps, [p.law for p in self.perturbed], beta, est.n,
-                                              stream, est.normalize, est.noise)
+                                              stream, est.normalize, est.noise, self.workspace)
         if directions is None:
             self.stats.zero_gradient_fallbacks += 1
             return loss
@@ -169,7 +172,7 @@ class TrainStep:
             coefficients = ((losses[0::2] - losses[1::2]) / 2).tolist()
         else:
             coefficients = (losses - loss).tolist()
-        self._write(params, zo_math.combine(coefficients, directions, eps))
+        self._write(params, coefficients, directions, eps)
         return loss
 
     def _nspsa(self, batch: Any) -> Tensor:
@@ -182,18 +185,18 @@ class TrainStep:
             eps = [pp.eps(p, est.eps_float) for pp, p in zip(self.perturbed, params)]
         laws = ["gaussian" if est.noise == "gaussian" else p.law for p in self.perturbed]
         stream = zo_math.NoiseStream(self.base_seed + self.step_index)
-        directions = [zo_math.sample_like(stream, laws, params) for _ in range(est.n)]
+        directions = [zo_math.sample_like(stream, laws, params, self.workspace, key=("u", i)) for i in range(est.n)]
         losses = self._branch_losses(directions, eps, batch, rng_state, two_sided=True)
         if losses is None:
             return torch.tensor(float("nan"))
-        self._write(params, zo_math.combine(((losses[0::2] - losses[1::2]) / 2).tolist(), directions, eps))
+        self._write(params, ((losses[0::2] - losses[1::2]) / 2).tolist(), directions, eps)
         return losses.mean()
 
     # ------------------------------------------------------------------ helpers
     def _branch_losses(self, directions, eps, batch, rng_state, two_sided: bool) -> Optional[Tensor]:
         branches = []
-        for v in directions:
-            delta = torch._foreach_mul(v, eps)
+        for i, v in enumerate(directions):
+            delta = [torch.mul(vj, e, out=buf) for vj, e, buf in zip(v, eps, self.workspace.like(("delta", i), v))]
             branches.append((delta, 1.0))
             if two_sided:
                 branches.append((delta, -1.0))
@@ -217,9 +220,13 @@ class TrainStep:
             p.grad = None
         return False
 
-    def _write(self, params, estimate) -> None:
-        for p, g in zip(params, estimate):
-            p.grad = g  # replaces the STE gradient; the estimate is a fresh tensor
+    def _write(self, params, coefficients, directions, eps) -> None:
+        """G replaces the STE gradient: written into the existing ``.grad`` tensors (no new
+        allocation), or fresh ones where a parameter has none (n-SPSA has no backward)."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+        zo_math.combine(coefficients, directions, eps, out=[p.grad for p in params])
 
 
 def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Any = None, *,

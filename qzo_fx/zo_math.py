@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qzo_fx.workspace import Workspace
+
 __all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "NoiseStream", "sample_like", "fogzo_directions", "combine",
            "Tensors"]
 
@@ -51,29 +53,35 @@ class NoiseStream:
     def sign(self) -> float:
         return 1.0 if self._rng.random() < 0.5 else -1.0
 
-    def _levels(self, numel: int) -> Tensor:
-        """``numel`` i.i.d. values uniform on the 65,536 centred levels of (-1, 1)."""
-        words = self._rng.bit_generator.random_raw((numel + 3) // 4)
-        raw = torch.from_numpy(words.view(np.int16)[:numel].copy())
-        return raw.float().add_(0.5).mul_(1.0 / 32768.0)
+    def _levels(self, out: Tensor, scale: float, accumulate: bool = False) -> Tensor:
+        """Fill (or add to) flat ``out`` with i.i.d. values uniform on the 65,536 centred levels
+        of (-scale, scale)."""
+        words = self._rng.bit_generator.random_raw((out.numel() + 3) // 4)
+        raw = torch.from_numpy(words.view(np.int16)[: out.numel()])
+        if accumulate:
+            return out.add_(raw.to(out.dtype).add_(0.5), alpha=scale / 32768.0)
+        return out.copy_(raw).add_(0.5).mul_(scale / 32768.0)
+
+    def fill(self, law: str, out: Tensor) -> Tensor:
+        """Fill the flat CPU tensor ``out`` with i.i.d. noise of mean 0 and variance 1 from ``law``."""
+        if law == "uniform":
+            return self._levels(out, math.sqrt(3.0))
+        if law == "triangular":
+            # The sum of two uniforms on (-a/2, a/2) is triangular on (-a, a), variance a^2/6.
+            self._levels(out, math.sqrt(6.0) / 2.0)
+            return self._levels(out, math.sqrt(6.0) / 2.0, accumulate=True)
+        if law == "logistic":
+            # Logistic(0, s) has variance s^2 pi^2 / 3; s = sqrt(3) / pi gives unit variance.
+            p = self._levels(out, 1.0).add_(1.0).mul_(0.5)
+            return p.div_(1.0 - p).log_().mul_(math.sqrt(3.0) / math.pi)
+        if law == "gaussian":
+            return out.copy_(torch.from_numpy(self._rng.standard_normal(out.numel(), dtype=np.float32)))
+        raise ValueError(f"unknown noise law {law!r}")
 
     def sample(self, law: str, shape: Sequence[int], dtype=torch.float32, device=None) -> Tensor:
-        """i.i.d. noise of mean 0 and variance 1 from ``law``, shaped ``shape``."""
-        numel = math.prod(shape)
-        if law == "uniform":
-            u = self._levels(numel).mul_(math.sqrt(3.0))
-        elif law == "triangular":
-            # The sum of two uniforms on (-a/2, a/2) is triangular on (-a, a), variance a^2/6.
-            u = self._levels(numel).add_(self._levels(numel)).mul_(math.sqrt(6.0) / 2.0)
-        elif law == "logistic":
-            # Logistic(0, s) has variance s^2 pi^2 / 3; s = sqrt(3) / pi gives unit variance.
-            p = self._levels(numel).add_(1.0).mul_(0.5)
-            u = torch.log(p / (1.0 - p)).mul_(math.sqrt(3.0) / math.pi)
-        elif law == "gaussian":
-            u = torch.from_numpy(self._rng.standard_normal(numel, dtype=np.float32))
-        else:
-            raise ValueError(f"unknown noise law {law!r}")
-        return u.reshape(shape).to(dtype=dtype, device=device)
+        """A fresh tensor of i.i.d. noise of mean 0 and variance 1 from ``law``."""
+        out = self.fill(law, torch.empty(math.prod(shape), dtype=torch.float32))
+        return out.reshape(shape).to(dtype=dtype, device=device)
 
 
 def _norms(parts: Tensors, per_tensor: bool) -> Optional[list[float]]:
@@ -86,27 +94,33 @@ def _norms(parts: Tensors, per_tensor: bool) -> Optional[list[float]]:
     return None if any(n == 0.0 or not math.isfinite(n) for n in values) else values
 
 
-def sample_like(stream: NoiseStream, laws: Sequence[str], like: Tensors) -> Tensors:
-    """Noise shaped like each tensor of ``like``; one draw per law, split into views."""
+def sample_like(stream: NoiseStream, laws: Sequence[str], like: Tensors,
+                workspace: Optional[Workspace] = None, key: object = "u") -> Tensors:
+    """Noise shaped like each tensor of ``like``: one draw per law into one flat buffer, split
+    into views. With a workspace the buffers are reused across calls with the same ``key``."""
+    workspace = Workspace.get(workspace)
     out: list[Optional[Tensor]] = [None] * len(like)
     for law in dict.fromkeys(laws):
         members = [i for i, l in enumerate(laws) if l == law]
-        flat = stream.sample(law, (sum(like[i].numel() for i in members),), like[members[0]].dtype,
-                             like[members[0]].device)
-        for i, part in zip(members, flat.split([like[i].numel() for i in members])):
+        sizes = [like[i].numel() for i in members]
+        cpu = workspace.buffer((key, law), (sum(sizes),), torch.empty(0))
+        flat = stream.fill(law, cpu).to(dtype=like[members[0]].dtype, device=like[members[0]].device)
+        for i, part in zip(members, flat.split(sizes)):
             out[i] = part.view(like[i].shape)
     return out  # type: ignore[return-value]
 
 
 def fogzo_directions(grads: Tensors, eps: Tensors, laws: Sequence[str], beta: float, n: int,
-                     stream: NoiseStream, normalize: str = "global",
-                     noise: str = "per_coordinate") -> Optional[list[Tensors]]:
+                     stream: NoiseStream, normalize: str = "global", noise: str = "per_coordinate",
+                     workspace: Optional[Workspace] = None) -> Optional[list[Tensors]]:
     """The n FOGZO directions ``v_i = sqrt(beta) s_i g_hat + sqrt(1 - beta) u_i`` in z-space.
 
     ``g_hat`` is the unit vector of ``eps * g`` (``eps`` may be any shape that broadcasts to its
     parameter). Returns None when that vector is zero: the caller keeps the STE gradient.
+    With a workspace, the directions are views of its buffers (valid until the next call).
     """
-    g_z = torch._foreach_mul(grads, eps)
+    workspace = Workspace.get(workspace)
+    g_z = [torch.mul(g, e, out=buf) for g, e, buf in zip(grads, eps, workspace.like("g_z", grads))]
     norms = _norms(g_z, per_tensor=normalize == "per_tensor")
     if norms is None:
         return None
@@ -115,25 +129,30 @@ def fogzo_directions(grads: Tensors, eps: Tensors, laws: Sequence[str], beta: fl
     for _ in range(n):
         s = stream.sign()
         if b == 0.0:
-            directions.append(torch._foreach_mul(g_z, [a * s / nz for nz in norms]))
+            directions.append([torch.mul(gz, a * s / nz, out=buf)
+                               for gz, nz, buf in zip(g_z, norms, workspace.like(("v", len(directions)), g_z))])
             continue
-        u = sample_like(stream, laws, grads)
+        u = sample_like(stream, laws, grads, workspace, key=("u", len(directions)))
         if noise == "unit_norm":
             u_norm = _norms(u, per_tensor=False)
             if u_norm:
                 torch._foreach_div_(u, u_norm[0])
         # b * (u + (a s / (b |g_z|)) g_z), in place on the fresh noise.
-        torch._foreach_add_(u, torch._foreach_mul(g_z, [a * s / (b * nz) for nz in norms]))
-        torch._foreach_mul_(u, b)
+        for ui, gz, nz in zip(u, g_z, norms):
+            ui.add_(gz, alpha=a * s / (b * nz)).mul_(b)
         directions.append(u)
     return directions
 
 
-def combine(coefficients: Sequence[float], directions: Sequence[Tensors], eps: Tensors) -> Tensors:
-    """``G_j = (1/n) sum_i c_i v_ij / eps_j``: back from z-space to parameter units."""
+def combine(coefficients: Sequence[float], directions: Sequence[Tensors], eps: Tensors,
+            out: Optional[Tensors] = None) -> Tensors:
+    """``G_j = (1/n) sum_i c_i v_ij / eps_j``: back from z-space to parameter units (into ``out``
+    when given, e.g. the parameters' ``.grad``)."""
     n = len(directions)
-    out = torch._foreach_mul(directions[0], float(coefficients[0]) / n)
-    for c, v in zip(coefficients[1:], directions[1:]):
-        torch._foreach_add_(out, v, alpha=float(c) / n)
-    torch._foreach_div_(out, eps)
+    out = out if out is not None else [torch.empty_like(v) for v in directions[0]]
+    for j, acc in enumerate(out):
+        torch.mul(directions[0][j], float(coefficients[0]) / n, out=acc)
+        for c, v in zip(coefficients[1:], directions[1:]):
+            acc.add_(v[j], alpha=float(c) / n)
+        acc.div_(eps[j])
     return out

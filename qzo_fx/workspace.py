@@ -1,0 +1,39 @@
+"""Scratch tensors reused from step to step.
+
+Large CPU allocations are served by ``mmap`` and page-fault on first touch: a ZO step that
+allocated its noise, deltas and branch values afresh every time spent a visible share of its
+time there. A workspace hands out the same buffers each step instead.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Workspace"]
+
+
+class Workspace:
+    def __init__(self) -> None:
+        self._buffers: dict[Hashable, Tensor] = {}
+
+    def buffer(self, key: Hashable, shape: Sequence[int], like: Tensor) -> Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device, reused per key."""
+        shape = tuple(shape)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf
+
+    def like(self, key: Hashable, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """One buffer per tensor, shaped like it."""
+        return [self.buffer((key, i), t.shape, t) for i, t in enumerate(tensors)]
+
+    @staticmethod
+    def get(workspace: Optional["Workspace"]) -> "Workspace":
+        return workspace if workspace is not None else Workspace()
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
