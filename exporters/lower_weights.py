@@ -12,34 +12,25 @@ from torch.fx import GraphModule, Node
 
 from qzo_fx.context import QUANTIZER_KEY
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY
-from qzo_fx.ops import expand_param
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.integer_codes import code_quantizer, integer_codes
 from qzo_fx.quantizer import Quantizer, quantizer_of
 
-__all__ = ["lower_weights", "integer_codes"]
+__all__ = ["lower_weights", "storage_codes"]
 
 
-def integer_codes(quantizer: Quantizer, weight: torch.Tensor) -> torch.Tensor:
-    """The stored integers of ``weight``: int8 for signed grids, uint8 for unsigned ones."""
-    with torch.no_grad():
-        if quantizer.is_sign:
-            return torch.where(weight >= 0, 1, -1).to(torch.int8)
-        qmin, qmax = quantizer.spec.qrange
-        s = quantizer.step_size(weight)
-        z = torch.zeros((), dtype=weight.dtype) if qmin < 0 else _expand_zero(quantizer, weight)
-        codes = torch.round(weight / s).add_(z).clamp_(qmin, qmax)
-        return codes.to(torch.int8 if qmin < 0 else torch.uint8)
+def storage_codes(quantizer: Quantizer, codes: torch.Tensor) -> torch.Tensor:
+    """Codes in their ONNX storage type: int8 for signed grids, uint8 for unsigned ones."""
+    return codes.to(torch.int8 if quantizer.spec.qrange[0] < 0 else torch.uint8)
 
 
-def _expand_zero(quantizer: Quantizer, like: torch.Tensor) -> torch.Tensor:
-    return expand_param(quantizer.zero_point.detach(), like, quantizer.axis, quantizer.group_size)
-
-
-def _weight_quantizer(gm: GraphModule, node: Node):
+def _weight_codes(gm: GraphModule, node: Node):
+    """``(name, quantizer, codes)`` for a weight fake_quant node or a code-mode dequantize node."""
     found = quantizer_of(gm, node)
-    if found is None or found[1].role != "weight" or node.args[0].op != "get_attr":
-        return None
-    return found
+    if found is not None and found[1].role == "weight" and node.args[0].op == "get_attr":
+        return (*found, integer_codes(found[1], gm.get_parameter(str(node.args[0].target))))
+    found = code_quantizer(gm, node)
+    return None if found is None else (*found, found[1].codes)
 
 
 def lower_weights(gm: GraphModule, *, ctx: object = None) -> PassResult:
@@ -49,13 +40,12 @@ def lower_weights(gm: GraphModule, *, ctx: object = None) -> PassResult:
     packable = gm.meta.setdefault(PACKABLE_KEY, {})
     modified = False
     for node in list(gm.graph.nodes):
-        found = _weight_quantizer(gm, node)
+        found = _weight_codes(gm, node)
         if found is None:
             continue
-        qname, quantizer = found
-        weight = gm.get_parameter(str(node.args[0].target))
+        qname, quantizer, codes = found
         holder = nn.Module()
-        holder.register_buffer("codes", integer_codes(quantizer, weight))
+        holder.register_buffer("codes", storage_codes(quantizer, codes))
         holder.register_buffer("scale", quantizer.scale.detach().clone())
         zero = torch.zeros_like(quantizer.zero_point) if quantizer.is_sign else quantizer.zero_point.detach()
         holder.register_buffer("zero_point", zero.to(holder.codes.dtype))

@@ -1,7 +1,7 @@
 """Export-form q/dq ops: what the lowering passes leave in a graph for the ONNX emitters.
 
-* ``qzo::dequantize(codes, scale, zero_point, axis, block_size)`` -- integer weights stored as
-  codes: ``(codes - zero_point) * scale``; emits DequantizeLinear on an integer initializer.
+* ``qzo::dequantize`` (defined in :mod:`qzo_fx.ops`, shared with integer-code training) --
+  integer weights stored as codes; emits DequantizeLinear on an integer initializer.
 * ``qzo::quantize_dequantize(x, scale, zero_point, qmin, qmax)`` -- activations, per tensor;
   emits QuantizeLinear -> (Clip) -> DequantizeLinear. ``zero_point`` carries the storage type.
 * ``qzo::sign_dequantize(x, scale)`` -- 1-bit activations: ``scale * sign(x)``, sign(0) = +1.
@@ -14,22 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qzo_fx.ops import expand_param, fake_quant_kernel, fake_sign_kernel
+from qzo_fx.ops import fake_quant_kernel, fake_sign_kernel
 
-__all__ = ["dequantize", "quantize_dequantize", "sign_dequantize"]
-
-
-@torch.library.custom_op("qzo::dequantize", mutates_args=())
-def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int) -> Tensor:
-    group = block_size if block_size > 0 else 0
-    s = expand_param(scale, codes, axis, group)
-    z = expand_param(zero_point, codes, axis, group)
-    return (codes.to(scale.dtype) - z.to(scale.dtype)) * s  # q - 0 is exact: symmetric stays q * s
-
-
-@dequantize.register_fake
-def _(codes, scale, zero_point, axis, block_size):
-    return torch.empty(codes.shape, dtype=scale.dtype, device=codes.device)
+__all__ = ["quantize_dequantize", "sign_dequantize"]
 
 
 @torch.library.custom_op("qzo::quantize_dequantize", mutates_args=())

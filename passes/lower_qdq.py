@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from qzo_fx.ops import fake_quant_kernel, fake_sign_kernel
+from qzo_fx.ops import dequantize_kernel, fake_quant_kernel, fake_sign_kernel
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["lower_qdq"]
@@ -17,6 +17,7 @@ __all__ = ["lower_qdq"]
 _KERNELS = {
     torch.ops.qzo.fake_quant.default: fake_quant_kernel,
     torch.ops.qzo.fake_sign.default: fake_sign_kernel,
+    torch.ops.qzo.dequantize.default: dequantize_kernel,
 }
 
 

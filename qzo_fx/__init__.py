@@ -15,7 +15,8 @@ from qzo_fx.config import QuantConfig, QuantSpec
 from qzo_fx.errors import (CalibrationError, CaptureError, ConfigError, ExportError, NonFiniteLossError,
                            PassError, QzoError, TrainStepError, UnsupportedModelError)
 from qzo_fx.inspect import draw_svg, graph_code, graph_diff, print_tabular, to_networkx
-from qzo_fx.estimators import FOGZO, NSPSA, STE
+from qzo_fx.codes import to_integer_codes, to_latent_weights
+from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
 from qzo_fx.prepare import list_quantizers, prepare
 from qzo_fx.train import StepStats, TrainStep, train_step
 from qzo_fx.exporters.onnx_export import ExportResult, export_onnx
@@ -26,7 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "prepare", "QuantConfig", "QuantSpec", "list_quantizers",
-    "train_step", "TrainStep", "StepStats", "STE", "FOGZO", "NSPSA",
+    "train_step", "TrainStep", "StepStats", "STE", "FOGZO", "NSPSA", "ZOSign", "ZOQO",
+    "to_integer_codes", "to_latent_weights",
     "export_onnx", "ExportResult", "verify_onnx", "ParityReport", "onnx_session",
     "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
     "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -52,6 +53,11 @@ def branch_graph(model: GraphModule, names: Sequence[str]) -> GraphModule:
     """The model's graph with parameters ``names`` lifted to leading inputs (shares all state)."""
     gm = GraphModule(model, copy.deepcopy(model.graph), class_name="BranchGraph")
     return PassManager(BRANCH_PIPELINE).run(gm, LiftContext(tuple(names))).graph_module
+
+
+def _alpha(tensor: Tensor, sign: float):
+    # Integer tensors (ZOQO codes) take an integer alpha.
+    return sign if tensor.is_floating_point() else int(sign)
 
 
 class _BranchModel:
@@ -96,7 +102,8 @@ class BranchRunner:
         if strategy not in STRATEGIES:
             raise TrainStepError(f"strategy={strategy!r} is invalid: allowed {STRATEGIES}.")
         self.model, self.loss_fn, self.names = model, loss_fn, tuple(names)
-        self.params = [model.get_parameter(n) for n in self.names]
+        # Parameters, or integer-code buffers (ZOQO): any tensor attribute, by dotted name.
+        self.params = [operator.attrgetter(n)(model) for n in self.names]
         self._norms = [m for m in model.modules()
                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self._buffers = [b for name, b in model.named_buffers() if not name.startswith(QUANT_CONTAINER + ".")]
@@ -152,7 +159,8 @@ class BranchRunner:
         try:
             for deltas, sign in branches:
                 torch._foreach_copy_(self.params, snapshot)
-                torch._foreach_add_(self.params, deltas, alpha=sign)
+                for p, d in zip(self.params, deltas):
+                    p.add_(d, alpha=_alpha(p, sign))
                 out.append(self._loss(self.model, batch, rng_state))
         finally:
             torch._foreach_copy_(self.params, snapshot)  # never theta + d - d: no drift
@@ -162,7 +170,7 @@ class BranchRunner:
         out, values = [], self.workspace.like("values", self.params)
         for deltas, sign in branches:
             for v, p, d in zip(values, self.params, deltas):
-                torch.add(p, d, alpha=sign, out=v)  # one reused buffer set for every branch
+                torch.add(p, d, alpha=_alpha(p, sign), out=v)  # one reused buffer set for every branch
             out.append(self._loss(_BranchModel(self.graph, self.model, values), batch, rng_state))
         return torch.stack(out)
 
@@ -181,7 +189,7 @@ class BranchRunner:
             for k, (deltas, sign) in enumerate(chunk):
                 # Written straight into the stacked buffers: one pass, no torch.stack copy.
                 for j, p in enumerate(self.params):
-                    torch.add(p, deltas[j], alpha=sign, out=stacked[j][k])
+                    torch.add(p, deltas[j], alpha=_alpha(p, sign), out=stacked[j][k])
             torch.set_rng_state(rng_state)
             out.append(batched(*stacked).detach())
         return torch.cat(out)

@@ -6,7 +6,7 @@ from typing import Optional
 
 from qzo_fx.errors import ConfigError
 
-__all__ = ["STE", "FOGZO", "NSPSA", "Estimator"]
+__all__ = ["STE", "FOGZO", "NSPSA", "ZOSign", "ZOQO", "Estimator"]
 
 _PERTURB = ("quantized", "all")
 
@@ -137,4 +137,69 @@ class NSPSA:
         return self.branches
 
 
-Estimator = STE | FOGZO | NSPSA
+
+
+
+@dataclass(frozen=True)
+class ZOSign:
+    """Sign-based zeroth-order SGD on latent weights; two different methods, named apart:
+
+    * ``variant="elementwise"`` -- ZO-SignSGD: ``G = sign(mean_i c_i u_i / eps)``, the
+      element-wise sign of the averaged n-SPSA estimate.
+    * ``variant="scalar"`` -- what ZO-Bench calls "ZO-SGD-Sign": ``G = mean_i sign(c_i) u_i``,
+      the sign of each scalar finite difference times its direction.
+
+    ``c_i = [L(th + eps u_i) - L(th - eps u_i)] / 2``; other fields as :class:`NSPSA`.
+    """
+
+    n: int = 1
+    variant: str = "elementwise"
+    noise: str = "smoothing"
+    eps: Optional[float] = None
+    perturb: str = "all"
+    eps_float: float = 1e-3
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        NSPSA(self.n, self.noise, self.eps, self.perturb, self.eps_float, self.seed)  # same checks
+        _check(self.variant in ("elementwise", "scalar"), "variant", self.variant, "'elementwise' or 'scalar'")
+
+    @property
+    def branches(self) -> int:
+        return 2 * self.n
+
+    @property
+    def fwd_equivalents(self) -> int:
+        return self.branches
+
+
+@dataclass(frozen=True)
+class ZOQO:
+    """Zeroth-order quantized optimization: weights stay integer codes on the grid.
+
+    Per step, with s the quantization step of each weight (per channel where scales are):
+    ``m = max(floor(mu / s), 1)``; integer noise ``j`` in ``{-m..m}``; two queries
+    ``l+- = L(clip(k +- j))`` on the same batch; ``k <- clip(k - max(floor(lr / s), 1) *
+    sign(l+ - l-) * sign(j))``. No autograd, no optimizer state. Needs a model switched with
+    :func:`qzo_fx.to_integer_codes`.
+
+    Args:
+        lr: step size in value units (at least one grid step is taken where it is smaller).
+        mu: noise radius in value units (at least one grid step).
+        noise: law of ``j``: "gaussian" (std m/2, rounded, clipped to +-m) or "uniform" on {-m..m}.
+        seed: base seed; step t draws from ``seed + t``.
+    """
+
+    lr: float = 0.0
+    mu: float = 0.0
+    noise: str = "gaussian"
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0, "lr", self.lr, "a float >= 0 (0 = one grid step)")
+        _check(self.mu >= 0, "mu", self.mu, "a float >= 0 (0 = one grid step)")
+        _check(self.noise in ("gaussian", "uniform"), "noise", self.noise, "'gaussian' or 'uniform'")
+
+    branches = 2
+    fwd_equivalents = 2
+Estimator = STE | FOGZO | NSPSA | ZOSign | ZOQO

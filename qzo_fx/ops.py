@@ -25,7 +25,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["fake_quant", "fake_sign", "fake_quant_kernel", "fake_sign_kernel", "expand_param", "SIGN_SURROGATES"]
+__all__ = ["fake_quant", "fake_sign", "dequantize", "fake_quant_kernel", "fake_sign_kernel", "dequantize_kernel",
+           "expand_param", "SIGN_SURROGATES"]
 
 
 def expand_param(param: Tensor, x: Tensor, axis: int, group_size: int) -> Tensor:
@@ -127,6 +128,25 @@ def _fq_vmap(info, in_dims, x, scale, zero_point, qmin, qmax, axis, group_size, 
 def _unsqueeze_blocked(param: Tensor, group_size: int) -> Tensor:
     # Blocked params have one dim per dim of x, so they gain the branch axis too.
     return param.unsqueeze(0) if group_size > 0 and param.dim() > 0 else param
+
+
+# ---------------------------------------------------------------------------- dequantize
+def dequantize_kernel(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int) -> Tensor:
+    """``(codes - zero_point) * scale`` in the layout of ``scale`` (plain aten ops, vmap-able)."""
+    s = expand_param(scale, codes, axis, block_size)
+    z = expand_param(zero_point, codes, axis, block_size)
+    return (codes.to(scale.dtype) - z.to(scale.dtype)) * s  # q - 0 is exact: symmetric stays q * s
+
+
+@torch.library.custom_op("qzo::dequantize", mutates_args=())
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int) -> Tensor:
+    """Integer codes -> values: what weights held as codes (ZOQO, export) read through."""
+    return dequantize_kernel(codes, scale, zero_point, axis, block_size)
+
+
+@dequantize.register_fake
+def _(codes, scale, zero_point, axis, block_size):
+    return torch.empty(codes.shape, dtype=scale.dtype, device=codes.device)
 
 
 # ---------------------------------------------------------------------------- fake_sign

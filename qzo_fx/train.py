@@ -24,7 +24,7 @@ from qzo_fx import zo_math
 from qzo_fx.branches import STRATEGIES, BranchRunner
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import NonFiniteLossError, TrainStepError
-from qzo_fx.estimators import FOGZO, NSPSA, STE
+from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
 from qzo_fx.quantizer import Quantizer
 from qzo_fx.workspace import Workspace
 
@@ -85,6 +85,21 @@ def perturbed_params(model: nn.Module, perturb: str) -> list[PerturbedParam]:
     return [p for p in chosen.values() if model.get_parameter(p.name).requires_grad]
 
 
+def code_tensors(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """``(buffer name, quantizer)`` of every integer-code weight of a model in code mode."""
+    container = getattr(model, QUANT_CONTAINER, None)
+    found = [(f"{QUANT_CONTAINER}.{name}.codes", q) for name, q in (container.named_children() if container else ())
+             if isinstance(q, Quantizer) and hasattr(q, "codes")]
+    if not found:
+        raise TrainStepError("ZOQO trains integer codes: switch the prepared model first with "
+                             "qm = qzo_fx.to_integer_codes(qm).")
+    return found
+
+
+def _code_range(quantizer: Quantizer) -> tuple[int, int]:
+    return quantizer.spec.qrange
+
+
 class TrainStep:
     """A callable training step; see :func:`train_step`."""
 
@@ -92,8 +107,9 @@ class TrainStep:
                  strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64) -> None:
         if not isinstance(model, nn.Module):
             raise TrainStepError(f"train_step takes the prepared model (an nn.Module), got {type(model).__name__}.")
-        if not isinstance(estimator, (STE, FOGZO, NSPSA)):
-            raise TrainStepError(f"estimator must be qzo_fx.STE(), FOGZO(...) or NSPSA(...), got {estimator!r}.")
+        if not isinstance(estimator, (STE, FOGZO, NSPSA, ZOSign, ZOQO)):
+            raise TrainStepError("estimator must be qzo_fx.STE(), FOGZO(...), NSPSA(...), ZOSign(...) or "
+                                 f"ZOQO(...), got {estimator!r}.")
         if on_nonfinite not in ("raise", "skip"):
             raise TrainStepError(f"on_nonfinite={on_nonfinite!r} is invalid: allowed 'raise' or 'skip'.")
         if strategy not in STRATEGIES:
@@ -103,7 +119,11 @@ class TrainStep:
         self.perturbed: list[PerturbedParam] = []
         self.runner: Optional[BranchRunner] = None
         self.workspace = Workspace()  # noise, deltas and branch values: allocated once
-        if not isinstance(estimator, STE):
+        if isinstance(estimator, ZOQO):
+            self.codes = code_tensors(model)
+            self.runner = BranchRunner(model, loss_fn, [name for name, _ in self.codes], strategy, max_chunk,
+                                       self.workspace)
+        elif not isinstance(estimator, STE):
             self.perturbed = perturbed_params(model, estimator.perturb)
             if not self.perturbed:
                 raise TrainStepError(f"{type(estimator).__name__}: the model has no parameter to perturb; "
@@ -121,8 +141,10 @@ class TrainStep:
     def __call__(self, batch: Any) -> Tensor:
         start = time.perf_counter()
         estimator = self.estimator
-        if isinstance(estimator, NSPSA):
+        if isinstance(estimator, (NSPSA, ZOSign)):
             loss = self._nspsa(batch)
+        elif isinstance(estimator, ZOQO):
+            loss = self._zoqo(batch)
         elif isinstance(estimator, FOGZO) and self.step_index >= estimator.ste_steps:
             loss = self._fogzo(batch)
         else:
@@ -176,7 +198,8 @@ class TrainStep:
         return loss
 
     def _nspsa(self, batch: Any) -> Tensor:
-        est: NSPSA = self.estimator
+        """n-SPSA, and ZO-sign (the same branches, a sign taken afterwards)."""
+        est = self.estimator
         rng_state = torch.get_rng_state()
         params = [self.model.get_parameter(p.name) for p in self.perturbed]
         if est.eps is not None:
@@ -189,7 +212,38 @@ class TrainStep:
         losses = self._branch_losses(directions, eps, batch, rng_state, two_sided=True)
         if losses is None:
             return torch.tensor(float("nan"))
-        self._write(params, ((losses[0::2] - losses[1::2]) / 2).tolist(), directions, eps)
+        coefficients = ((losses[0::2] - losses[1::2]) / 2).tolist()
+        if isinstance(est, ZOSign) and est.variant == "scalar":
+            # "ZO-SGD-Sign": mean_i sign(c_i) u_i -- no division by eps.
+            self._write(params, [math.copysign(1.0, c) if c else 0.0 for c in coefficients], directions,
+                        [torch.ones((), dtype=p.dtype, device=p.device) for p in params])
+        else:
+            self._write(params, coefficients, directions, eps)
+        if isinstance(est, ZOSign) and est.variant == "elementwise":
+            for p in params:
+                p.grad.sign_()  # ZO-SignSGD: element-wise sign of the averaged estimate
+        return losses.mean()
+
+    def _zoqo(self, batch: Any) -> Tensor:
+        """Two queries on the grid, then a whole-step move of every code (no autograd)."""
+        est: ZOQO = self.estimator
+        rng_state = torch.get_rng_state()
+        stream = zo_math.NoiseStream(self.base_seed + self.step_index)
+        noise, plus, minus = [], [], []
+        for _, quantizer in self.codes:
+            step = quantizer.step_size(quantizer.codes.float())
+            m = torch.clamp_min(torch.floor(est.mu / step), 1)
+            j = zo_math.zoqo_noise(stream, m, quantizer.codes, est.noise)
+            d_plus, d_minus = zo_math.zoqo_deltas(quantizer.codes, j, *_code_range(quantizer))
+            noise.append(j), plus.append(d_plus), minus.append(d_minus)
+        losses = self._run_branches([(plus, 1.0), (minus, -1.0)], batch, rng_state)
+        if losses is None:
+            return torch.tensor(float("nan"))
+        direction = float(torch.sign(losses[0] - losses[1]))
+        with torch.no_grad():
+            for (_, quantizer), j in zip(self.codes, noise):
+                step = torch.clamp_min(torch.floor(est.lr / quantizer.step_size(quantizer.codes.float())), 1)
+                zo_math.zoqo_update_(quantizer.codes, j, step, direction, *_code_range(quantizer))
         return losses.mean()
 
     # ------------------------------------------------------------------ helpers
@@ -200,6 +254,9 @@ class TrainStep:
             branches.append((delta, 1.0))
             if two_sided:
                 branches.append((delta, -1.0))
+        return self._run_branches(branches, batch, rng_state)
+
+    def _run_branches(self, branches, batch, rng_state) -> Optional[Tensor]:
         start = time.perf_counter()
         losses = self.runner.losses(branches, batch, rng_state)
         self.stats.branch_seconds += time.perf_counter() - start

@@ -156,3 +156,33 @@ def combine(coefficients: Sequence[float], directions: Sequence[Tensors], eps: T
             acc.add_(v[j], alpha=float(c) / n)
         acc.div_(eps[j])
     return out
+
+
+def zoqo_noise(stream: NoiseStream, radius: Tensor, like: Tensor, law: str = "gaussian") -> Tensor:
+    """Integer noise j in {-m..m} (``radius`` m broadcasts against ``like``), as ``like``'s dtype.
+
+    gaussian: round(N(0, 1) * m / 2) clipped to +-m; uniform: each integer of {-m..m} alike.
+    """
+    m = radius.to(torch.float32)
+    if law == "gaussian":
+        j = stream.sample("gaussian", like.shape).mul_(m / 2).round_()
+        j = torch.maximum(torch.minimum(j, m), -m)
+    else:
+        p = stream.sample("uniform", like.shape).div_(2 * math.sqrt(3.0)).add_(0.5)  # (0, 1)
+        j = torch.floor(p * (2 * m + 1)) - m
+    return j.to(like.dtype)
+
+
+def zoqo_deltas(codes: Tensor, j: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """``(d+, d-)`` with ``codes + d+ = clip(codes + j)`` and ``codes - d- = clip(codes - j)``."""
+    return (codes + j).clamp_(qmin, qmax) - codes, codes - (codes - j).clamp_(qmin, qmax)
+
+
+def zoqo_update_(codes: Tensor, j: Tensor, step: Tensor, direction: float, qmin: int, qmax: int) -> Tensor:
+    """``codes <- clip(codes - step * direction * sign(j))`` in place; stays on the integer grid."""
+    move = (step * torch.sign(j)).to(codes.dtype)
+    if direction > 0:
+        codes.sub_(move)
+    elif direction < 0:
+        codes.add_(move)
+    return codes.clamp_(qmin, qmax)
