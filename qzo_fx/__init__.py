@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from qzo_fx import ops  # registers the qzo custom ops before any graph refers to them
 from qzo_fx.config import QuantConfig, QuantSpec
-from qzo_fx.errors import (CalibrationError, CaptureError, ConfigError, ExportError, NonFiniteLossError,
-                           PassError, QzoError, TrainStepError, UnsupportedModelError)
+from qzo_fx.errors import (BatchError, CalibrationError, CaptureError, ConfigError, ExportError,
+                           NonFiniteLossError, PassError, QzoError, TrainStepError, UnsupportedModelError)
 from qzo_fx.inspect import draw_svg, graph_code, graph_diff, print_tabular, to_networkx
 from qzo_fx.codes import to_integer_codes, to_latent_weights
 from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
@@ -32,5 +32,5 @@ __all__ = [
     "export_onnx", "ExportResult", "verify_onnx", "ParityReport", "onnx_session",
     "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
     "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",
-    "CalibrationError", "TrainStepError", "NonFiniteLossError", "ExportError", "ops",
+    "CalibrationError", "TrainStepError", "NonFiniteLossError", "BatchError", "ExportError", "ops",
 ]

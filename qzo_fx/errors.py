@@ -14,6 +14,7 @@ __all__ = [
     "CalibrationError",
     "TrainStepError",
     "NonFiniteLossError",
+    "BatchError",
     "ExportError",
 ]
 
@@ -53,6 +54,10 @@ class TrainStepError(QzoError):
 
 class NonFiniteLossError(TrainStepError, FloatingPointError):
     """A base or perturbed loss was NaN or infinite."""
+
+
+class BatchError(TrainStepError):
+    """A batch's structure, dtype or shape differs from the batches the step has seen."""
 
 
 class ExportError(QzoError):

@@ -10,6 +10,7 @@ The step writes its gradient estimate into ``.grad``; any torch optimizer then s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -19,11 +20,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
-from qzo_fx import zo_math
+from qzo_fx import distributed, zo_math
 from qzo_fx.branches import STRATEGIES, BranchRunner
 from qzo_fx.context import QUANT_CONTAINER
-from qzo_fx.errors import NonFiniteLossError, TrainStepError
+from qzo_fx.errors import BatchError, NonFiniteLossError, TrainStepError
 from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
 from qzo_fx.quantizer import Quantizer
 from qzo_fx.workspace import Workspace
@@ -96,6 +98,12 @@ def code_tensors(model: nn.Module) -> list[tuple[str, Quantizer]]:
     return found
 
 
+def _describe(estimator: Any) -> str:
+    """The estimator's settings without its seed (a checkpoint restores the seed itself)."""
+    fields = dataclasses.fields(estimator) if dataclasses.is_dataclass(estimator) else ()
+    return repr(dataclasses.replace(estimator, seed=None)) if any(f.name == "seed" for f in fields) else repr(estimator)
+
+
 def _code_range(quantizer: Quantizer) -> tuple[int, int]:
     return quantizer.spec.qrange
 
@@ -114,6 +122,9 @@ class TrainStep:
             raise TrainStepError(f"on_nonfinite={on_nonfinite!r} is invalid: allowed 'raise' or 'skip'.")
         if strategy not in STRATEGIES:
             raise TrainStepError(f"strategy={strategy!r} is invalid: allowed {STRATEGIES}.")
+        # Under DDP the base pass goes through the wrapper (its backward all-reduces the STE
+        # gradient); branches, parameters and quantizers live on the wrapped module.
+        self.wrapper, model = model, distributed.unwrap(model)
         self.model, self.loss_fn, self.estimator = model, loss_fn, estimator
         self.on_nonfinite, self.stats, self.step_index = on_nonfinite, StepStats(), 0
         self.perturbed: list[PerturbedParam] = []
@@ -131,7 +142,9 @@ class TrainStep:
             self.runner = BranchRunner(model, loss_fn, [p.name for p in self.perturbed], strategy, max_chunk,
                                        self.workspace)
         base_seed = getattr(estimator, "seed", None)
-        self.base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if base_seed is None else base_seed
+        drawn = int(torch.randint(0, 2**31 - 1, ()).item()) if base_seed is None else base_seed
+        self.base_seed = distributed.broadcast_int(drawn)  # one seed, hence one s and u, on every rank
+        self._batch_signature: Optional[list[tuple]] = None
 
     @property
     def branch_graph(self):
@@ -140,6 +153,7 @@ class TrainStep:
 
     def __call__(self, batch: Any) -> Tensor:
         start = time.perf_counter()
+        self._check_batch(batch)
         estimator = self.estimator
         if isinstance(estimator, (NSPSA, ZOSign)):
             loss = self._nspsa(batch)
@@ -160,7 +174,7 @@ class TrainStep:
     def _ste(self, batch: Any) -> tuple[Tensor, Tensor, bool]:
         """Base forward + backward; returns (loss, RNG state before the forward, finite?)."""
         rng_state = torch.get_rng_state()
-        loss = self.loss_fn(self.model, batch)
+        loss = self.loss_fn(self.wrapper, batch)
         self.stats.forward_passes += 1
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TrainStepError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
@@ -258,11 +272,48 @@ class TrainStep:
 
     def _run_branches(self, branches, batch, rng_state) -> Optional[Tensor]:
         start = time.perf_counter()
-        losses = self.runner.losses(branches, batch, rng_state)
+        # Averaged over ranks before any differencing: every rank then writes the same estimate.
+        losses = distributed.all_reduce_mean(self.runner.losses(branches, batch, rng_state))
         self.stats.branch_seconds += time.perf_counter() - start
         self.stats.forward_passes += len(branches)
         self.stats.last_branch_losses = losses.tolist()
         return losses if self._check_finite(losses, "branch") else None
+
+    # ------------------------------------------------------------------ state and checks
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule position, seed, counters, the chosen strategy and the torch RNG state: saved
+        with the model and optimizer, a resumed run follows the same trajectory bit for bit."""
+        return {"step_index": self.step_index, "base_seed": self.base_seed, "stats": dataclasses.asdict(self.stats),
+                "estimator": _describe(self.estimator), "torch_rng": torch.get_rng_state(),
+                "strategy": None if self.runner is None else self.runner.strategy,
+                "timings": None if self.runner is None else self.runner.timings,
+                "batch_signature": self._batch_signature}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("estimator") != _describe(self.estimator):
+            raise TrainStepError(f"checkpoint was written for {state.get('estimator')}, this step uses "
+                                 f"{_describe(self.estimator)}; build the step with the same estimator to resume.")
+        self.step_index, self.base_seed = state["step_index"], state["base_seed"]
+        self.stats = StepStats(**state["stats"])
+        self._batch_signature = state.get("batch_signature")
+        torch.set_rng_state(state["torch_rng"])
+        if self.runner is not None and state.get("strategy"):
+            self.runner.strategy, self.runner.timings = state["strategy"], state["timings"]
+
+    def _check_batch(self, batch: Any) -> None:
+        """Every batch must have the structure, dtypes and trailing shapes of the first one:
+        a wrong batch fails here, before any parameter or buffer changes."""
+        # Float inputs keep their trailing shape; integer tensors (tokens, labels) may vary in length.
+        signature = [(i, t.dtype, tuple(t.shape[1:]) if t.is_floating_point() else ("ndim", t.dim()))
+                     for i, t in enumerate(tree_leaves(batch)) if isinstance(t, Tensor)]
+        if self._batch_signature is None:
+            self._batch_signature = signature
+            return
+        if signature != self._batch_signature:
+            expected = ", ".join(f"#{i} {d} {s}" for i, d, s in self._batch_signature)
+            got = ", ".join(f"#{i} {d} {s}" for i, d, s in signature)
+            raise BatchError(f"step {self.step_index}: batch tensors do not match the first batch "
+                             f"(expected {expected}; got {got}). Nothing was changed; fix the data pipeline.")
 
     def _check_finite(self, losses: Tensor, where: str) -> bool:
         if bool(torch.isfinite(losses).all()):
