@@ -7,6 +7,9 @@ Strategies (all give the same losses to float tolerance; see tests/test_branches
 * ``sequential`` -- run the branch graph once per branch with out-of-place values.
 * ``batched``    -- run the branch graph under ``torch.func.vmap`` with every lifted parameter
                     stacked on a leading branch axis (K branches in one pass, chunked).
+* ``lean``       -- the model's graph with every perturbed read streamed through a perturber
+                    that regenerates the direction tensor by tensor: extra memory about the
+                    largest tensor (noise is drawn again per branch and for the estimate).
 * ``auto``       -- run the candidates in turn on the first steps, timing each, then keep
                     the one with the smallest median time.
 
@@ -32,11 +35,12 @@ from qzo_fx.errors import TrainStepError
 from qzo_fx.pass_infra import Pass, PassManager
 from qzo_fx.passes.lift_params import LiftContext, lift_params
 from qzo_fx.passes.lower_qdq import lower_qdq
+from qzo_fx.passes.stream_perturbations import PERTURBER, StreamContext, stream_perturbations
 from qzo_fx.workspace import Workspace
 
 __all__ = ["Branch", "BranchRunner", "STRATEGIES", "branch_graph"]
 
-STRATEGIES = ("auto", "inplace", "sequential", "batched")
+STRATEGIES = ("auto", "inplace", "sequential", "batched", "lean")
 _CANDIDATES = ("sequential", "inplace", "batched")
 _AUTO_ROUNDS = 3  # timed steps per candidate before auto settles
 Branch = tuple[Sequence[Tensor], float]  # (delta per parameter, sign)
@@ -53,6 +57,27 @@ def branch_graph(model: GraphModule, names: Sequence[str]) -> GraphModule:
     """The model's graph with parameters ``names`` lifted to leading inputs (shares all state)."""
     gm = GraphModule(model, copy.deepcopy(model.graph), class_name="BranchGraph")
     return PassManager(BRANCH_PIPELINE).run(gm, LiftContext(tuple(names))).graph_module
+
+
+class Perturber(nn.Module):
+    """``forward(theta, i) = theta + sign * eps_i * v_ki``, ``v_ki`` regenerated on the spot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.directions, self.eps, self.k, self.sign = None, None, 0, 1.0
+
+    def forward(self, theta: Tensor, index: int) -> Tensor:
+        v = self.directions.tensor(self.k, index)
+        return torch.add(theta, v.mul_(self.eps[index]), alpha=self.sign)
+
+
+def lean_graph(model: GraphModule, names: Sequence[str]) -> GraphModule:
+    """The model's graph with perturbed reads streamed through a :class:`Perturber`."""
+    gm = GraphModule(model, copy.deepcopy(model.graph), class_name="LeanBranchGraph")
+    gm.add_submodule(PERTURBER, Perturber())
+    passes = (Pass("stream_perturbations", stream_perturbations, "perturbed copies exist one layer at a time"),
+              BRANCH_PIPELINE[1])
+    return PassManager(passes).run(gm, StreamContext(tuple(names))).graph_module
 
 
 def _alpha(tensor: Tensor, sign: float):
@@ -110,6 +135,7 @@ class BranchRunner:
         self.strategy, self.max_chunk = strategy, max_chunk
         self.workspace = Workspace.get(workspace)
         self._graph: Optional[GraphModule] = None
+        self._lean: Optional[GraphModule] = None
         self.timings: dict[str, list[float]] = {}
 
     @property
@@ -119,10 +145,30 @@ class BranchRunner:
             self._graph = branch_graph(self.model, self.names)
         return self._graph
 
+    def streamed_losses(self, directions, eps: Sequence[Tensor], pattern: Sequence[tuple[int, float]],
+                        batch: Any, rng_state: Tensor) -> Tensor:
+        """Loss of each branch ``(k, sign)`` of ``pattern`` with directions streamed (the lean strategy)."""
+        if self._lean is None:
+            self._lean = lean_graph(self.model, self.names)
+        perturber = self._lean.get_submodule(PERTURBER)
+        perturber.directions, perturber.eps = directions, eps
+        out = []
+        try:
+            with _branch_mode(self._norms, self._buffers):
+                for k, sign in pattern:
+                    perturber.k, perturber.sign = k, sign
+                    out.append(self._loss(_BranchModel(self._lean, self.model, ()), batch, rng_state))
+        finally:
+            perturber.directions = perturber.eps = None  # hold no step's tensors between steps
+        return torch.stack(out)
+
     def losses(self, branches: Sequence[Branch], batch: Any, rng_state: Tensor) -> Tensor:
         """Loss of every branch, shape [K]."""
         if self.strategy == "auto":
             return self._choose(branches, batch, rng_state)
+        if self.strategy == "lean":
+            raise TrainStepError("strategy='lean' streams directions; this estimator's branches are explicit "
+                                 "(ZOQO): use 'inplace', 'sequential', 'batched' or 'auto'.")
         with _branch_mode(self._norms, self._buffers):
             return getattr(self, "_" + self.strategy)(branches, batch, rng_state)
 

@@ -130,6 +130,7 @@ class TrainStep:
         self.perturbed: list[PerturbedParam] = []
         self.runner: Optional[BranchRunner] = None
         self.workspace = Workspace()  # noise, deltas and branch values: allocated once
+        self._materialized: Optional[list] = None  # this step's directions, unless streamed
         if isinstance(estimator, ZOQO):
             self.codes = code_tensors(model)
             self.runner = BranchRunner(model, loss_fn, [name for name, _ in self.codes], strategy, max_chunk,
@@ -195,10 +196,10 @@ class TrainStep:
         params = [self.model.get_parameter(p.name) for p in self.perturbed]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         eps = [pp.eps(p, est.eps_float) for pp, p in zip(self.perturbed, params)]
-        stream = zo_math.NoiseStream(self.base_seed + self.step_index)
-        directions = zo_math.fogzo_directions(grads, eps, [p.law for p in self.perturbed], beta, est.n,
-                                              stream, est.normalize, est.noise, self.workspace)
-        if directions is None:
+        directions = zo_math.Directions(self.base_seed + self.step_index, params, [p.law for p in self.perturbed],
+                                        est.n, grads=grads, eps=eps, beta=beta, normalize=est.normalize,
+                                        noise=est.noise)
+        if not directions.valid:
             self.stats.zero_gradient_fallbacks += 1
             return loss
         losses = self._branch_losses(directions, eps, batch, rng_state, est.two_sided)
@@ -221,8 +222,7 @@ class TrainStep:
         else:
             eps = [pp.eps(p, est.eps_float) for pp, p in zip(self.perturbed, params)]
         laws = ["gaussian" if est.noise == "gaussian" else p.law for p in self.perturbed]
-        stream = zo_math.NoiseStream(self.base_seed + self.step_index)
-        directions = [zo_math.sample_like(stream, laws, params, self.workspace, key=("u", i)) for i in range(est.n)]
+        directions = zo_math.Directions(self.base_seed + self.step_index, params, laws, est.n)
         losses = self._branch_losses(directions, eps, batch, rng_state, two_sided=True)
         if losses is None:
             return torch.tensor(float("nan"))
@@ -261,21 +261,24 @@ class TrainStep:
         return losses.mean()
 
     # ------------------------------------------------------------------ helpers
-    def _branch_losses(self, directions, eps, batch, rng_state, two_sided: bool) -> Optional[Tensor]:
-        branches = []
-        for i, v in enumerate(directions):
-            delta = [torch.mul(vj, e, out=buf) for vj, e, buf in zip(v, eps, self.workspace.like(("delta", i), v))]
-            branches.append((delta, 1.0))
-            if two_sided:
-                branches.append((delta, -1.0))
-        return self._run_branches(branches, batch, rng_state)
+    def _branch_losses(self, directions: zo_math.Directions, eps, batch, rng_state, two_sided: bool) -> Optional[Tensor]:
+        pattern = [(k, sign) for k in range(directions.n) for sign in ((1.0, -1.0) if two_sided else (1.0,))]
+        if self.runner.strategy == "lean":
+            self._materialized = None
+            return self._run_branches(None, batch, rng_state, lambda: self.runner.streamed_losses(
+                directions, eps, pattern, batch, rng_state))
+        self._materialized = directions.materialize(self.workspace)
+        deltas = [[torch.mul(vj, e, out=buf) for vj, e, buf in zip(v, eps, self.workspace.like(("delta", k), v))]
+                  for k, v in enumerate(self._materialized)]
+        return self._run_branches([(deltas[k], sign) for k, sign in pattern], batch, rng_state)
 
-    def _run_branches(self, branches, batch, rng_state) -> Optional[Tensor]:
+    def _run_branches(self, branches, batch, rng_state, streamed=None) -> Optional[Tensor]:
         start = time.perf_counter()
+        raw = streamed() if streamed is not None else self.runner.losses(branches, batch, rng_state)
         # Averaged over ranks before any differencing: every rank then writes the same estimate.
-        losses = distributed.all_reduce_mean(self.runner.losses(branches, batch, rng_state))
+        losses = distributed.all_reduce_mean(raw)
         self.stats.branch_seconds += time.perf_counter() - start
-        self.stats.forward_passes += len(branches)
+        self.stats.forward_passes += len(losses)
         self.stats.last_branch_losses = losses.tolist()
         return losses if self._check_finite(losses, "branch") else None
 
@@ -328,13 +331,18 @@ class TrainStep:
             p.grad = None
         return False
 
-    def _write(self, params, coefficients, directions, eps) -> None:
+    def _write(self, params, coefficients, directions: zo_math.Directions, eps) -> None:
         """G replaces the STE gradient: written into the existing ``.grad`` tensors (no new
-        allocation), or fresh ones where a parameter has none (n-SPSA has no backward)."""
+        allocation), or fresh ones where a parameter has none (n-SPSA has no backward). With
+        streamed (lean) directions each tensor's estimate is regenerated on its own."""
         for p in params:
             if p.grad is None:
                 p.grad = torch.empty_like(p)
-        zo_math.combine(coefficients, directions, eps, out=[p.grad for p in params])
+        if self._materialized is not None:
+            zo_math.combine(coefficients, self._materialized, eps, out=[p.grad for p in params])
+            return
+        for i, p in enumerate(params):
+            p.grad.copy_(directions.estimate(i, coefficients, eps[i]))
 
 
 def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Any = None, *,

@@ -6,7 +6,7 @@ Notation follows algorithms.md: eps = scale * eps_bar per coordinate, z = theta 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from qzo_fx.workspace import Workspace
 
-__all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "NoiseStream", "sample_like", "fogzo_directions", "combine",
+__all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "NoiseStream", "Directions", "fogzo_directions", "combine",
            "Tensors"]
 
 Tensors = list[Tensor]
@@ -47,8 +47,10 @@ class NoiseStream:
     gives the same stream on every machine, which distributed ranks rely on.
     """
 
-    def __init__(self, seed: int) -> None:
-        self._rng = np.random.Generator(np.random.SFC64(seed))
+    def __init__(self, seed: Union[int, Sequence[int]]) -> None:
+        # A sequence seeds an independent stream, e.g. (step seed, direction, tensor index).
+        entropy = np.random.SeedSequence(list(seed)) if isinstance(seed, (tuple, list)) else seed
+        self._rng = np.random.Generator(np.random.SFC64(entropy))
 
     def sign(self) -> float:
         return 1.0 if self._rng.random() < 0.5 else -1.0
@@ -84,64 +86,88 @@ class NoiseStream:
         return out.reshape(shape).to(dtype=dtype, device=device)
 
 
-def _norms(parts: Tensors, per_tensor: bool) -> Optional[list[float]]:
-    """Norm of ``parts`` (one global, or one per tensor); None if any is zero or not finite."""
-    norms = torch._foreach_norm(parts)
-    if per_tensor:
-        values = torch.stack(norms).tolist()
-    else:
-        values = [float(torch.linalg.vector_norm(torch.stack(norms)))] * len(parts)
-    return None if any(n == 0.0 or not math.isfinite(n) for n in values) else values
+# Stream tags. numpy's SeedSequence zero-pads its entropy, so (seed, k) and (seed, k, 0) would be
+# the same stream: every stream carries a non-zero tag of its own.
+_SIGN_TAG, _NOISE_TAG = 1, 2
 
 
-def sample_like(stream: NoiseStream, laws: Sequence[str], like: Tensors,
-                workspace: Optional[Workspace] = None, key: object = "u") -> Tensors:
-    """Noise shaped like each tensor of ``like``: one draw per law into one flat buffer, split
-    into views. With a workspace the buffers are reused across calls with the same ``key``."""
-    workspace = Workspace.get(workspace)
-    out: list[Optional[Tensor]] = [None] * len(like)
-    for law in dict.fromkeys(laws):
-        members = [i for i, l in enumerate(laws) if l == law]
-        sizes = [like[i].numel() for i in members]
-        cpu = workspace.buffer((key, law), (sum(sizes),), torch.empty(0))
-        flat = stream.fill(law, cpu).to(dtype=like[members[0]].dtype, device=like[members[0]].device)
-        for i, part in zip(members, flat.split(sizes)):
-            out[i] = part.view(like[i].shape)
-    return out  # type: ignore[return-value]
+class Directions:
+    """The n perturbation directions of one step as a *function*: ``tensor(k, i)`` computes
+    ``v_k`` on tensor i from that tensor's own noise stream ``(seed, k, i)``.
+
+    FOGZO: ``v_k = sqrt(beta) s_k g_hat + sqrt(1 - beta) u_k`` with ``g_hat`` the unit vector of
+    ``eps * g`` (globally or per tensor); n-SPSA: ``v_k = u_k`` (``grads=None``). Because every
+    tensor is reproducible on its own, directions can be materialized for all tensors at once or
+    streamed one tensor at a time (memory about the largest tensor), with identical values.
+    """
+
+    def __init__(self, seed: int, like: Tensors, laws: Sequence[str], n: int, *, grads: Optional[Tensors] = None,
+                 eps: Optional[Tensors] = None, beta: float = 0.0, normalize: str = "global",
+                 noise: str = "per_coordinate") -> None:
+        self.seed, self.like, self.laws, self.n = seed, list(like), list(laws), n
+        self.grads, self.eps = grads, eps
+        self.a = math.sqrt(beta) if grads is not None else 0.0
+        self.b = math.sqrt(max(1.0 - beta, 0.0)) if grads is not None else 1.0
+        self.signs = [NoiseStream((seed, _SIGN_TAG, k)).sign() for k in range(n)]
+        self.guide_norms: Optional[list[float]] = None
+        if self.a > 0:
+            self.guide_norms = _norms_of(lambda i: torch.mul(grads[i], eps[i]), len(self.like),
+                                         per_tensor=normalize == "per_tensor")
+        self.noise_scale = [1.0] * n
+        if noise == "unit_norm" and self.b > 0:
+            for k in range(n):
+                norm = _norms_of(lambda i: self._noise(k, i), len(self.like), per_tensor=False)
+                self.noise_scale[k] = 1.0 / norm[0] if norm else 1.0
+
+    @property
+    def valid(self) -> bool:
+        """False when the guide (eps * g) is zero: the caller keeps the STE gradient."""
+        return self.a == 0.0 or self.guide_norms is not None
+
+    def _noise(self, k: int, i: int, out: Optional[Tensor] = None) -> Tensor:
+        like = self.like[i]
+        flat = NoiseStream((self.seed, _NOISE_TAG, k, i)).fill(self.laws[i], torch.empty(like.numel()))
+        target = out if out is not None else torch.empty_like(like)
+        return target.copy_(flat.view(like.shape))
+
+    def tensor(self, k: int, i: int, out: Optional[Tensor] = None) -> Tensor:
+        """``v_k`` on tensor i (into ``out`` when given)."""
+        if self.b > 0:
+            v = self._noise(k, i, out).mul_(self.b * self.noise_scale[k])
+        else:
+            v = (out if out is not None else torch.empty_like(self.like[i])).zero_()
+        if self.a > 0:
+            v.add_(torch.mul(self.grads[i], self.eps[i]), alpha=self.a * self.signs[k] / self.guide_norms[i])
+        return v
+
+    def materialize(self, workspace: Optional[Workspace] = None) -> list[Tensors]:
+        """All n directions on all tensors (views of workspace buffers when one is given)."""
+        workspace = Workspace.get(workspace)
+        return [[self.tensor(k, i, buf) for i, buf in enumerate(workspace.like(("v", k), self.like))]
+                for k in range(self.n)]
+
+    def estimate(self, i: int, coefficients: Sequence[float], eps: Tensor) -> Tensor:
+        """``G_i = (1/n) sum_k c_k v_ki / eps_i`` for one tensor, regenerating each ``v_ki``."""
+        acc = self.tensor(0, i).mul_(float(coefficients[0]) / self.n)
+        for k in range(1, self.n):
+            acc.add_(self.tensor(k, i), alpha=float(coefficients[k]) / self.n)
+        return acc.div_(eps)
+
+
+def _norms_of(make, count: int, per_tensor: bool) -> Optional[list[float]]:
+    """Norms of ``make(i)`` for i < count, built one tensor at a time; None if any is 0."""
+    values = [float(make(i).norm()) for i in range(count)]
+    if not per_tensor:
+        values = [math.sqrt(sum(v * v for v in values))] * count
+    return None if any(v == 0.0 or not math.isfinite(v) for v in values) else values
 
 
 def fogzo_directions(grads: Tensors, eps: Tensors, laws: Sequence[str], beta: float, n: int,
-                     stream: NoiseStream, normalize: str = "global", noise: str = "per_coordinate",
+                     seed: int, normalize: str = "global", noise: str = "per_coordinate",
                      workspace: Optional[Workspace] = None) -> Optional[list[Tensors]]:
-    """The n FOGZO directions ``v_i = sqrt(beta) s_i g_hat + sqrt(1 - beta) u_i`` in z-space.
-
-    ``g_hat`` is the unit vector of ``eps * g`` (``eps`` may be any shape that broadcasts to its
-    parameter). Returns None when that vector is zero: the caller keeps the STE gradient.
-    With a workspace, the directions are views of its buffers (valid until the next call).
-    """
-    workspace = Workspace.get(workspace)
-    g_z = [torch.mul(g, e, out=buf) for g, e, buf in zip(grads, eps, workspace.like("g_z", grads))]
-    norms = _norms(g_z, per_tensor=normalize == "per_tensor")
-    if norms is None:
-        return None
-    a, b = math.sqrt(beta), math.sqrt(max(1.0 - beta, 0.0))
-    directions = []
-    for _ in range(n):
-        s = stream.sign()
-        if b == 0.0:
-            directions.append([torch.mul(gz, a * s / nz, out=buf)
-                               for gz, nz, buf in zip(g_z, norms, workspace.like(("v", len(directions)), g_z))])
-            continue
-        u = sample_like(stream, laws, grads, workspace, key=("u", len(directions)))
-        if noise == "unit_norm":
-            u_norm = _norms(u, per_tensor=False)
-            if u_norm:
-                torch._foreach_div_(u, u_norm[0])
-        # b * (u + (a s / (b |g_z|)) g_z), in place on the fresh noise.
-        for ui, gz, nz in zip(u, g_z, norms):
-            ui.add_(gz, alpha=a * s / (b * nz)).mul_(b)
-        directions.append(u)
-    return directions
+    """The n FOGZO directions, materialized (see :class:`Directions`); None for a zero guide."""
+    directions = Directions(seed, grads, laws, n, grads=grads, eps=eps, beta=beta, normalize=normalize, noise=noise)
+    return directions.materialize(workspace) if directions.valid else None
 
 
 def combine(coefficients: Sequence[float], directions: Sequence[Tensors], eps: Tensors,

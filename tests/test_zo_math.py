@@ -41,7 +41,7 @@ def test_fogzo_expectation_on_random_quadratic():
     d, beta, samples = theta.numel(), 0.9, 100_000
     eps = (0.05 + torch.rand(d, dtype=torch.float64)) * 0.1          # per-coordinate eps
     g = grad + 0.8 * grad.norm() / math.sqrt(d) * torch.randn(d, dtype=torch.float64)  # biased
-    directions = fogzo_directions([g], [eps], ["uniform"], beta, samples, NoiseStream(3))
+    directions = fogzo_directions([g], [eps], ["uniform"], beta, samples, 3)
     v = torch.stack([dirs[0] for dirs in directions])                 # [N, d], z-space
     c = (loss(theta + eps * v) - loss(theta - eps * v)) / 2           # exact first order here
     per_sample = c[:, None] * v / eps                                 # G of each direction
@@ -88,7 +88,7 @@ def test_eps_bar_and_noise_law_reproduce_each_surrogate(ste, row):
 def test_beta_one_direction_is_parallel_to_the_ste_gradient():
     g = [torch.randn(5, 3), torch.randn(7)]
     eps = [torch.rand(5, 1) + 0.1, torch.tensor(0.3)]
-    v = fogzo_directions(g, eps, ["uniform", "uniform"], 1.0, 1, NoiseStream(0))[0]
+    v = fogzo_directions(g, eps, ["uniform", "uniform"], 1.0, 1, 0)[0]
     G = combine([0.37], [v], eps)
     flat_g, flat_G = torch.cat([t.flatten() for t in g]), torch.cat([t.flatten() for t in G])
     cosine = torch.nn.functional.cosine_similarity(flat_g, flat_G, dim=0)
@@ -96,7 +96,7 @@ def test_beta_one_direction_is_parallel_to_the_ste_gradient():
 
 
 def test_zero_gradient_gives_no_direction():
-    assert fogzo_directions([torch.zeros(4)], [torch.tensor(0.1)], ["uniform"], 0.9, 1, NoiseStream(0)) is None
+    assert fogzo_directions([torch.zeros(4)], [torch.tensor(0.1)], ["uniform"], 0.9, 1, 0) is None
 
 
 def test_same_seed_same_noise_and_unit_norm_option():
@@ -104,8 +104,19 @@ def test_same_seed_same_noise_and_unit_norm_option():
     b = NoiseStream(42).sample("triangular", (1000,))
     assert torch.equal(a, b)
     g, eps = [torch.randn(4000)], [torch.tensor(0.1)]
-    per_coord = fogzo_directions(g, eps, ["uniform"], 0.5, 1, NoiseStream(1), noise="per_coordinate")[0][0]
-    unit = fogzo_directions(g, eps, ["uniform"], 0.5, 1, NoiseStream(1), noise="unit_norm")[0][0]
+    per_coord = fogzo_directions(g, eps, ["uniform"], 0.5, 1, 1, noise="per_coordinate")[0][0]
+    unit = fogzo_directions(g, eps, ["uniform"], 0.5, 1, 1, noise="unit_norm")[0][0]
     # sqrt(1 - beta) |u| is ~sqrt(d/2) per coordinate, sqrt(1/2) with unit-norm noise.
     assert per_coord.norm() > 20 * unit.norm() / 2
     assert np.isclose(float(unit.norm()), 1.0, atol=0.3)
+
+
+def test_direction_signs_and_noise_are_independent_streams():
+    """Regression: SeedSequence zero-pads entropy, so untagged (seed, k) and (seed, k, 0) collide."""
+    from qzo_fx.zo_math import Directions
+
+    g = [torch.randn(3, dtype=torch.float64)]
+    d = Directions(5, g, ["uniform"], 4000, grads=g, eps=[torch.ones(3, dtype=torch.float64)], beta=0.5)
+    signs = torch.tensor(d.signs, dtype=torch.float64)
+    first_noise = torch.stack([d._noise(k, 0)[0] for k in range(4000)])
+    assert abs(float((signs * first_noise).mean())) < 5 / math.sqrt(4000)

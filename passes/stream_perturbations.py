@@ -1,0 +1,38 @@
+"""Stream perturbations: every read of a perturbed parameter goes through ``qzo_perturber``.
+
+The result is the *lean* branch graph: ``qzo_perturber(theta_i, i)`` returns
+``theta_i + sign * eps_i * v_ki``, computing ``v_ki`` from tensor i's own noise stream right where
+the layer needs it. The perturbed copy lives only until its layer has used it, so a branch's
+extra memory is about the largest perturbed tensor, not the model, and theta is never written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.fx import GraphModule
+
+from qzo_fx.pass_infra import PassResult
+
+__all__ = ["StreamContext", "stream_perturbations", "PERTURBER"]
+
+PERTURBER = "qzo_perturber"
+
+
+@dataclass(frozen=True)
+class StreamContext:
+    names: tuple[str, ...]  # perturbed parameters; a read of names[i] becomes qzo_perturber(theta, i)
+
+
+def stream_perturbations(gm: GraphModule, *, ctx: StreamContext) -> PassResult:
+    modified = False
+    index = {name: i for i, name in enumerate(ctx.names)}
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or node.target not in index:
+            continue
+        if any(user.op == "call_module" and user.target == PERTURBER for user in node.users):
+            continue  # already streamed
+        with gm.graph.inserting_after(node):
+            perturbed = gm.graph.call_module(PERTURBER, (node, index[node.target]))
+        node.replace_all_uses_with(perturbed, delete_user_cb=lambda user: user is not perturbed)
+        modified = True
+    return PassResult(gm, modified)
