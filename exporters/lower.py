@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import copy
 
+import torch.nn as nn
 from torch.fx import GraphModule
+
+from qzo_fx.exporters.export_context import PACKABLE_KEY
+from qzo_fx.prepare import quantizer_containers
 
 from qzo_fx.pass_infra import Pass, PassManager
 from qzo_fx.passes.cleanup import cleanup
@@ -11,7 +15,7 @@ from qzo_fx.exporters.fold_batchnorm import fold_batchnorm
 from qzo_fx.exporters.lower_activations import lower_activations
 from qzo_fx.exporters.lower_weights import lower_weights
 
-__all__ = ["LOWERING_PIPELINE", "lower_for_export"]
+__all__ = ["LOWERING_PIPELINE", "lower_for_export", "lowered_meta"]
 
 LOWERING_PIPELINE = (
     Pass("lower_weights", lower_weights, "latent weights -> integer codes + DequantizeLinear (STE gone)"),
@@ -21,9 +25,25 @@ LOWERING_PIPELINE = (
 )
 
 
-def lower_for_export(qm: GraphModule, fold_bn: bool = True) -> GraphModule:
-    """An eval-mode copy of ``qm`` with STE ops lowered to export-form q/dq (``qm`` is untouched)."""
+def lower_for_export(qm: nn.Module, fold_bn: bool = True) -> nn.Module:
+    """An eval-mode copy of ``qm`` with STE ops lowered to export-form q/dq (``qm`` is untouched).
+    Every prepared part is lowered: the root, or each part of a partially captured model."""
     lowered = copy.deepcopy(qm)
     lowered.eval()
     passes = [p for p in LOWERING_PIPELINE if fold_bn or p.name != "fold_batchnorm"]
-    return PassManager(passes).run(lowered).graph_module
+    for prefix, _ in quantizer_containers(lowered):
+        part = lowered.get_submodule(prefix) if prefix else lowered
+        PassManager(passes).run(part)
+        if prefix:  # packing info of parts, under root-relative names
+            for key, value in part.meta.get(PACKABLE_KEY, {}).items():
+                lowered_meta(lowered).setdefault(PACKABLE_KEY, {})[f"{prefix}.{key}"] = value
+    return lowered
+
+
+def lowered_meta(module: nn.Module) -> dict:
+    """``gm.meta`` for a GraphModule; an attribute dict for an eager root."""
+    if isinstance(module, GraphModule):
+        return module.meta
+    if not hasattr(module, "qzo_meta"):
+        module.qzo_meta = {}
+    return module.qzo_meta

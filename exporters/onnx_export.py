@@ -21,7 +21,7 @@ from qzo_fx.errors import ExportError
 from qzo_fx.exporters.emitters import EMITTERS
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.lint import lint_target
-from qzo_fx.exporters.lower import lower_for_export
+from qzo_fx.exporters.lower import lower_for_export, lowered_meta
 
 __all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram", "strip_debug_info"]
 
@@ -49,7 +49,7 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 def _needs_int4_opset(lowered: GraphModule) -> bool:
     blocked = any(n.target is torch.ops.qzo.dequantize.default and n.args[4] > 0 for n in lowered.graph.nodes)
-    return blocked or any(bits <= 4 for bits, _ in lowered.meta.get(PACKABLE_KEY, {}).values())
+    return blocked or any(bits <= 4 for bits, _ in lowered_meta(lowered).get(PACKABLE_KEY, {}).values())
 
 
 def pack_low_bit_weights(model: onnx.ModelProto, packable: dict[str, tuple[int, bool]]) -> int:
@@ -156,7 +156,7 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
             model = _translate(lowered, args, chosen, dynamic)
         except Exception as error:
             raise ExportError(f"torch.onnx could not export {type(qm).__name__}: {error}") from error
-    pack_low_bit_weights(model, lowered.meta.get(PACKABLE_KEY, {}))
+    pack_low_bit_weights(model, lowered_meta(lowered).get(PACKABLE_KEY, {}))
     if not keep_debug_info:
         strip_debug_info(model)
     try:

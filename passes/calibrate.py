@@ -6,6 +6,7 @@ every buffer afterwards, so calibration never changes the model's state (BatchNo
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -43,6 +44,15 @@ class _Calibrator(Interpreter):
         return super().run_node(node)
 
 
+def _positional(gm: GraphModule, args, kwargs) -> tuple:
+    """Inputs in placeholder order (an Interpreter takes positional values only)."""
+    if not kwargs:
+        return tuple(args)
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
 def calibrate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
     pending = pending_quantizers(gm)
     if not pending:
@@ -56,7 +66,7 @@ def calibrate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
     try:
         gm.eval()
         with torch.no_grad():
-            _Calibrator(gm, dict(pending)).run(*ctx.example_inputs, **ctx.example_kwargs)
+            _Calibrator(gm, dict(pending)).run(*_positional(gm, ctx.example_inputs, ctx.example_kwargs))
     finally:
         gm.train(was_training)
         with torch.no_grad():

@@ -6,6 +6,9 @@ first step of the pipeline, so it takes a module rather than a graph.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -33,7 +36,17 @@ def _symbolic(model: nn.Module, args, kwargs) -> GraphModule:
 def _export(model: nn.Module, args, kwargs) -> GraphModule:
     if args is None:
         raise CaptureError("torch.export needs example_inputs; pass example_inputs=(x,) to prepare().")
-    return torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), strict=False).module()
+    # A failed export logs and prints the partial graph; the reason goes into the report instead.
+    quiet = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._dynamo")]
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:
+            log.setLevel(logging.CRITICAL)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), strict=False).module()
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
 
 
 _CAPTURERS = {"symbolic": _symbolic, "export": _export}

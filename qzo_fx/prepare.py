@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import torch.nn as nn
@@ -9,16 +10,17 @@ from torch.fx import GraphModule
 
 from qzo_fx.config import QuantConfig
 from qzo_fx.context import QUANT_CONTAINER, PrepareContext
-from qzo_fx.errors import QzoError
+from qzo_fx.errors import CaptureError, QzoError
+from qzo_fx.partial import prepare_partially
 from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
 from qzo_fx.passes.annotate import annotate
 from qzo_fx.passes.calibrate import calibrate
-from qzo_fx.passes.capture import capture as capture_model
+from qzo_fx.passes.capture import CaptureReport, capture as capture_model
 from qzo_fx.passes.cleanup import cleanup
 from qzo_fx.passes.insert_qdq import insert_qdq
 from qzo_fx.quantizer import Quantizer, QuantizerInfo
 
-__all__ = ["prepare", "PREPARE_PIPELINE", "list_quantizers"]
+__all__ = ["prepare", "PREPARE_PIPELINE", "list_quantizers", "quantizer_containers"]
 
 PREPARE_PIPELINE = (
     Pass("annotate", annotate, "resolve the config into a spec per quantizable op (policy)"),
@@ -59,10 +61,37 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
         raise QzoError(f"config must be a qzo_fx.QuantConfig, got {type(config).__name__}.")
     args = None if example_inputs is None else tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
-    gm, report = capture_model(copy.deepcopy(model), args, kwargs, capture)
+    copied = copy.deepcopy(model)
+    try:
+        gm, report = capture_model(copied, args, kwargs, capture)
+    except CaptureError as error:
+        if capture != "auto":
+            raise
+        # Neither method captures the whole model: quantize the parts that can be traced.
+        partial, parts = prepare_partially(copied, args, kwargs, lambda m, a, k: _prepare_graph(
+            _trace_part(m), config, a, k, instruments))
+        if not parts.graph:
+            raise CaptureError(f"{error} No submodule could be traced either:\n{parts}") from error
+        partial.qzo_partial = parts
+        return partial
     gm.meta["qzo.capture"] = report
+    return _prepare_graph(gm, config, args, kwargs, instruments)
+
+
+def _trace_part(module: nn.Module) -> GraphModule:
+    return module if isinstance(module, GraphModule) else capture_model(module, None, {}, "symbolic")[0]
+
+
+def _prepare_graph(gm: GraphModule, config: QuantConfig, args, kwargs, instruments) -> GraphModule:
+    gm.meta.setdefault("qzo.capture", CaptureReport("symbolic"))
     ctx = PrepareContext(config, args, kwargs)
     return PassManager(PREPARE_PIPELINE, instruments).run(gm, ctx).graph_module
+
+
+def quantizer_containers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(prefix, container)`` of every prepared part: the root, or submodules of a partial model."""
+    return [(name.rpartition(".")[0] if "." in name else "", m) for name, m in model.named_modules()
+            if name.rpartition(".")[2] == QUANT_CONTAINER]
 
 
 def list_quantizers(model: nn.Module) -> list[QuantizerInfo]:
@@ -74,7 +103,12 @@ def list_quantizers(model: nn.Module) -> list[QuantizerInfo]:
         >>> qzo_fx.list_quantizers(qm)[0].scale_shape
         (4,)
     """
-    container = getattr(model, QUANT_CONTAINER, None)
-    if container is None:
-        return []
-    return [q.info(name) for name, q in container.named_children() if isinstance(q, Quantizer)]
+    rows = []
+    for prefix, container in quantizer_containers(model):
+        for name, q in container.named_children():
+            if isinstance(q, Quantizer):
+                info = q.info(name)
+                if prefix:
+                    info = dataclasses.replace(info, name=f"{prefix}.{info.name}", target=f"{prefix}.{info.target}")
+                rows.append(info)
+    return rows

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
 from qzo_fx import distributed, zo_math
@@ -27,6 +28,7 @@ from qzo_fx.branches import STRATEGIES, BranchRunner
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import BatchError, NonFiniteLossError, TrainStepError
 from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
+from qzo_fx.prepare import quantizer_containers
 from qzo_fx.quantizer import Quantizer
 from qzo_fx.workspace import Workspace
 
@@ -72,14 +74,15 @@ class PerturbedParam:
 def perturbed_params(model: nn.Module, perturb: str) -> list[PerturbedParam]:
     """Latent weights feeding quantizers (one entry per shared parameter), plus every other
     trainable parameter except quantizer scales when ``perturb == "all"``."""
-    container = getattr(model, QUANT_CONTAINER, None)
     chosen: dict[int, PerturbedParam] = {}
-    for quantizer in (container.children() if container is not None else ()):
-        if isinstance(quantizer, Quantizer) and quantizer.role == "weight":
-            param = model.get_parameter(quantizer.target)
-            row = zo_math.smoothing_of(quantizer.spec.ste, quantizer.spec.bits)
-            chosen.setdefault(id(param), PerturbedParam(quantizer.target, quantizer, zo_math.EPS_BAR[row],
-                                                        zo_math.NOISE_LAW[row]))
+    for prefix, container in quantizer_containers(model):  # the root, or the parts of a partial model
+        for quantizer in container.children():
+            if isinstance(quantizer, Quantizer) and quantizer.role == "weight":
+                name = f"{prefix}.{quantizer.target}" if prefix else quantizer.target
+                param = model.get_parameter(name)
+                row = zo_math.smoothing_of(quantizer.spec.ste, quantizer.spec.bits)
+                chosen.setdefault(id(param), PerturbedParam(name, quantizer, zo_math.EPS_BAR[row],
+                                                            zo_math.NOISE_LAW[row]))
     if perturb == "all":
         for name, param in model.named_parameters():
             if param.requires_grad and not name.startswith(QUANT_CONTAINER + ".") and id(param) not in chosen:
@@ -96,6 +99,18 @@ def code_tensors(model: nn.Module) -> list[tuple[str, Quantizer]]:
         raise TrainStepError("ZOQO trains integer codes: switch the prepared model first with "
                              "qm = qzo_fx.to_integer_codes(qm).")
     return found
+
+
+def _graph_strategy_or_inplace(model: nn.Module, strategy: str) -> str:
+    """Graph strategies need every quantizer in the root graph; a partially captured model (eager
+    root, prepared parts) runs its branches in place."""
+    whole = isinstance(model, GraphModule) and all(prefix == "" for prefix, _ in quantizer_containers(model))
+    if whole:
+        return strategy
+    if strategy not in ("auto", "inplace"):
+        raise TrainStepError(f"strategy={strategy!r} needs a model captured as one graph; this one was prepared "
+                             "partially (see model.qzo_partial): use strategy='inplace' or 'auto'.")
+    return "inplace"
 
 
 def _describe(estimator: Any) -> str:
@@ -136,6 +151,7 @@ class TrainStep:
             self.runner = BranchRunner(model, loss_fn, [name for name, _ in self.codes], strategy, max_chunk,
                                        self.workspace)
         elif not isinstance(estimator, STE):
+            strategy = _graph_strategy_or_inplace(model, strategy)
             self.perturbed = perturbed_params(model, estimator.perturb)
             if not self.perturbed:
                 raise TrainStepError(f"{type(estimator).__name__}: the model has no parameter to perturb; "

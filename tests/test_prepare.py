@@ -103,11 +103,40 @@ class Branchy(nn.Module):
         return -self.fc(x)
 
 
+class RawBranchy(nn.Module):
+    """Data-dependent control flow and no submodule: nothing can be traced at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.w if x.sum() > 0 else x @ self.w.t()
+
+
 def test_capture_errors_name_every_method_tried():
-    with pytest.raises(qzo_fx.CaptureError, match="symbolic: .*export: "):
-        qzo_fx.prepare(Branchy(on_values=True), example_inputs=(torch.ones(2, 4),))
+    with pytest.raises(qzo_fx.CaptureError, match="symbolic: .*export: .*No submodule could be traced"):
+        qzo_fx.prepare(RawBranchy(), example_inputs=(torch.ones(2, 4),))
+    with pytest.raises(qzo_fx.CaptureError, match="export: "):
+        qzo_fx.prepare(Branchy(on_values=True), example_inputs=(torch.ones(2, 4),), capture="export")
     with pytest.raises(qzo_fx.CaptureError, match="example_inputs"):
-        qzo_fx.prepare(Branchy())
+        qzo_fx.prepare(Branchy(), capture="export")
+
+
+def test_partial_capture_quantizes_traceable_parts_and_trains_in_place():
+    x = torch.ones(2, 4)
+    model = Branchy(on_values=True)
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=4, activation_bits=8), example_inputs=(x,))
+    assert isinstance(qm, Branchy) and isinstance(qm.fc, torch.fx.GraphModule)
+    assert qm.qzo_partial.graph == ["fc"] and "" in qm.qzo_partial.eager
+    assert [q.target for q in qzo_fx.list_quantizers(qm)] == ["fc.weight", "fc.input_1"]
+    assert isinstance(model.fc, nn.Linear)  # the user's model is untouched
+    loss_fn = lambda m, b: m(b).square().mean()
+    step = qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(seed=0))
+    step(x)
+    assert step.runner.strategy == "inplace" and qm.fc.get_parameter("weight").grad is not None
+    with pytest.raises(qzo_fx.TrainStepError, match="partially"):
+        qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(), strategy="batched")
 
 
 def test_export_capture_fallback_on_shape_control_flow():

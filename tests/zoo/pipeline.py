@@ -1,0 +1,77 @@
+"""prepare -> STE step -> FOGZO step -> ONNX export -> ONNX Runtime parity, stage by stage."""
+from __future__ import annotations
+
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+import qzo_fx
+
+STAGES = ("prepare", "ste_step", "fogzo_step", "export", "parity")
+CONFIG = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
+
+
+@dataclass
+class ZooResult:
+    name: str
+    family: str
+    passed: list[str] = field(default_factory=list)
+    failed_stage: str = ""
+    error: str = ""
+    qzo_error: bool = True
+    capture: str = ""
+    quantizers: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_stage
+
+
+def loss_of(output) -> torch.Tensor:
+    """A generic scalar loss: mean square of every floating output tensor."""
+    leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves and hasattr(output, "values"):
+        leaves = [t for t in output.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.float().pow(2).mean() for t in leaves)
+
+
+def run_pipeline(name: str, family: str, factory) -> ZooResult:
+    result, start = ZooResult(name, family), time.perf_counter()
+    model, args, kwargs = factory()
+    stage = "prepare"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qm = qzo_fx.prepare(model, CONFIG, example_inputs=args, example_kwargs=kwargs)
+            result.capture = "partial" if hasattr(qm, "qzo_partial") else qm.meta["qzo.capture"].method
+            result.quantizers = len(qzo_fx.list_quantizers(qm))
+            result.passed.append(stage)
+            loss_fn = lambda m, batch: loss_of(m(*batch[0], **batch[1]))
+            for stage, estimator in (("ste_step", qzo_fx.STE()), ("fogzo_step", qzo_fx.FOGZO(seed=0, total_steps=2))):
+                qm.train()
+                qzo_fx.train_step(qm, loss_fn, estimator, strategy="auto")((args, kwargs))
+                result.passed.append(stage)
+            stage = "export"
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "m.onnx"
+                qzo_fx.export_onnx(qm, args, path, target="cpu", dynamic_batch=False)
+                result.passed.append(stage)
+                stage = "parity"
+                report = qzo_fx.verify_onnx(qm, path, args)
+                if not report.ok:
+                    raise qzo_fx.ExportError(f"parity failed: {report}")
+                result.passed.append(stage)
+    except Exception as error:  # recorded, not raised: the report is the product here
+        result.failed_stage = stage
+        result.qzo_error = isinstance(error, qzo_fx.QzoError)
+        result.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        result.trace = traceback.format_exc()
+    result.seconds = time.perf_counter() - start
+    return result
