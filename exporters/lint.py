@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from qzo_fx.errors import ExportError
-from qzo_fx.prepare import list_quantizers
+from qzo_fx.prepare import list_quantizers, quantizer_containers
 
 __all__ = ["lint_target"]
 
@@ -57,7 +57,12 @@ def _lint(qm: nn.Module, target: str, strict: bool, refuse: bool) -> list[str]:
 
 
 def _quantizer(qm: nn.Module, name: str):
-    return qm.get_submodule("qzo_quant").get_submodule(name)
+    # ``name`` is as listed: "<prefix>.<quantizer>" for the parts of a partially captured model.
+    prefix, _, own = name.rpartition(".")
+    for container_prefix, container in quantizer_containers(qm):
+        if container_prefix == prefix and hasattr(container, own):
+            return container.get_submodule(own)
+    raise KeyError(name)
 
 
 def _asymmetric(qm: nn.Module, name: str) -> bool:

@@ -7,6 +7,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from qzo_fx.exporters.export_context import PACKABLE_KEY
+from qzo_fx.modes import set_mode
 from qzo_fx.prepare import quantizer_containers
 
 from qzo_fx.pass_infra import Pass, PassManager
@@ -29,7 +30,7 @@ def lower_for_export(qm: nn.Module, fold_bn: bool = True) -> nn.Module:
     """An eval-mode copy of ``qm`` with STE ops lowered to export-form q/dq (``qm`` is untouched).
     Every prepared part is lowered: the root, or each part of a partially captured model."""
     lowered = copy.deepcopy(qm)
-    lowered.eval()
+    set_mode(lowered, False)
     passes = [p for p in LOWERING_PIPELINE if fold_bn or p.name != "fold_batchnorm"]
     for prefix, _ in quantizer_containers(lowered):
         part = lowered.get_submodule(prefix) if prefix else lowered

@@ -48,7 +48,8 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _needs_int4_opset(lowered: GraphModule) -> bool:
-    blocked = any(n.target is torch.ops.qzo.dequantize.default and n.args[4] > 0 for n in lowered.graph.nodes)
+    graphs = [m for m in lowered.modules() if isinstance(m, GraphModule)]  # every prepared part
+    blocked = any(n.target is torch.ops.qzo.dequantize.default and n.args[4] > 0 for g in graphs for n in g.graph.nodes)
     return blocked or any(bits <= 4 for bits, _ in lowered_meta(lowered).get(PACKABLE_KEY, {}).values())
 
 
@@ -95,16 +96,16 @@ def _dynamic_shapes(args: Sequence[Any]):
     return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
-def _translate(lowered: GraphModule, args: tuple, opset: int, dynamic: bool):
+def _translate(lowered: GraphModule, args: tuple, opset: int, dynamic: bool, kwargs: Optional[dict] = None):
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(lowered, args, dynamo=True, custom_translation_table=EMITTERS,
-                                        opset_version=opset, optimize=True, verbose=False,
-                                        dynamic_shapes=_dynamic_shapes(args) if dynamic else None)
+            program = torch.onnx.export(lowered, args, kwargs=kwargs or None, dynamo=True,
+                                        custom_translation_table=EMITTERS, opset_version=opset, optimize=True,
+                                        verbose=False, dynamic_shapes=_dynamic_shapes(args) if dynamic else None)
     finally:
         quiet.setLevel(level)
     return program.model_proto
@@ -112,7 +113,8 @@ def _translate(lowered: GraphModule, args: tuple, opset: int, dynamic: bool):
 
 def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str, Path], *, target: str = "auto",
                 opset: Optional[int] = None, fold_batchnorm: bool = True, dynamic_batch: bool = True,
-                strict: bool = False, keep_debug_info: bool = False) -> ExportResult:
+                strict: bool = False, keep_debug_info: bool = False,
+                example_kwargs: Optional[dict[str, Any]] = None) -> ExportResult:
     """Export a prepared model to ONNX with integer weights and Q/DQ activations.
 
     Weights become integer initializers (int8/uint8; <= 4 bits as true INT4/UINT4 at opset 21)
@@ -130,6 +132,8 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
         fold_batchnorm: fold eval-mode BatchNorm into the preceding conv/linear.
         dynamic_batch: export the first dimension of every input as dynamic.
         keep_debug_info: keep torch.onnx's per-node stack traces and module paths.
+        example_kwargs: keyword inputs (tensors become ONNX inputs after the positional ones;
+            other values are fixed at export).
 
     Example:
         >>> import torch, qzo_fx
@@ -145,15 +149,16 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     if chosen < _INT4_OPSET and _needs_int4_opset(lowered):
         raise ExportError(f"opset={opset}: int4 or blocked weights need opset >= {_INT4_OPSET}; leave opset unset.")
     args = tuple(example_inputs)
-    dynamic = dynamic_batch
+    kwargs = dict(example_kwargs or {})
+    dynamic = dynamic_batch and not kwargs
     try:
-        model = _translate(lowered, args, chosen, dynamic)
+        model = _translate(lowered, args, chosen, dynamic, kwargs)
     except Exception as first:
         if not dynamic:
             raise ExportError(f"torch.onnx could not export {type(qm).__name__}: {first}") from first
         dynamic = False
         try:
-            model = _translate(lowered, args, chosen, dynamic)
+            model = _translate(lowered, args, chosen, dynamic, kwargs)
         except Exception as error:
             raise ExportError(f"torch.onnx could not export {type(qm).__name__}: {error}") from error
     pack_low_bit_weights(model, lowered_meta(lowered).get(PACKABLE_KEY, {}))

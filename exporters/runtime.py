@@ -39,13 +39,15 @@ def has_low_bit_qdq(model) -> bool:
 
 
 def onnx_session(path: Union[str, Path, bytes], target: str = "auto", threads: int = 0,
-                 exact_bias: Optional[bool] = None, config: Optional[dict[str, str]] = None):
+                 exact_bias: Optional[bool] = None, config: Optional[dict[str, str]] = None, exact: bool = False):
     """An ``onnxruntime.InferenceSession`` on the first provider of ``target`` that loads.
 
     A provider can be listed by onnxruntime-gpu and still fail to load (missing CUDA or TensorRT
     libraries): ONNX Runtime then silently runs on CPU. This checks the providers the session
     really got and logs one line when it fell back.
 
+    ``exact``: only graph rewrites that keep the ONNX semantics (no fusion into integer kernels,
+    no bias requantization): what the file means, for parity checks; slower.
     ``config``: extra session config entries (e.g. ``{"session.intra_op.allow_spinning": "0"}``).
     ``exact_bias``: ONNX Runtime's ``WeightBiasQuantization`` rounds float biases of Q/DQ
     Gemm/Conv to int32 at scale ``s_act * s_weight``; below 8 bits that step is coarse and the
@@ -63,7 +65,8 @@ def onnx_session(path: Union[str, Path, bytes], target: str = "auto", threads: i
     wanted = PROVIDER_ORDER["tensorrt" if target == "auto" else target]
     providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if exact
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
@@ -72,6 +75,8 @@ def onnx_session(path: Union[str, Path, bytes], target: str = "auto", threads: i
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     model = str(path) if isinstance(path, Path) else path
+    if exact:
+        exact_bias = True
     if exact_bias is None:
         exact_bias = has_low_bit_qdq(onnx.load(model) if isinstance(model, str) else onnx.load_from_string(model))
     disabled = ["WeightBiasQuantization"] if exact_bias else []

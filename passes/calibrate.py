@@ -14,6 +14,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from qzo_fx.context import QUANT_CONTAINER, QUANTIZER_KEY, PrepareContext
 from qzo_fx.errors import CalibrationError
+from qzo_fx.modes import mode
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.quantizer import Quantizer
 
@@ -62,13 +63,10 @@ def calibrate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
             f"Activation quantizers {sorted(pending)} need data to set their scales: pass "
             "example_inputs=(x,) to prepare(), or set activation=None in the QuantConfig.")
     buffers = {name: b.clone() for name, b in gm.named_buffers() if not name.startswith(QUANT_CONTAINER + ".")}
-    was_training = gm.training
     try:
-        gm.eval()
-        with torch.no_grad():
+        with mode(gm, False), torch.no_grad():
             _Calibrator(gm, dict(pending)).run(*_positional(gm, ctx.example_inputs, ctx.example_kwargs))
     finally:
-        gm.train(was_training)
         with torch.no_grad():
             for name, value in buffers.items():
                 gm.get_buffer(name).copy_(value)

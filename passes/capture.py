@@ -36,6 +36,11 @@ def _symbolic(model: nn.Module, args, kwargs) -> GraphModule:
 def _export(model: nn.Module, args, kwargs) -> GraphModule:
     if args is None:
         raise CaptureError("torch.export needs example_inputs; pass example_inputs=(x,) to prepare().")
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        # Hugging Face models: a KV cache object in the output cannot be exported or trained
+        # through. The model here is prepare's own copy, so the user's config is untouched.
+        config.use_cache = False
     # A failed export logs and prints the partial graph; the reason goes into the report instead.
     quiet = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._dynamo")]
     levels = [log.level for log in quiet]

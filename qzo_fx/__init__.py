@@ -16,6 +16,7 @@ from qzo_fx.errors import (BatchError, CalibrationError, CaptureError, ConfigErr
                            NonFiniteLossError, PassError, QzoError, TrainStepError, UnsupportedModelError)
 from qzo_fx.inspect import draw_svg, graph_code, graph_diff, print_tabular, to_networkx
 from qzo_fx.codes import to_integer_codes, to_latent_weights
+from qzo_fx.examine import ExamineReport, examine
 from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
 from qzo_fx.prepare import list_quantizers, prepare
 from qzo_fx.train import StepStats, TrainStep, train_step
@@ -26,7 +27,7 @@ from qzo_fx.exporters.verify import ParityReport, verify_onnx
 __version__ = "0.1.0"
 
 __all__ = [
-    "prepare", "QuantConfig", "QuantSpec", "list_quantizers",
+    "prepare", "QuantConfig", "QuantSpec", "list_quantizers", "examine", "ExamineReport",
     "train_step", "TrainStep", "StepStats", "STE", "FOGZO", "NSPSA", "ZOSign", "ZOQO",
     "to_integer_codes", "to_latent_weights",
     "export_onnx", "ExportResult", "verify_onnx", "ParityReport", "onnx_session",

@@ -1,6 +1,7 @@
 """A small training loop with a progress bar, and accuracy evaluation."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -10,6 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from qzo_fx.modes import mode, set_mode
 from qzo_fx.train import StepStats, train_step
 
 __all__ = ["fit", "FitResult", "accuracy"]
@@ -41,7 +43,7 @@ def fit(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Iterable[
     step = train_step(model, loss_fn, estimator, strategy=strategy)
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     result, start = FitResult(stats=step.stats), time.perf_counter()
-    model.train()
+    set_mode(model, True)
     bar = tqdm(data, total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for batch in bar:
         optimizer.zero_grad(set_to_none=True)
@@ -59,13 +61,7 @@ def fit(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Iterable[
 @torch.no_grad()
 def accuracy(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
     """Top-1 accuracy in eval mode (the module's mode is restored afterwards)."""
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
+    with (mode(model, False) if isinstance(model, nn.Module) else contextlib.nullcontext()):
         correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
                       for i in range(0, len(x), batch_size))
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was_training)
     return correct / len(x)

@@ -93,6 +93,10 @@ def op_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignat
         return sig if len(node.args) > sig.weight_arg and _is_param(node.args[sig.weight_arg]) else None
     if node.target is aten.convolution.default and len(node.args) > 6:
         return (_CONV_T if node.args[6] else _CONV) if _is_param(node.args[1]) else None
+    if node.target is aten.addmm.default and len(node.args) >= 3 and _is_param(node.args[2]) \
+            and not _is_param(node.args[1]):
+        # bias + x @ W with W [in, out]: Hugging Face Conv1D (GPT-2) after torch.export.
+        return OpSignature("matmul", 2, 1, -1, 0)
     if node.target in _MATMULS and len(node.args) == 2:
         # x @ W with W [in, out]: output channels are the last axis, input channels the first.
         if _is_param(node.args[1]) and not _is_param(node.args[0]):

@@ -14,6 +14,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.fx import GraphModule
+
+from qzo_fx.modes import mode
 
 __all__ = ["PartialReport", "prepare_partially", "untraceable_modules"]
 
@@ -71,39 +74,45 @@ def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Modul
         seen.setdefault(module, (tuple(margs), dict(mkwargs)))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with mode(model, False), torch.no_grad():
             model(*args, **kwargs)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return seen
 
 
 def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
-                      prepare_traceable: Callable[[nn.Module, Optional[tuple], dict], nn.Module]) -> tuple[nn.Module, PartialReport]:
-    """``model`` (already a copy) with every traceable part prepared by ``prepare_traceable``."""
+                      prepare_graph: Callable[[GraphModule, Optional[tuple], dict], nn.Module]) -> tuple[nn.Module, PartialReport]:
+    """``model`` (already a copy) with every traceable part prepared by ``prepare_graph``.
+
+    A module outside ``untraceable`` traces with its untraceable descendants as leaves; it is
+    prepared in graph mode and each of those leaves is visited in turn.
+    """
     report = PartialReport()
     inputs = _record_inputs(model, args, kwargs) if args is not None else {}
     untraceable = untraceable_modules(model)
-    by_module = {m: n for n, m in model.named_modules()}
+    leaves = {model.get_submodule(n) if n else model for n in untraceable}
 
     def visit(module: nn.Module, name: str) -> nn.Module:
-        if name not in untraceable:
-            margs, mkwargs = inputs.get(module, (None, {}))
-            if margs is None and args is not None:
-                report.skipped[name] = "not called with the example inputs"
-                return module
-            report.graph.append(name)
-            return prepare_traceable(module, margs, mkwargs)
-        report.eager[name] = untraceable[name]
-        for child_name, child in list(module.named_children()):
-            qualified = f"{name}.{child_name}" if name else child_name
-            if any(True for _ in child.parameters()):
-                setattr(module, child_name, visit(child, qualified))
-        return module
+        if name in untraceable:
+            report.eager[name] = untraceable[name]
+            for child_name, child in list(module.named_children()):
+                if any(True for _ in child.parameters()):
+                    setattr(module, child_name, visit(child, f"{name}.{child_name}" if name else child_name))
+            return module
+        margs, mkwargs = inputs.get(module, (None, {}))
+        if margs is None and args is not None:
+            report.skipped[name] = "not called with the example inputs"
+            return module
+        graph = _LeafTracer(leaves).trace(module)
+        gm = GraphModule(module, graph, class_name=type(module).__name__)
+        inner = [str(n.target) for n in graph.nodes if n.op == "call_module" and gm.get_submodule(str(n.target)) in leaves]
+        report.graph.append(name)
+        prepared = prepare_graph(gm, margs, mkwargs)
+        for path in inner:
+            prepared.set_submodule(path, visit(prepared.get_submodule(path), f"{name}.{path}" if name else path))
+        return prepared
 
-    return visit(model, by_module[model]), report
+    return visit(model, ""), report

@@ -68,18 +68,14 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
         if capture != "auto":
             raise
         # Neither method captures the whole model: quantize the parts that can be traced.
-        partial, parts = prepare_partially(copied, args, kwargs, lambda m, a, k: _prepare_graph(
-            _trace_part(m), config, a, k, instruments))
+        partial, parts = prepare_partially(copied, args, kwargs, lambda gm, a, k: _prepare_graph(
+            gm, config, a, k, instruments))
         if not parts.graph:
             raise CaptureError(f"{error} No submodule could be traced either:\n{parts}") from error
         partial.qzo_partial = parts
         return partial
     gm.meta["qzo.capture"] = report
     return _prepare_graph(gm, config, args, kwargs, instruments)
-
-
-def _trace_part(module: nn.Module) -> GraphModule:
-    return module if isinstance(module, GraphModule) else capture_model(module, None, {}, "symbolic")[0]
 
 
 def _prepare_graph(gm: GraphModule, config: QuantConfig, args, kwargs, instruments) -> GraphModule:

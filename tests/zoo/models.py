@@ -48,6 +48,7 @@ def tv_model(name: str, size: int = 64, **kwargs):
 
 def hf_model(config_name: str, model_name: str, **config):
     def make():
+        torchvision_shim()  # transformers imports torchvision when it is installed
         import transformers
 
         cfg = getattr(transformers, config_name)(**config)
@@ -55,9 +56,8 @@ def hf_model(config_name: str, model_name: str, **config):
         if "image_size" in config:
             return model, (torch.randn(2, 3, config["image_size"], config["image_size"]),), {}
         ids = torch.randint(0, config.get("vocab_size", 128), (2, 12))
-        kwargs = {"use_cache": False} if "use_cache" in model.forward.__code__.co_varnames else {}
-        if model_name.startswith(("T5", "Bart")):
-            kwargs["decoder_input_ids"] = ids
+        # Encoder-decoders build a cache object unless told not to, whatever the config says.
+        kwargs = {"decoder_input_ids": ids, "use_cache": False} if model_name.startswith(("T5", "Bart")) else {}
         return model, (ids,), kwargs
     return make
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import qzo_fx
+from qzo_fx.modes import set_mode
 
 STAGES = ("prepare", "ste_step", "fogzo_step", "export", "parity")
 CONFIG = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
@@ -55,16 +56,16 @@ def run_pipeline(name: str, family: str, factory) -> ZooResult:
             result.passed.append(stage)
             loss_fn = lambda m, batch: loss_of(m(*batch[0], **batch[1]))
             for stage, estimator in (("ste_step", qzo_fx.STE()), ("fogzo_step", qzo_fx.FOGZO(seed=0, total_steps=2))):
-                qm.train()
+                set_mode(qm, True)
                 qzo_fx.train_step(qm, loss_fn, estimator, strategy="auto")((args, kwargs))
                 result.passed.append(stage)
             stage = "export"
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "m.onnx"
-                qzo_fx.export_onnx(qm, args, path, target="cpu", dynamic_batch=False)
+                qzo_fx.export_onnx(qm, args, path, target="cpu", dynamic_batch=False, example_kwargs=kwargs)
                 result.passed.append(stage)
                 stage = "parity"
-                report = qzo_fx.verify_onnx(qm, path, args)
+                report = qzo_fx.verify_onnx(qm, path, args, kwargs=kwargs)
                 if not report.ok:
                     raise qzo_fx.ExportError(f"parity failed: {report}")
                 result.passed.append(stage)
@@ -73,5 +74,49 @@ def run_pipeline(name: str, family: str, factory) -> ZooResult:
         result.qzo_error = isinstance(error, qzo_fx.QzoError)
         result.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         result.trace = traceback.format_exc()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+AO_STAGES = ("prepare", "ste_step", "export", "parity")
+
+
+def run_torch_ao(name: str, family: str, factory) -> ZooResult:
+    """The same zoo through torch.ao's (deprecated) FX QAT: prepare_qat_fx -> step -> convert -> ONNX."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    import onnxruntime as ort
+    import numpy as np
+
+    result, start = ZooResult(name, family), time.perf_counter()
+    model, args, kwargs = factory()
+    stage = "prepare"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qat = prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), args)
+            result.passed.append(stage)
+            stage = "ste_step"
+            loss_of(qat(*args, **kwargs)).backward()
+            result.passed.append(stage)
+            stage = "export"
+            converted = convert_fx(qat.eval())
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "ao.onnx"
+                torch.onnx.export(converted, args, str(path), dynamo=True, external_data=False)
+                result.passed.append(stage)
+                stage = "parity"
+                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0]
+                with torch.no_grad():
+                    ref = [t for t in tree_leaves(converted(*args, **kwargs)) if isinstance(t, torch.Tensor)][0].numpy()
+                step = max(float(np.abs(ref).max()), 1e-12) / 127
+                if float(np.abs(got - ref).max()) > step:
+                    raise RuntimeError(f"parity {float(np.abs(got - ref).max()) / step:.2f} steps")
+                result.passed.append(stage)
+    except Exception as error:
+        result.failed_stage = stage
+        result.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     result.seconds = time.perf_counter() - start
     return result

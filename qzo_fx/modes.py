@@ -1,0 +1,29 @@
+"""train()/eval() that also accepts torch.export modules, whose mode is fixed at export time."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch.nn as nn
+
+__all__ = ["set_mode", "mode"]
+
+
+def set_mode(module: nn.Module, training: bool) -> bool:
+    """Set train/eval; returns False (and changes nothing) for a module that refuses it."""
+    try:
+        module.train(training)
+        return True
+    except NotImplementedError:  # torch.export's unlifted module: "Calling train() is not supported yet."
+        return False
+
+
+@contextlib.contextmanager
+def mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Temporarily set train/eval, restoring the previous mode (exported modules stay as they are)."""
+    previous = module.training
+    set_mode(module, training)
+    try:
+        yield
+    finally:
+        set_mode(module, previous)

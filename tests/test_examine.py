@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import qzo_fx
+from tests.zoo.models import AttentionBlock, DataDependent, LSTMTagger
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_examine_traceable_model_lists_float_weights_without_changing_it():
+    model = LSTMTagger()
+    before = _state(model)
+    report = qzo_fx.examine(model)
+    assert report.plan == "graph mode (symbolic)"
+    assert len(report.quantizable) == 2  # the embedding and the output linear
+    lstm = [f for f in report.findings if f.where == "lstm"]
+    assert lstm and lstm[0].kind == "float weight" and "LSTM" in lstm[0].detail
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "prepare will" in str(report)
+
+
+def test_examine_untraceable_model_names_place_reason_and_plan():
+    report = qzo_fx.examine(DataDependent(), (torch.randn(2, 8),))
+    assert report.plan.startswith("partial capture")
+    root = [f for f in report.findings if f.kind == "untraceable"]
+    assert root and root[0].where == "" and "control flow" in root[0].detail
+    assert root[0].location.endswith(".py:" + root[0].location.rsplit(":", 1)[1]) and "models.py" in root[0].location
+
+
+def test_examine_reports_multihead_attention_kept_in_float():
+    report = qzo_fx.examine(AttentionBlock())
+    assert any(f.where == "attn" and "MultiheadAttention" in f.detail for f in report.findings)
