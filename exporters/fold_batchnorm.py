@@ -20,6 +20,7 @@ from qzo_fx.pass_infra import PassResult
 __all__ = ["fold_batchnorm"]
 
 aten = torch.ops.aten
+_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PRODUCERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, aten.conv1d.default, aten.conv2d.default,
               aten.conv3d.default, aten.linear.default}
 
@@ -28,7 +29,8 @@ def _foldable(gm: GraphModule, bn_node: Node):
     if bn_node.op != "call_module":
         return None
     bn = gm.get_submodule(str(bn_node.target))
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
+    # Exact types only: subclasses (timm's BatchNormAct2d) add an activation a fold would drop.
+    if type(bn) not in _PLAIN_BATCHNORMS or bn.training or bn.running_mean is None:
         return None
     producer = bn_node.args[0]
     if not isinstance(producer, Node) or producer.target not in _PRODUCERS or len(producer.users) != 1:

@@ -36,7 +36,8 @@ def _owner(node: Node, sig: OpSignature) -> str:
 
 def _weight_tensor(gm: GraphModule, node: Node, sig: OpSignature):
     if node.op == "call_module":
-        return gm.get_submodule(str(node.target)).weight
+        module = gm.get_submodule(str(node.target))
+        return module.in_proj_weight if sig.kind == "mha" else module.weight
     return gm.get_parameter(str(node.args[sig.weight_arg].target))
 
 
@@ -115,5 +116,6 @@ def _annotate_pools(gm: GraphModule, ctx: PrepareContext, modules: dict[str, nn.
 
 def _is_parameter_or_module(gm: GraphModule, node: Node, sig: OpSignature) -> bool:
     if node.op == "call_module":
-        return isinstance(getattr(gm.get_submodule(str(node.target)), "weight", None), nn.Parameter)
+        module = gm.get_submodule(str(node.target))
+        return isinstance(getattr(module, "in_proj_weight" if sig.kind == "mha" else "weight", None), nn.Parameter)
     return _is_parameter(gm, node, sig)

@@ -14,6 +14,7 @@ from torch.fx import GraphModule, Node
 
 from qzo_fx.config import QuantSpec
 from qzo_fx.context import ANNOTATION_KEY, QUANT_CONTAINER, QUANTIZER_KEY, PrepareContext
+from qzo_fx.op_table import multi_head_attention
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.quantizer import Quantizer
 
@@ -38,8 +39,31 @@ def functional_form(module: nn.Module, x, weight, bias):
     return fn, (x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
 
 
+def _functionalize_mha(gm: GraphModule, node: Node) -> Node:
+    module: nn.MultiheadAttention = gm.get_submodule(str(node.target))
+    prefix = str(node.target)
+    with gm.graph.inserting_before(node):
+        def read(name: str):  # a graph read of module.<name>, or None where the module has none
+            owner, _, attr = name.rpartition(".")
+            holder = module.get_submodule(owner) if owner else module
+            return gm.graph.get_attr(f"{prefix}.{name}") if getattr(holder, attr, None) is not None else None
+
+        query, key, value = node.args[:3]
+        args = (query, key, value, read("in_proj_weight"), read("in_proj_bias"), read("out_proj.weight"),
+                read("out_proj.bias"), gm.graph.get_attr(f"{prefix}.training"))
+        kwargs = dict(num_heads=module.num_heads, batch_first=module.batch_first, dropout=module.dropout,
+                      bias_k=read("bias_k"), bias_v=read("bias_v"), add_zero_attn=module.add_zero_attn, **node.kwargs)
+        new = gm.graph.call_function(multi_head_attention, args, kwargs)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def _functionalize(gm: GraphModule, node: Node) -> Node:
     module = gm.get_submodule(str(node.target))
+    if isinstance(module, nn.MultiheadAttention):
+        return _functionalize_mha(gm, node)
     with gm.graph.inserting_before(node):
         weight = gm.graph.get_attr(f"{node.target}.weight")
         bias = gm.graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
@@ -130,9 +154,12 @@ def insert_qdq(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
         if annotation.weight is not None:
             spec = annotation.weight
             group = spec.group_size if spec.granularity == "per_group" else 0
-            inserter.weight(node, sig.weight_arg, spec, (spec.axis if spec.axis is not None else -1, group))
-        if annotation.activation is not None and isinstance(node.args[sig.input_arg], Node):
-            inserter.activation(node, sig.input_arg, annotation.activation, annotation.module_name)
+            for arg in (sig.weight_arg, *sig.extra_weight_args):
+                inserter.weight(node, arg, spec, (spec.axis if spec.axis is not None else -1, group))
+        if annotation.activation is not None:
+            for arg in (sig.input_arg, *sig.extra_input_args):
+                if isinstance(node.args[arg], Node):
+                    inserter.activation(node, arg, annotation.activation, annotation.module_name)
         node.meta[_REALIZED] = True
         modified = True
     return PassResult(gm, modified)

@@ -15,24 +15,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-__all__ = ["OpSignature", "op_signature", "pool_signature", "POOL", "MODULE_TYPES"]
+__all__ = ["OpSignature", "op_signature", "pool_signature", "POOL", "MHA", "MODULE_TYPES", "multi_head_attention"]
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class OpSignature:
-    kind: str                 # "linear", "conv", "conv_transpose", "embedding", "matmul"
+    kind: str                 # "linear", "conv", "conv_transpose", "embedding", "matmul", "mha", "pool"
     weight_arg: int           # position of the weight among the node's args
     input_arg: Optional[int]  # position of the activation input (None: indices, not quantized)
     channel_axis: int         # per-channel axis of the weight (output channels)
     group_axis: int           # per-group (blocked) axis of the weight (input channels)
+    extra_weight_args: tuple[int, ...] = ()   # further weights quantized with the same spec
+    extra_input_args: tuple[int, ...] = ()    # further activation inputs (attention key, value)
 
 
 _LINEAR = OpSignature("linear", 1, 0, 0, 1)
 _CONV = OpSignature("conv", 1, 0, 0, 1)
 _CONV_T = OpSignature("conv_transpose", 1, 0, 1, 0)
 _EMBEDDING = OpSignature("embedding", 1, None, 0, 1)
+
+# MultiheadAttention, functionalized by insert_qdq as
+# multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, ...):
+# the packed in-projection [3E, E] gets one quantizer, the out-projection another.
+MHA = OpSignature("mha", 3, 0, 0, 1, extra_weight_args=(5,), extra_input_args=(1, 2))
 
 MODULE_TYPES: dict[type, OpSignature] = {
     nn.Linear: _LINEAR,
@@ -81,6 +88,8 @@ def op_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignat
     """The signature of ``node`` if it is a quantizable op with a parameter weight, else None."""
     if node.op == "call_module":
         module = modules.get(node.target)
+        if type(module) is nn.MultiheadAttention and module._qkv_same_embed_dim and not node.args[3:]:
+            return MHA  # packed in-projection only; separate q/k/v weights stay float
         for module_type, sig in MODULE_TYPES.items():
             if type(module) is module_type:
                 return sig
@@ -104,3 +113,19 @@ def op_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignat
         if _is_param(node.args[0]) and not _is_param(node.args[1]):
             return OpSignature("matmul", 0, 1, 0, 1)
     return None
+
+
+def multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                         training: bool, *, num_heads: int, batch_first: bool, dropout: float,
+                         bias_k=None, bias_v=None, add_zero_attn: bool = False, key_padding_mask=None,
+                         need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
+                         is_causal: bool = False):
+    """``nn.MultiheadAttention.forward`` with its weights as arguments (so they can be quantized)."""
+    if batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    out, weights = F.multi_head_attention_forward(
+        query, key, value, query.shape[-1], num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+        add_zero_attn, dropout, out_proj_weight, out_proj_bias, training=training,
+        key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+        average_attn_weights=average_attn_weights, is_causal=is_causal)
+    return (out.transpose(0, 1) if batch_first else out), weights

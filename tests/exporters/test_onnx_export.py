@@ -147,3 +147,17 @@ def test_cuda_provider_really_runs(tmp_path):
     qm, result, _ = _export(MLP(), IMAGES, W4, tmp_path)
     report = qzo_fx.verify_onnx(qm, result.path, (IMAGES,), target="cuda")
     assert report.provider == "CUDAExecutionProvider" and report.ok
+
+
+def test_batchnorm_subclasses_with_activation_are_not_folded(tmp_path):
+    class BatchNormAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d
+        def forward(self, x):
+            return torch.nn.functional.silu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), BatchNormAct(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(IMAGES,))
+    result = qzo_fx.export_onnx(qm, (IMAGES,), tmp_path / "bnact.onnx", target="cpu")
+    assert "BatchNormalization" in result.op_types
+    assert qzo_fx.verify_onnx(qm, result.path, (IMAGES,)).ok

@@ -110,3 +110,17 @@ def test_pass_manager_wraps_failures_and_dumps(tmp_path, mlp):
 def test_activation_quant_without_inputs_is_a_clear_error(mlp):
     with pytest.raises(qzo_fx.CalibrationError, match="example_inputs"):
         qzo_fx.prepare(mlp, qzo_fx.QuantConfig(activation_bits=8))
+
+
+def test_multihead_attention_packed_in_projection_is_quantized():
+    from tests.zoo.models import AttentionBlock
+
+    torch.manual_seed(0)
+    model, x = AttentionBlock().eval(), torch.randn(2, 5, 16)
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
+    rows = {q.target: q for q in qzo_fx.list_quantizers(qm)}
+    assert rows["attn.in_proj_weight"].scale_shape == (48,) and rows["attn.out_proj.weight"].scale_shape == (16,)
+    assert sum(q.role == "activation" and q.target == "x" for q in rows.values()) == 1  # q, k, v share it
+    qm.eval()
+    torch.testing.assert_close(qm(x), model(x), atol=0.02, rtol=0.05)
+    assert sorted(qm.state_dict()) == sorted(set(model.state_dict()) | {k for k in qm.state_dict() if k.startswith("qzo_quant")})

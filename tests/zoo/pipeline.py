@@ -104,7 +104,10 @@ def run_torch_ao(name: str, family: str, factory) -> ZooResult:
             converted = convert_fx(qat.eval())
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "ao.onnx"
-                torch.onnx.export(converted, args, str(path), dynamo=True, external_data=False)
+                try:  # torch.ao's converted models export with the TorchScript exporter
+                    torch.onnx.export(converted, args, str(path), dynamo=False, kwargs=kwargs or None)
+                except Exception:
+                    torch.onnx.export(converted, args, str(path), dynamo=True, external_data=False)
                 result.passed.append(stage)
                 stage = "parity"
                 session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
