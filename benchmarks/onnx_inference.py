@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -23,18 +21,11 @@ import torch
 import qzo_fx
 from qzo_fx.exporters.onnx_export import strip_debug_info
 from qzo_fx.models import MLP, SmallCNN
+from timing import interleaved
 
 
 def _median_ms(fns: dict, rounds: int) -> dict:
-    for fn in fns.values():
-        fn(), fn()
-    samples = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    return {name: seconds * 1e3 for name, seconds in interleaved(fns, rounds, warmup=2).items()}
 
 
 def _fp32_onnx(model, x, path: Path) -> int:

@@ -8,8 +8,6 @@ batched vs sequential throughput. Targets: FOGZO two-sided <= 1.70x STE, one-sid
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn as nn
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 
 import qzo_fx
 from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
+from timing import interleaved
 
 
 def reference_models():
@@ -31,20 +30,6 @@ def reference_models():
         "vit": (TinyViT, images(64), ce),
         "llama": (TinyLlama, text, lm),
     }
-
-
-def interleaved(fns: dict, rounds: int, warmup: int = 3) -> dict:
-    """Median seconds per callable, timed round-robin so that machine drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def step_fns(factory, batch, loss_fn):

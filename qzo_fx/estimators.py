@@ -137,11 +137,8 @@ class NSPSA:
         return self.branches
 
 
-
-
-
 @dataclass(frozen=True)
-class ZOSign:
+class ZOSign(NSPSA):
     """Sign-based zeroth-order SGD on latent weights; two different methods, named apart:
 
     * ``variant="elementwise"`` -- ZO-SignSGD: ``G = sign(mean_i c_i u_i / eps)``, the
@@ -149,28 +146,14 @@ class ZOSign:
     * ``variant="scalar"`` -- what ZO-Bench calls "ZO-SGD-Sign": ``G = mean_i sign(c_i) u_i``,
       the sign of each scalar finite difference times its direction.
 
-    ``c_i = [L(th + eps u_i) - L(th - eps u_i)] / 2``; other fields as :class:`NSPSA`.
+    ``c_i = [L(th + eps u_i) - L(th - eps u_i)] / 2``; the other fields are :class:`NSPSA`'s.
     """
 
-    n: int = 1
     variant: str = "elementwise"
-    noise: str = "smoothing"
-    eps: Optional[float] = None
-    perturb: str = "all"
-    eps_float: float = 1e-3
-    seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        NSPSA(self.n, self.noise, self.eps, self.perturb, self.eps_float, self.seed)  # same checks
+        super().__post_init__()
         _check(self.variant in ("elementwise", "scalar"), "variant", self.variant, "'elementwise' or 'scalar'")
-
-    @property
-    def branches(self) -> int:
-        return 2 * self.n
-
-    @property
-    def fwd_equivalents(self) -> int:
-        return self.branches
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def _train(qm, step, opt, data):
     return losses
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES + ("lean",))
 def test_same_seed_same_losses(strategy):
     runs = []
     for _ in range(2):

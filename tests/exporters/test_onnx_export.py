@@ -46,17 +46,29 @@ def test_op_types_and_parity(name, factory, x, cfg, ops, bound, tmp_path):
     assert report.ok and report.outputs[0].steps < bound, str(report)
 
 
-@pytest.mark.parametrize("factory,x,cfg", [
-    (TinyViT, IMAGES, qzo_fx.QuantConfig(weight_bits=4, activation_bits=8)),
-    (TinyLlama, TOKENS, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)),
-])
-def test_transformers_parity_and_core_ops(factory, x, cfg, tmp_path):
-    qm, result, _ = _export(factory(), x, cfg, tmp_path)
-    assert result.op_types["DequantizeLinear"] == 2 * result.op_types["QuantizeLinear"] + (1 if factory is TinyLlama else 0) \
-        or result.op_types["DequantizeLinear"] > result.op_types["QuantizeLinear"]
-    assert {"MatMul", "Softmax", "LayerNormalization"} <= set(result.op_types)
-    x2 = torch.randint(0, 128, (3, 16)) if factory is TinyLlama else torch.randn(5, 1, 28, 28)
-    assert qzo_fx.verify_onnx(qm, result.path, (x2,)).ok
+# 10 weight DequantizeLinear each, plus one Q/DQ pair per quantized activation (ViT: the inputs of
+# the patch conv, of the 8 block linears, of the mean pool and of the head).
+VIT_OPS = {"Add": 13, "Concat": 4, "Conv": 1, "DequantizeLinear": 21, "Gather": 6, "Gelu": 2, "Gemm": 1,
+           "LayerNormalization": 5, "MatMul": 12, "Mul": 4, "QuantizeLinear": 11, "ReduceMean": 1, "Reshape": 9,
+           "Shape": 2, "Slice": 6, "Softmax": 2, "Transpose": 15}
+LLAMA_OPS = {"Add": 18, "DequantizeLinear": 19, "Div": 2, "Erf": 2, "Gather": 1, "LayerNormalization": 5,
+             "MatMul": 13, "Mul": 8, "QuantizeLinear": 9, "Reshape": 8, "Slice": 6, "Softmax": 2, "Squeeze": 6,
+             "Transpose": 15}
+
+
+def test_tiny_vit_op_types_and_parity(tmp_path):
+    qm, result, _ = _export(TinyViT(), IMAGES, qzo_fx.QuantConfig(weight_bits=4, activation_bits=8), tmp_path)
+    assert result.op_types == VIT_OPS
+    assert qzo_fx.verify_onnx(qm, result.path, (torch.randn(5, 1, 28, 28),)).ok
+
+
+def test_tiny_llama_captured_with_torch_export_op_types_and_parity(tmp_path):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(TinyLlama(), W8A8, example_inputs=(TOKENS,), capture="export")
+    assert qm.meta["qzo.capture"].method == "export"
+    result = qzo_fx.export_onnx(qm, (TOKENS,), tmp_path / "llama.onnx", target="cpu")
+    assert result.op_types == LLAMA_OPS
+    assert qzo_fx.verify_onnx(qm, result.path, (torch.randint(0, 128, (2, 16)),)).ok
 
 
 def test_int4_weights_are_true_int4_and_small(tmp_path):

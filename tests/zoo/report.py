@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +16,25 @@ from tests.zoo.models import ZOO
 from tests.zoo.pipeline import AO_STAGES, STAGES, run_pipeline, run_torch_ao
 
 MARK = {True: "✓", False: "✗", None: "·"}
+ANSI = re.compile(r"\x1b\[[0-9;]*m|\[[0-9;]*m")
+NOTES = """
+## Why the failures fail
+
+- **ViT/DeiT (timm)**: 1.005 steps against a 1-step tolerance. ONNX Runtime's LayerNorm, GELU and
+  Softmax differ from torch's in the last float bits; now and then that moves an activation across a
+  rounding boundary of the next quantizer, and one flipped code before the head is about one output step.
+- **EfficientNetV2, Inception-v3, RegNetX (random init)**: the same flips, amplified: these random
+  networks are chaotic (EfficientNetV2's quantized output already differs from its float output by
+  33 on a range of 89), so one flip early grows to many output steps. The lowered PyTorch model equals
+  the prepared one exactly; the gap is between torch's and ORT's float arithmetic.
+- **Data-dependent control flow**: prepared by partial capture (the root runs eagerly, its layers are
+  quantized) and it trains with STE and FOGZO, but no ONNX graph exists for Python branches on tensor
+  values: export raises `ExportError` (the fix is `torch.cond` in the model).
+- **torch.ao column**: `prepare_qat_fx` fails on the Hugging Face models, tied weights and LSTMs; its
+  converted models export through the TorchScript exporter, and the ONNX Runtime output then misses the
+  converted model by more than one output step everywhere (same metric as ours).
+- LSTM weights are not quantized yet (the LSTM row passes with them in float; `qzo_fx.examine` says so).
+"""
 
 
 def _cells(result, stages):
@@ -52,8 +72,8 @@ def main() -> None:
     for ours, theirs in rows:
         ao = "".join(_cells(theirs, AO_STAGES)) if theirs else "-"
         lines.append(f"| {ours.name} | {ours.family} | {ours.capture or '-'} | {ours.quantizers} | "
-                     + " | ".join(_cells(ours, STAGES)) + f" | {ao} | {ours.error.replace('|', '/')[:160]} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+                     + " | ".join(_cells(ours, STAGES)) + f" | {ao} | {ANSI.sub('', ours.error).replace('|', '/')[:160]} |")
+    Path(args.out).write_text("\n".join(lines) + "\n" + NOTES)
     print(f"wrote {args.out}: {ok}/{len(rows)}")
 
 
