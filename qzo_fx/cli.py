@@ -1,4 +1,4 @@
-"""The ``qzo-fx`` command line: ``inspect`` and ``export``."""
+"""The ``qzo-fx`` command line: ``inspect``, ``export`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +89,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+BENCHMARKS = ("step_overhead", "onnx_inference", "memory", "zoqo", "fogzo_vs_ste", "mnist_compute")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = folder / f"{args.name}.py"
+    if not script.exists():
+        raise QzoError(f"benchmark {args.name!r} not found in {folder}: benchmarks ship with the source checkout "
+                       "(git clone ... && pip install -e .).")
+    argv = [str(script)] + (["--quick"] if args.quick else []) + list(args.rest)
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv, sys.path[:0] = argv, [str(folder)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qzo-fx", description="Low-bit QAT on torch.fx with STE and zeroth-order estimators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--activation-bits", type=int, default=None)
     export.add_argument("--input-shape", default=None, help="for a saved model: e.g. 2,1,28,28")
     export.set_defaults(run=_export)
+    bench = sub.add_parser("bench", help="run a benchmark script (figures are printed; see docs/)")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("--quick", action="store_true", help="a reduced run (under 2 minutes)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="further options for the script")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -87,3 +87,17 @@ def test_cli_export_factory_and_saved_model(capsys, tmp_path):
     torch.save(qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8)), saved)
     assert main(["export", str(saved), "--input-shape", "2,6", "--out", str(out)]) == 0
     assert main(["export", str(saved), "--out", str(out)]) == 2
+
+
+def test_cli_bench_quick_smoke(tmp_path):
+    """`qzo-fx bench NAME --quick`: the quick FOGZO-vs-STE comparison runs end to end."""
+    out = subprocess.run([sys.executable, "-m", "qzo_fx.cli", "bench", "fogzo_vs_ste", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Same iterations" in out.stdout and "MLP digits" in out.stdout
+    assert (tmp_path / "fogzo_vs_ste.json").exists()
+
+
+def test_cli_bench_unknown_name_is_refused():
+    out = subprocess.run([sys.executable, "-m", "qzo_fx.cli", "bench", "nope"], capture_output=True, text=True)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
