@@ -55,8 +55,11 @@ def run(estimator: str, strategy: str, width: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true", help="width 512")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.width = 512
     if args.one:
         print(json.dumps(run(args.one[0], None if args.one[1] == "-" else args.one[1], args.width)))
         return
