@@ -20,11 +20,25 @@ from qzo_fx.examine import ExamineReport, examine
 from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
 from qzo_fx.prepare import list_quantizers, prepare
 from qzo_fx.train import StepStats, TrainStep, train_step
-from qzo_fx.exporters.onnx_export import ExportResult, export_onnx
-from qzo_fx.exporters.runtime import onnx_session
-from qzo_fx.exporters.verify import ParityReport, verify_onnx
 
 __version__ = "0.1.0"
+
+# Export names load on first use: onnx/onnxscript cost half a second that training never needs.
+_LAZY = {
+    "export_onnx": "qzo_fx.exporters.onnx_export", "ExportResult": "qzo_fx.exporters.onnx_export",
+    "onnx_session": "qzo_fx.exporters.runtime",
+    "verify_onnx": "qzo_fx.exporters.verify", "ParityReport": "qzo_fx.exporters.verify",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qzo_fx' has no attribute {name!r}")
 
 __all__ = [
     "prepare", "QuantConfig", "QuantSpec", "list_quantizers", "examine", "ExamineReport",
