@@ -37,7 +37,8 @@ def _owner(node: Node, sig: OpSignature) -> str:
 def _weight_tensor(gm: GraphModule, node: Node, sig: OpSignature):
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        return module.in_proj_weight if sig.kind == "mha" else module.weight
+        return {"mha": lambda: module.in_proj_weight, "recurrent": lambda: module.weight_ih_l0}.get(
+            sig.kind, lambda: module.weight)()
     return gm.get_parameter(str(node.args[sig.weight_arg].target))
 
 
@@ -117,5 +118,6 @@ def _annotate_pools(gm: GraphModule, ctx: PrepareContext, modules: dict[str, nn.
 def _is_parameter_or_module(gm: GraphModule, node: Node, sig: OpSignature) -> bool:
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        return isinstance(getattr(module, "in_proj_weight" if sig.kind == "mha" else "weight", None), nn.Parameter)
+        name = {"mha": "in_proj_weight", "recurrent": "weight_ih_l0"}.get(sig.kind, "weight")
+        return isinstance(getattr(module, name, None), nn.Parameter)
     return _is_parameter(gm, node, sig)

@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node
 
 from qzo_fx.config import QuantSpec
 from qzo_fx.context import ANNOTATION_KEY, QUANT_CONTAINER, QUANTIZER_KEY, PrepareContext
-from qzo_fx.op_table import multi_head_attention
+from qzo_fx.op_table import multi_head_attention, recurrent
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.quantizer import Quantizer
 
@@ -60,10 +60,28 @@ def _functionalize_mha(gm: GraphModule, node: Node) -> Node:
     return new
 
 
+def _functionalize_recurrent(gm: GraphModule, node: Node) -> Node:
+    module: nn.RNNBase = gm.get_submodule(str(node.target))
+    prefix = str(node.target)
+    with gm.graph.inserting_before(node):
+        weights = [gm.graph.get_attr(f"{prefix}.{name}") for name in module._flat_weights_names]
+        hx = node.args[1] if len(node.args) > 1 else None
+        kwargs = dict(mode=module.mode, has_biases=module.bias, num_layers=module.num_layers, dropout=module.dropout,
+                      training=gm.graph.get_attr(f"{prefix}.training"), bidirectional=module.bidirectional,
+                      batch_first=module.batch_first, hidden_size=module.hidden_size)
+        new = gm.graph.call_function(recurrent, (node.args[0], hx, *weights), kwargs)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def _functionalize(gm: GraphModule, node: Node) -> Node:
     module = gm.get_submodule(str(node.target))
     if isinstance(module, nn.MultiheadAttention):
         return _functionalize_mha(gm, node)
+    if isinstance(module, (nn.LSTM, nn.GRU)):
+        return _functionalize_recurrent(gm, node)
     with gm.graph.inserting_before(node):
         weight = gm.graph.get_attr(f"{node.target}.weight")
         bias = gm.graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None

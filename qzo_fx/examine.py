@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 
 from qzo_fx.config import QuantConfig
 from qzo_fx.errors import CaptureError
-from qzo_fx.op_table import MODULE_TYPES, op_signature
+from qzo_fx.op_table import op_signature
 from qzo_fx.partial import untraceable_modules
 from qzo_fx.passes.capture import capture
 
@@ -59,7 +59,8 @@ def _float_weights(gm: GraphModule, prefix: str) -> list[Finding]:
         if node.op != "call_module":
             continue
         module = modules.get(str(node.target))
-        if module is None or type(module) in MODULE_TYPES or isinstance(module, _FLOAT_BY_DESIGN):
+        # The same rule prepare uses: a module with a signature gets quantized.
+        if module is None or op_signature(node, modules) is not None or isinstance(module, _FLOAT_BY_DESIGN):
             continue
         if any(True for _ in module.parameters(recurse=False)) or (module is not gm and list(module.parameters())
                                                                     and not list(module.children())):

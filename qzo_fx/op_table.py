@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-__all__ = ["OpSignature", "op_signature", "pool_signature", "POOL", "MHA", "MODULE_TYPES", "multi_head_attention"]
+__all__ = ["OpSignature", "op_signature", "pool_signature", "POOL", "MHA", "MODULE_TYPES", "multi_head_attention",
+           "recurrent", "recurrent_signature"]
 
 aten = torch.ops.aten
 
@@ -90,6 +91,8 @@ def op_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignat
         module = modules.get(node.target)
         if type(module) is nn.MultiheadAttention and module._qkv_same_embed_dim and not node.args[3:]:
             return MHA  # packed in-projection only; separate q/k/v weights stay float
+        if type(module) in (nn.LSTM, nn.GRU) and module.proj_size == 0 and not node.kwargs:
+            return recurrent_signature(module)
         for module_type, sig in MODULE_TYPES.items():
             if type(module) is module_type:
                 return sig
@@ -113,6 +116,35 @@ def op_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignat
         if _is_param(node.args[0]) and not _is_param(node.args[1]):
             return OpSignature("matmul", 0, 1, 0, 1)
     return None
+
+
+def recurrent_signature(module: nn.RNNBase) -> OpSignature:
+    """LSTM/GRU, functionalized as ``recurrent(input, hx, *flat_weights, ...)``: every weight matrix
+    (not the biases) of every layer and direction is quantized, per gate row (axis 0)."""
+    positions = [2 + i for i, name in enumerate(module._flat_weights_names) if name.startswith("weight")]
+    return OpSignature("recurrent", positions[0], 0, 0, 1, extra_weight_args=tuple(positions[1:]))
+
+
+def recurrent(input, hx, *weights, mode: str, has_biases: bool, num_layers: int, dropout: float, training: bool,
+              bidirectional: bool, batch_first: bool, hidden_size: int):
+    """``nn.LSTM`` / ``nn.GRU`` forward with the flat weights as arguments (so they can be quantized)."""
+    batched = input.dim() == 3
+    if not batched:
+        input = input.unsqueeze(0 if batch_first else 1)
+    batch = input.shape[0 if batch_first else 1]
+    if hx is None:
+        zeros = input.new_zeros(num_layers * (2 if bidirectional else 1), batch, hidden_size)
+        hx = (zeros, zeros) if mode == "LSTM" else zeros
+    elif not batched:
+        hx = tuple(h.unsqueeze(1) for h in hx) if mode == "LSTM" else hx.unsqueeze(1)
+    flat = list(weights)
+    if mode == "LSTM":
+        out, h, c = torch._VF.lstm(input, hx, flat, has_biases, num_layers, dropout, training, bidirectional, batch_first)
+        state = (h, c) if batched else (h.squeeze(1), c.squeeze(1))
+    else:
+        out, h = torch._VF.gru(input, hx, flat, has_biases, num_layers, dropout, training, bidirectional, batch_first)
+        state = h if batched else h.squeeze(1)
+    return (out if batched else out.squeeze(0 if batch_first else 1)), state
 
 
 def multi_head_attention(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,

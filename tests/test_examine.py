@@ -11,14 +11,24 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+class RNNTagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.out = nn.Embedding(30, 8), nn.RNN(8, 16, batch_first=True), nn.Linear(16, 5)
+
+    def forward(self, idx):
+        return self.out(self.rnn(self.emb(idx))[0])
+
+
 def test_examine_traceable_model_lists_float_weights_without_changing_it():
-    model = LSTMTagger()
+    model = RNNTagger()
     before = _state(model)
     report = qzo_fx.examine(model)
     assert report.plan == "graph mode (symbolic)"
-    assert len(report.quantizable) == 2  # the embedding and the output linear
-    lstm = [f for f in report.findings if f.where == "lstm"]
-    assert lstm and lstm[0].kind == "float weight" and "LSTM" in lstm[0].detail
+    assert len(report.quantizable) == 2  # the embedding and the output linear; nn.RNN has no rule
+    rnn = [f for f in report.findings if f.where == "rnn"]
+    assert rnn and rnn[0].kind == "float weight" and "RNN" in rnn[0].detail
+    assert not [f for f in qzo_fx.examine(LSTMTagger()).findings if f.where == "lstm"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert "prepare will" in str(report)
 
@@ -31,6 +41,6 @@ def test_examine_untraceable_model_names_place_reason_and_plan():
     assert root[0].location.endswith(".py:" + root[0].location.rsplit(":", 1)[1]) and "models.py" in root[0].location
 
 
-def test_examine_reports_multihead_attention_kept_in_float():
+def test_examine_counts_attention_as_quantizable():
     report = qzo_fx.examine(AttentionBlock())
-    assert any(f.where == "attn" and "MultiheadAttention" in f.detail for f in report.findings)
+    assert len(report.quantizable) == 2 and not [f for f in report.findings if f.where == "attn"]

@@ -16,8 +16,9 @@ from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-IMAGES = torch.randn(4, 1, 28, 28)
-TOKENS = torch.randint(0, 128, (2, 16))
+_DATA = torch.Generator().manual_seed(1234)  # fixed inputs whatever ran before this module
+IMAGES = torch.randn(4, 1, 28, 28, generator=_DATA)
+TOKENS = torch.randint(0, 128, (2, 16), generator=_DATA)
 W4 = qzo_fx.QuantConfig(weight_bits=4)
 W8A8 = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
 
@@ -123,7 +124,10 @@ def test_lowering_keeps_prepared_model_and_is_exact():
     folded = lower_for_export(qm)
     assert not any(isinstance(m, nn.BatchNorm2d) for n, m in folded.named_modules() if n in
                    {str(x.target) for x in folded.graph.nodes if x.op == "call_module"})
-    torch.testing.assert_close(folded(IMAGES), qm(IMAGES), rtol=1e-4, atol=1e-4)
+    # Folding reorders float arithmetic, which may flip one rounding of a later quantizer: compare in
+    # output steps (8-bit grid over the output range), the unit verify_onnx uses.
+    step = float(qm(IMAGES).abs().max()) / 127
+    assert float((folded(IMAGES) - qm(IMAGES)).abs().max()) <= step
     assert all(torch.equal(v, qm.state_dict()[k]) for k, v in before.items())
 
 

@@ -124,3 +124,23 @@ def test_multihead_attention_packed_in_projection_is_quantized():
     qm.eval()
     torch.testing.assert_close(qm(x), model(x), atol=0.02, rtol=0.05)
     assert sorted(qm.state_dict()) == sorted(set(model.state_dict()) | {k for k in qm.state_dict() if k.startswith("qzo_quant")})
+
+
+@pytest.mark.parametrize("layer,x", [
+    (nn.LSTM(8, 12, num_layers=2, batch_first=True), torch.randn(3, 5, 8)),
+    (nn.GRU(8, 12, bidirectional=True), torch.randn(5, 3, 8)),
+    (nn.LSTM(8, 12), torch.randn(5, 8)),  # unbatched input
+])
+def test_recurrent_weights_are_quantized_per_gate_row(layer, x):
+    torch.manual_seed(0)
+    model = nn.Sequential(layer).eval()
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8))
+    weights = [n for n in layer._flat_weights_names if n.startswith("weight")]
+    rows = {q.target: q for q in qzo_fx.list_quantizers(qm)}
+    assert sorted(rows) == sorted(f"0.{n}" for n in weights)
+    assert all(rows[f"0.{n}"].scale_shape == (getattr(layer, n).shape[0],) for n in weights)
+    qm.eval()
+    out, ref = qm(x), model(x)
+    torch.testing.assert_close(out[0], ref[0], atol=0.02, rtol=0.05)
+    torch.testing.assert_close(out[1][0] if isinstance(out[1], tuple) else out[1],
+                               ref[1][0] if isinstance(ref[1], tuple) else ref[1], atol=0.02, rtol=0.05)
