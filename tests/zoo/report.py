@@ -33,7 +33,7 @@ NOTES = """
 - **torch.ao column**: `prepare_qat_fx` fails on the Hugging Face models, tied weights and LSTMs; its
   converted models export through the TorchScript exporter, and the ONNX Runtime output then misses the
   converted model by more than one output step everywhere (same metric as ours).
-- LSTM weights are not quantized yet (the LSTM row passes with them in float; `qzo_fx.examine` says so).
+- LSTM/GRU weights and MultiheadAttention's packed in-projection are quantized (see their rows' quantizer counts).
 """
 
 
