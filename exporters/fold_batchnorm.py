@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["fold_batchnorm"]
@@ -78,8 +78,7 @@ def _fold(gm: GraphModule, bn: nn.Module, producer: Node, weight: Node, k: torch
 
 
 def fold_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:
-    if not hasattr(gm, EXPORT_CONTAINER):
-        gm.add_submodule(EXPORT_CONTAINER, nn.Module())
+    export_container(gm)
     modified = False
     for node in list(gm.graph.nodes):
         match = _foldable(gm, node)

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from qzo_fx.context import QUANTIZER_KEY
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.quantizer import quantizer_of
 
@@ -18,9 +18,7 @@ __all__ = ["lower_activations"]
 
 
 def lower_activations(gm: GraphModule, *, ctx: object = None) -> PassResult:
-    if not hasattr(gm, EXPORT_CONTAINER):
-        gm.add_submodule(EXPORT_CONTAINER, nn.Module())
-    container, modified = getattr(gm, EXPORT_CONTAINER), False
+    container, modified = export_container(gm), False
     for node in list(gm.graph.nodes):
         found = quantizer_of(gm, node)
         if found is None or found[1].role != "activation":

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.fx import GraphModule, Node
 
 from qzo_fx.context import QUANTIZER_KEY
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.passes.integer_codes import code_quantizer, integer_codes
 from qzo_fx.quantizer import Quantizer, quantizer_of
@@ -34,9 +34,7 @@ def _weight_codes(gm: GraphModule, node: Node):
 
 
 def lower_weights(gm: GraphModule, *, ctx: object = None) -> PassResult:
-    if not hasattr(gm, EXPORT_CONTAINER):
-        gm.add_submodule(EXPORT_CONTAINER, nn.Module())
-    container = getattr(gm, EXPORT_CONTAINER)
+    container = export_container(gm)
     packable = gm.meta.setdefault(PACKABLE_KEY, {})
     modified = False
     for node in list(gm.graph.nodes):

@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.ops import expand_param
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.quantizer import Quantizer, quantizer_of
+from qzo_fx.quantizer import Quantizer, quantizer_of, quantizer_read
 
 __all__ = ["use_integer_codes", "use_latent_weights", "integer_codes", "code_quantizer"]
 
@@ -70,12 +70,8 @@ def code_quantizer(gm: nn.Module, node: Node):
     """``(name, quantizer)`` of a ``qzo.dequantize`` node reading a quantizer's codes, else None."""
     if node.op != "call_function" or node.target is not torch.ops.qzo.dequantize.default:
         return None
-    target = str(node.args[0].target)
-    container, _, rest = target.partition(".")
-    name, _, attr = rest.rpartition(".")
-    if container != QUANT_CONTAINER or attr != "codes":
-        return None
-    return name, gm.get_submodule(container).get_submodule(name)
+    found = quantizer_read(gm, node.args[0])
+    return None if found is None or found[2] != "codes" else found[:2]
 
 
 def use_latent_weights(gm: GraphModule, *, ctx: object = None) -> PassResult:

@@ -9,7 +9,7 @@ is calibrated with the inputs it received in one run of the model on the example
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx

@@ -18,7 +18,7 @@ from qzo_fx.calibration import init_scale
 from qzo_fx.config import QuantSpec
 from qzo_fx.context import QUANT_CONTAINER
 
-__all__ = ["Quantizer", "QuantizerInfo", "quantizer_of"]
+__all__ = ["Quantizer", "QuantizerInfo", "quantizer_of", "quantizer_read"]
 
 
 @dataclass(frozen=True)
@@ -99,16 +99,21 @@ class Quantizer(nn.Module):
                 f"granularity={self.spec.granularity}, ste={self.spec.ste}")
 
 
+def quantizer_read(gm: nn.Module, value) -> Optional[tuple[str, Quantizer, str]]:
+    """``(name, quantizer, attribute)`` when ``value`` is a ``get_attr`` of ``qzo_quant.<name>.<attribute>``."""
+    if getattr(value, "op", None) != "get_attr":
+        return None
+    container, _, rest = str(value.target).partition(".")
+    name, _, attribute = rest.rpartition(".")
+    if container != QUANT_CONTAINER or not name:
+        return None
+    return name, gm.get_submodule(container).get_submodule(name), attribute
+
+
 def quantizer_of(gm: nn.Module, node) -> Optional[tuple[str, Quantizer]]:
     """``(name, quantizer)`` of a ``qzo.fake_quant``/``qzo.fake_sign`` node, read from the graph
     itself (the ``get_attr`` of its scale), so it holds after a save/load that drops node.meta."""
     if node.op != "call_function" or node.target not in (ops.fake_quant._opoverload, ops.fake_sign._opoverload):
         return None
-    scale = node.args[1]
-    if getattr(scale, "op", None) != "get_attr":
-        return None
-    container, _, rest = str(scale.target).partition(".")
-    name = rest.rpartition(".")[0]
-    if container != QUANT_CONTAINER or not name:
-        return None
-    return name, gm.get_submodule(container).get_submodule(name)
+    found = quantizer_read(gm, node.args[1])
+    return None if found is None else found[:2]

@@ -119,10 +119,6 @@ def _describe(estimator: Any) -> str:
     return repr(dataclasses.replace(estimator, seed=None)) if any(f.name == "seed" for f in fields) else repr(estimator)
 
 
-def _code_range(quantizer: Quantizer) -> tuple[int, int]:
-    return quantizer.spec.qrange
-
-
 class TrainStep:
     """A callable training step; see :func:`train_step`."""
 
@@ -264,7 +260,7 @@ class TrainStep:
             step = quantizer.step_size(quantizer.codes.float())
             m = torch.clamp_min(torch.floor(est.mu / step), 1)
             j = zo_math.zoqo_noise(stream, m, quantizer.codes, est.noise)
-            d_plus, d_minus = zo_math.zoqo_deltas(quantizer.codes, j, *_code_range(quantizer))
+            d_plus, d_minus = zo_math.zoqo_deltas(quantizer.codes, j, *quantizer.spec.qrange)
             noise.append(j), plus.append(d_plus), minus.append(d_minus)
         losses = self._run_branches([(plus, 1.0), (minus, -1.0)], batch, rng_state)
         if losses is None:
@@ -273,7 +269,7 @@ class TrainStep:
         with torch.no_grad():
             for (_, quantizer), j in zip(self.codes, noise):
                 step = torch.clamp_min(torch.floor(est.lr / quantizer.step_size(quantizer.codes.float())), 1)
-                zo_math.zoqo_update_(quantizer.codes, j, step, direction, *_code_range(quantizer))
+                zo_math.zoqo_update_(quantizer.codes, j, step, direction, *quantizer.spec.qrange)
         return losses.mean()
 
     # ------------------------------------------------------------------ helpers
