@@ -29,6 +29,9 @@ class ZooResult:
     capture: str = ""
     quantizers: int = 0
     seconds: float = 0.0
+    raw_steps: float = float("nan")   # output difference without following ties
+    ties: int = 0                     # activation codes that were rounding ties
+    codes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -66,6 +69,7 @@ def run_pipeline(name: str, family: str, factory) -> ZooResult:
                 result.passed.append(stage)
                 stage = "parity"
                 report = qzo_fx.verify_onnx(qm, path, args, kwargs=kwargs)
+                result.raw_steps, result.ties, result.codes = report.raw_steps, report.ties, report.codes
                 if not report.ok:
                     raise qzo_fx.ExportError(f"parity failed: {report}")
                 result.passed.append(stage)
