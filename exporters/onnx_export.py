@@ -6,6 +6,7 @@ import collections
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import onnx
 import torch
+import torch.nn as nn
 from onnx import numpy_helper
 from torch.fx import GraphModule
 
@@ -111,6 +113,27 @@ def _translate(lowered: GraphModule, args: tuple, opset: int, dynamic: bool, kwa
     return program.model_proto
 
 
+_CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)')
+
+
+def _export_failure(qm: nn.Module, error: Exception) -> ExportError:
+    """An ExportError that leads with the cause, the model line and the way out; torch's text follows."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    chain, cause = [], error
+    while cause is not None:
+        chain.append(type(cause).__name__)
+        cause = cause.__cause__
+    site = _CALL_SITE.search(text)
+    where = f" at {site[1]}:{site[2]} in {site[3]}: `{site[4].strip()}`" if site else ""
+    if "GuardOnDataDependentSymNode" in chain or "data-dependent" in text:
+        hint = ("the model branches in Python on a tensor's value, and an ONNX graph has no Python branches. "
+                "Rewrite the branch with torch.cond (both sides traced) or torch.where (both computed), "
+                "then export again; training with qzo_fx works as it is")
+    else:
+        hint = "qzo_fx.examine(model, example_inputs) lists the constructs that cannot be captured"
+    return ExportError(f"torch.onnx could not export {type(qm).__name__}{where}: {hint}.\n\n{text}")
+
+
 def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str, Path], *, target: str = "auto",
                 opset: Optional[int] = None, fold_batchnorm: bool = True, dynamic_batch: bool = True,
                 strict: bool = False, keep_debug_info: bool = False,
@@ -155,12 +178,12 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
         model = _translate(lowered, args, chosen, dynamic, kwargs)
     except Exception as first:
         if not dynamic:
-            raise ExportError(f"torch.onnx could not export {type(qm).__name__}: {first}") from first
+            raise _export_failure(qm, first) from first
         dynamic = False
         try:
             model = _translate(lowered, args, chosen, dynamic, kwargs)
         except Exception as error:
-            raise ExportError(f"torch.onnx could not export {type(qm).__name__}: {error}") from error
+            raise _export_failure(qm, error) from error
     pack_low_bit_weights(model, lowered_meta(lowered).get(PACKABLE_KEY, {}))
     if not keep_debug_info:
         strip_debug_info(model)

@@ -177,3 +177,25 @@ def test_batchnorm_subclasses_with_activation_are_not_folded(tmp_path):
     result = qzo_fx.export_onnx(qm, (IMAGES,), tmp_path / "bnact.onnx", target="cpu")
     assert "BatchNormalization" in result.op_types
     assert qzo_fx.verify_onnx(qm, result.path, (IMAGES,)).ok
+
+
+class _BranchOnValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.mean() > 0:
+            h = torch.relu(h)
+        return self.b(h)
+
+
+def test_data_dependent_branch_names_the_line_and_the_way_out(tmp_path):
+    x = torch.randn(2, 8)
+    qm = qzo_fx.prepare(_BranchOnValue(), W8A8, example_inputs=(x,))
+    with pytest.raises(qzo_fx.ExportError) as info:
+        qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx", target="cpu")
+    first = str(info.value).splitlines()[0]
+    assert "test_onnx_export.py" in first and "if h.mean() > 0:" in first and "torch.cond" in first
+    assert not (tmp_path / "m.onnx").exists()
