@@ -57,10 +57,10 @@ def run(name: str, factory, rounds: int, out: Path) -> None:
         f4 = qzo_fx.export_onnx(w4, (calib[:2],), out / f"{name}_w4.onnx", target="cpu")
         f8s = qzo_fx.export_onnx(w8a8_first_float, (calib[:2],), out / f"{name}_w8a8_skip.onnx", target="cpu")
     fp32_bytes = _fp32_onnx(model, calib[:2], out / f"{name}_fp32.onnx")
-    # ORT's default session settings (thread spinning on): its spinning threads can only slow the
-    # first call of the next block, which is dropped.
-    s8, s4, s8s = (qzo_fx.onnx_session(f.path, "cpu") for f in (f8, f4, f8s))
-    s32 = qzo_fx.onnx_session(out / f"{name}_fp32.onnx", "cpu")
+    # ORT on one thread, torch on all: an ORT thread pool keeps spinning after a call and takes
+    # the cores from the torch call timed next (seen: torch's MLP 27x slower). A lower bound for ORT.
+    s8, s4, s8s = (qzo_fx.onnx_session(f.path, "cpu", threads=1) for f in (f8, f4, f8s))
+    s32 = qzo_fx.onnx_session(out / f"{name}_fp32.onnx", "cpu", threads=1)
     print(f"\n== {name}: files fp32 {fp32_bytes / 1024:.1f} KiB | W8A8 {f8.size_bytes / 1024:.1f} KiB "
           f"({f8.size_bytes / fp32_bytes:.3f}x) | int4 weight-only {f4.size_bytes / 1024:.1f} KiB "
           f"({f4.size_bytes / fp32_bytes:.3f}x)")
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds = 5 if args.quick else 40
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds "
-          f"of {BLOCK} calls (first dropped)")
+          f"of {BLOCK} calls (first dropped); ONNX Runtime on 1 thread")
     with tempfile.TemporaryDirectory() as tmp:
         for name, factory in (("mlp", MLP), ("cnn", SmallCNN)):
             run(name, factory, rounds, Path(tmp))
