@@ -16,6 +16,8 @@ import qzo_fx
 from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
 from timing import interleaved
 
+BLOCK = 3  # steps per turn, the first dropped: steady state, as in a training loop
+
 
 def reference_models():
     """name -> (model factory, batch, loss_fn, config)."""
@@ -65,7 +67,7 @@ def nspsa_throughput(factory, batch, loss_fn, ks, rounds):
         for strategy in ("sequential", "batched"):
             step = qzo_fx.train_step(qm, loss_fn, qzo_fx.NSPSA(n=k // 2, seed=0), strategy=strategy)
             fns[(k, strategy)] = (lambda s: lambda: s(batch))(step)
-    return interleaved(fns, rounds, warmup=1)
+    return interleaved(fns, rounds, warmup=1, block=BLOCK)
 
 
 def main() -> None:
@@ -74,12 +76,13 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn,vit,llama")
     args = parser.parse_args()
     rounds = 7 if args.quick else 40
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds "
+          f"of {BLOCK} back-to-back steps (first dropped)")
     table = reference_models()
     for name in args.models.split(","):
         factory, batch, loss_fn = table[name]
         fns, steps = step_fns(factory, batch, loss_fn)
-        t = interleaved(fns, rounds)
+        t = interleaved(fns, rounds, block=BLOCK)
         ste = t["ste-w2"]
         print(f"\n== {name}: float {t['float']*1e3:.2f} ms | STE W8A8 {t['ste-w8a8']*1e3:.2f} ms "
               f"= {t['ste-w8a8']/t['float']:.2f}x float | STE W2 {ste*1e3:.2f} ms")

@@ -23,7 +23,7 @@ import contextlib
 import copy
 import operator
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,10 @@ __all__ = ["Branch", "BranchRunner", "STRATEGIES", "branch_graph"]
 STRATEGIES = ("auto", "inplace", "sequential", "batched", "lean")
 _CANDIDATES = ("sequential", "inplace", "batched")
 _AUTO_ROUNDS = 3  # timed steps per candidate before auto settles
-Branch = tuple[Sequence[Tensor], float]  # (delta per parameter, sign)
+# (delta per parameter, sign). A delta is a tensor (ZOQO's integer steps) or a pair (v, eps):
+# the FOGZO / n-SPSA step eps * v, applied as one fused multiply-add and never materialized.
+Delta = Union[Tensor, tuple[Tensor, Tensor]]
+Branch = tuple[Sequence[Delta], float]
 LossFn = Callable[[Any, Any], Tensor]
 
 
@@ -68,7 +71,7 @@ class Perturber(nn.Module):
 
     def forward(self, theta: Tensor, index: int) -> Tensor:
         v = self.directions.tensor(self.k, index)
-        return torch.add(theta, v.mul_(self.eps[index]), alpha=self.sign)
+        return perturbed(theta, (v, self.eps[index]), self.sign, out=v)  # v's memory holds the result
 
 
 def lean_graph(model: GraphModule, names: Sequence[str]) -> GraphModule:
@@ -80,9 +83,17 @@ def lean_graph(model: GraphModule, names: Sequence[str]) -> GraphModule:
     return PassManager(passes).run(gm, StreamContext(tuple(names))).graph_module
 
 
-def _alpha(tensor: Tensor, sign: float):
-    # Integer tensors (ZOQO codes) take an integer alpha.
-    return sign if tensor.is_floating_point() else int(sign)
+def perturbed(theta: Tensor, delta: Delta, sign: float, out: Optional[Tensor] = None) -> Tensor:
+    """``theta + sign * delta`` into ``out``, or in place into ``theta`` when ``out`` is None."""
+    if isinstance(delta, tuple):
+        v, eps = delta
+        if out is None:
+            return theta.addcmul_(v, eps, value=sign)
+        return torch.addcmul(theta, v, eps, value=sign, out=out)
+    alpha = sign if theta.is_floating_point() else int(sign)  # integer codes (ZOQO) take an int
+    if out is None:
+        return theta.add_(delta, alpha=alpha)
+    return torch.add(theta, delta, alpha=alpha, out=out)
 
 
 class _BranchModel:
@@ -206,7 +217,7 @@ class BranchRunner:
             for deltas, sign in branches:
                 torch._foreach_copy_(self.params, snapshot)
                 for p, d in zip(self.params, deltas):
-                    p.add_(d, alpha=_alpha(p, sign))
+                    perturbed(p, d, sign)
                 out.append(self._loss(self.model, batch, rng_state))
         finally:
             torch._foreach_copy_(self.params, snapshot)  # never theta + d - d: no drift
@@ -216,7 +227,7 @@ class BranchRunner:
         out, values = [], self.workspace.like("values", self.params)
         for deltas, sign in branches:
             for v, p, d in zip(values, self.params, deltas):
-                torch.add(p, d, alpha=_alpha(p, sign), out=v)  # one reused buffer set for every branch
+                perturbed(p, d, sign, out=v)  # one reused buffer set for every branch
             out.append(self._loss(_BranchModel(self.graph, self.model, values), batch, rng_state))
         return torch.stack(out)
 
@@ -235,7 +246,7 @@ class BranchRunner:
             for k, (deltas, sign) in enumerate(chunk):
                 # Written straight into the stacked buffers: one pass, no torch.stack copy.
                 for j, p in enumerate(self.params):
-                    torch.add(p, deltas[j], alpha=_alpha(p, sign), out=stacked[j][k])
+                    perturbed(p, deltas[j], sign, out=stacked[j][k])
             torch.set_rng_state(rng_state)
             out.append(batched(*stacked).detach())
         return torch.cat(out)

@@ -280,8 +280,8 @@ class TrainStep:
             return self._run_branches(None, batch, rng_state, lambda: self.runner.streamed_losses(
                 directions, eps, pattern, batch, rng_state))
         self._materialized = directions.materialize(self.workspace)
-        deltas = [[torch.mul(vj, e, out=buf) for vj, e, buf in zip(v, eps, self.workspace.like(("delta", k), v))]
-                  for k, v in enumerate(self._materialized)]
+        # Each branch applies eps * v_k as one multiply-add: no delta tensors.
+        deltas = [list(zip(v, eps)) for v in self._materialized]
         return self._run_branches([(deltas[k], sign) for k, sign in pattern], batch, rng_state)
 
     def _run_branches(self, branches, batch, rng_state, streamed=None) -> Optional[Tensor]:

@@ -64,20 +64,22 @@ class NoiseStream:
             return out.add_(raw.to(out.dtype).add_(0.5), alpha=scale / 32768.0)
         return out.copy_(raw).add_(0.5).mul_(scale / 32768.0)
 
-    def fill(self, law: str, out: Tensor) -> Tensor:
-        """Fill the flat CPU tensor ``out`` with i.i.d. noise of mean 0 and variance 1 from ``law``."""
+    def fill(self, law: str, out: Tensor, scale: float = 1.0) -> Tensor:
+        """Fill the flat CPU tensor ``out`` with i.i.d. noise of mean 0 and variance ``scale**2``
+        from ``law`` (the scale folded into the last pass rather than one more pass over ``out``)."""
         if law == "uniform":
-            return self._levels(out, math.sqrt(3.0))
+            return self._levels(out, math.sqrt(3.0) * scale)
         if law == "triangular":
             # The sum of two uniforms on (-a/2, a/2) is triangular on (-a, a), variance a^2/6.
-            self._levels(out, math.sqrt(6.0) / 2.0)
-            return self._levels(out, math.sqrt(6.0) / 2.0, accumulate=True)
+            self._levels(out, math.sqrt(6.0) / 2.0 * scale)
+            return self._levels(out, math.sqrt(6.0) / 2.0 * scale, accumulate=True)
         if law == "logistic":
             # Logistic(0, s) has variance s^2 pi^2 / 3; s = sqrt(3) / pi gives unit variance.
             p = self._levels(out, 1.0).add_(1.0).mul_(0.5)
-            return p.div_(1.0 - p).log_().mul_(math.sqrt(3.0) / math.pi)
+            return p.div_(1.0 - p).log_().mul_(math.sqrt(3.0) / math.pi * scale)
         if law == "gaussian":
-            return out.copy_(torch.from_numpy(self._rng.standard_normal(out.numel(), dtype=np.float32)))
+            out.copy_(torch.from_numpy(self._rng.standard_normal(out.numel(), dtype=np.float32)))
+            return out if scale == 1.0 else out.mul_(scale)
         raise ValueError(f"unknown noise law {law!r}")
 
     def sample(self, law: str, shape: Sequence[int], dtype=torch.float32, device=None) -> Tensor:
@@ -124,20 +126,24 @@ class Directions:
         """False when the guide (eps * g) is zero: the caller keeps the STE gradient."""
         return self.a == 0.0 or self.guide_norms is not None
 
-    def _noise(self, k: int, i: int, out: Optional[Tensor] = None) -> Tensor:
+    def _noise(self, k: int, i: int, out: Optional[Tensor] = None, scale: float = 1.0) -> Tensor:
         like = self.like[i]
-        flat = NoiseStream((self.seed, _NOISE_TAG, k, i)).fill(self.laws[i], torch.empty(like.numel()))
         target = out if out is not None else torch.empty_like(like)
-        return target.copy_(flat.view(like.shape))
+        # Drawn straight into a contiguous float32 CPU target; elsewhere (GPU, other dtypes) via a
+        # host buffer and one copy.
+        direct = target.device.type == "cpu" and target.dtype == torch.float32 and target.is_contiguous()
+        flat = target.view(-1) if direct else torch.empty(like.numel())
+        NoiseStream((self.seed, _NOISE_TAG, k, i)).fill(self.laws[i], flat, scale)
+        return target if direct else target.copy_(flat.view(like.shape))
 
     def tensor(self, k: int, i: int, out: Optional[Tensor] = None) -> Tensor:
         """``v_k`` on tensor i (into ``out`` when given)."""
         if self.b > 0:
-            v = self._noise(k, i, out).mul_(self.b * self.noise_scale[k])
+            v = self._noise(k, i, out, scale=self.b * self.noise_scale[k])
         else:
             v = (out if out is not None else torch.empty_like(self.like[i])).zero_()
         if self.a > 0:
-            v.add_(torch.mul(self.grads[i], self.eps[i]), alpha=self.a * self.signs[k] / self.guide_norms[i])
+            v.addcmul_(self.grads[i], self.eps[i], value=self.a * self.signs[k] / self.guide_norms[i])
         return v
 
     def materialize(self, workspace: Optional[Workspace] = None) -> list[Tensors]:

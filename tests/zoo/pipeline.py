@@ -32,6 +32,7 @@ class ZooResult:
     raw_steps: float = float("nan")   # output difference without following ties
     ties: int = 0                     # activation codes that were rounding ties
     codes: int = 0
+    user_model_untouched: bool = True  # the model passed to prepare, after every stage
 
     @property
     def ok(self) -> bool:
@@ -46,9 +47,20 @@ def loss_of(output) -> torch.Tensor:
     return sum(t.float().pow(2).mean() for t in leaves)
 
 
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """What must survive prepare/train/export unchanged: module tree, modes and every tensor."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    return [(n, type(m).__name__, m.training) for n, m in model.named_modules()], tensors
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
 def run_pipeline(name: str, family: str, factory) -> ZooResult:
     result, start = ZooResult(name, family), time.perf_counter()
     model, args, kwargs = factory()
+    before = _fingerprint(model)
     stage = "prepare"
     try:
         with warnings.catch_warnings():
@@ -78,6 +90,7 @@ def run_pipeline(name: str, family: str, factory) -> ZooResult:
         result.qzo_error = isinstance(error, qzo_fx.QzoError)
         result.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         result.trace = traceback.format_exc()
+    result.user_model_untouched = _same(before, _fingerprint(model))
     result.seconds = time.perf_counter() - start
     return result
 

@@ -22,6 +22,7 @@ def test_zoo_model(name):
     _requires(family)
     torch.manual_seed(0)
     result = run_pipeline(name, family, factory)
+    assert result.user_model_untouched, f"{name}: the user's model changed"
     if not result.ok:
         # Every failure must be a QzoError naming the place and the way out, never a raw traceback.
         assert result.qzo_error, f"{name}: raw {result.error} at {result.failed_stage}"
