@@ -33,12 +33,15 @@ from torch.fx import GraphModule
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import TrainStepError
 from qzo_fx.pass_infra import Pass, PassManager
+from qzo_fx.base_reuse import BaseTaps
+from qzo_fx.passes.incremental_linear import incremental_linear
 from qzo_fx.passes.lift_params import LiftContext, lift_params
 from qzo_fx.passes.lower_qdq import lower_qdq
 from qzo_fx.passes.stream_perturbations import PERTURBER, StreamContext, stream_perturbations
+from qzo_fx.passes.tap_base import ReuseContext, tap_base
 from qzo_fx.workspace import Workspace
 
-__all__ = ["Branch", "BranchRunner", "STRATEGIES", "branch_graph"]
+__all__ = ["Branch", "BranchModel", "BranchRunner", "STRATEGIES", "base_graph", "branch_graph", "incremental_graph", "perturbed"]
 
 STRATEGIES = ("auto", "inplace", "sequential", "batched", "lean")
 _CANDIDATES = ("sequential", "inplace", "batched")
@@ -60,6 +63,21 @@ def branch_graph(model: GraphModule, names: Sequence[str]) -> GraphModule:
     """The model's graph with parameters ``names`` lifted to leading inputs (shares all state)."""
     gm = GraphModule(model, copy.deepcopy(model.graph), class_name="BranchGraph")
     return PassManager(BRANCH_PIPELINE).run(gm, LiftContext(tuple(names))).graph_module
+
+
+def base_graph(model: GraphModule, names: Sequence[str], taps: BaseTaps) -> Optional[GraphModule]:
+    """The model's graph with its first layers tapped for the branches (None if it has none)."""
+    gm = GraphModule(model, copy.deepcopy(model.graph), class_name="BaseGraph")
+    result = PassManager((Pass("tap_base", tap_base, "first layers keep x, Q(theta) and their output"),)).run(
+        gm, ReuseContext(tuple(names), taps))
+    return result.graph_module if result.modified else None
+
+
+def incremental_graph(model: GraphModule, names: Sequence[str], taps: BaseTaps) -> GraphModule:
+    """The branch graph with first layers computed from the base pass (the sequential strategy)."""
+    gm = branch_graph(model, names)
+    reuse = Pass("incremental_linear", incremental_linear, "first layers: base output + x @ change of Q(theta)")
+    return PassManager((reuse,)).run(gm, ReuseContext(tuple(names), taps)).graph_module
 
 
 class Perturber(nn.Module):
@@ -96,7 +114,7 @@ def perturbed(theta: Tensor, delta: Delta, sign: float, out: Optional[Tensor] = 
     return torch.add(theta, delta, alpha=alpha, out=out)
 
 
-class _BranchModel:
+class BranchModel:
     """What ``loss_fn`` receives in a branch: calls the branch graph with bound parameter values."""
 
     def __init__(self, graph: GraphModule, model: nn.Module, values: Sequence[Tensor]) -> None:
@@ -134,7 +152,7 @@ class BranchRunner:
     """Evaluates branch losses for one model, loss function and set of perturbed parameters."""
 
     def __init__(self, model: GraphModule, loss_fn: LossFn, names: Sequence[str], strategy: str = "auto",
-                 max_chunk: int = 64, workspace: Optional[Workspace] = None) -> None:
+                 max_chunk: int = 64, workspace: Optional[Workspace] = None, taps: Optional[BaseTaps] = None) -> None:
         if strategy not in STRATEGIES:
             raise TrainStepError(f"strategy={strategy!r} is invalid: allowed {STRATEGIES}.")
         self.model, self.loss_fn, self.names = model, loss_fn, tuple(names)
@@ -147,6 +165,7 @@ class BranchRunner:
         self.workspace = Workspace.get(workspace)
         self._graph: Optional[GraphModule] = None
         self._lean: Optional[GraphModule] = None
+        self.taps, self._sequential_graph = taps, None
         self.timings: dict[str, list[float]] = {}
 
     @property
@@ -155,6 +174,16 @@ class BranchRunner:
         if self._graph is None:
             self._graph = branch_graph(self.model, self.names)
         return self._graph
+
+    @property
+    def sequential_graph(self) -> GraphModule:
+        """What ``sequential`` runs: the branch graph, with incremental first layers when the
+        base pass is tapped."""
+        if self.taps is None:
+            return self.graph
+        if self._sequential_graph is None:
+            self._sequential_graph = incremental_graph(self.model, self.names, self.taps)
+        return self._sequential_graph
 
     def streamed_losses(self, directions, eps: Sequence[Tensor], pattern: Sequence[tuple[int, float]],
                         batch: Any, rng_state: Tensor) -> Tensor:
@@ -168,7 +197,7 @@ class BranchRunner:
             with _branch_mode(self._norms, self._buffers):
                 for k, sign in pattern:
                     perturber.k, perturber.sign = k, sign
-                    out.append(self._loss(_BranchModel(self._lean, self.model, ()), batch, rng_state))
+                    out.append(self._loss(BranchModel(self._lean, self.model, ()), batch, rng_state))
         finally:
             perturber.directions = perturber.eps = None  # hold no step's tensors between steps
         return torch.stack(out)
@@ -228,14 +257,14 @@ class BranchRunner:
         for deltas, sign in branches:
             for v, p, d in zip(values, self.params, deltas):
                 perturbed(p, d, sign, out=v)  # one reused buffer set for every branch
-            out.append(self._loss(_BranchModel(self.graph, self.model, values), batch, rng_state))
+            out.append(self._loss(BranchModel(self.sequential_graph, self.model, values), batch, rng_state))
         return torch.stack(out)
 
     def _batched(self, branches, batch, rng_state) -> Tensor:
         graph, model = self.graph, self.model
 
         def one(*values: Tensor) -> Tensor:
-            return self.loss_fn(_BranchModel(graph, model, values), batch).reshape(())
+            return self.loss_fn(BranchModel(graph, model, values), batch).reshape(())
 
         batched = torch.func.vmap(one, randomness="same")
         out = []

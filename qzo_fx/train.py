@@ -24,7 +24,8 @@ from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
 from qzo_fx import distributed, zo_math
-from qzo_fx.branches import STRATEGIES, BranchRunner
+from qzo_fx.base_reuse import TAPS, BaseTaps
+from qzo_fx.branches import STRATEGIES, BranchRunner, BranchModel, base_graph
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import BatchError, NonFiniteLossError, TrainStepError
 from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
@@ -142,6 +143,7 @@ class TrainStep:
         self.runner: Optional[BranchRunner] = None
         self.workspace = Workspace()  # noise, deltas and branch values: allocated once
         self._materialized: Optional[list] = None  # this step's directions, unless streamed
+        self._base: Optional[GraphModule] = None  # the base pass with first layers tapped
         if isinstance(estimator, ZOQO):
             self.codes = code_tensors(model)
             self.runner = BranchRunner(model, loss_fn, [name for name, _ in self.codes], strategy, max_chunk,
@@ -152,12 +154,27 @@ class TrainStep:
             if not self.perturbed:
                 raise TrainStepError(f"{type(estimator).__name__}: the model has no parameter to perturb; "
                                      "prepare it with a weight spec, or use perturb='all'.")
-            self.runner = BranchRunner(model, loss_fn, [p.name for p in self.perturbed], strategy, max_chunk,
-                                       self.workspace)
+            names = [p.name for p in self.perturbed]
+            self._base = self._tapped_base(model, names, strategy)
+            self.runner = BranchRunner(model, loss_fn, names, strategy, max_chunk, self.workspace,
+                                       taps=None if self._base is None else self._base.get_submodule(TAPS))
         base_seed = getattr(estimator, "seed", None)
         drawn = int(torch.randint(0, 2**31 - 1, ()).item()) if base_seed is None else base_seed
         self.base_seed = distributed.broadcast_int(drawn)  # one seed, hence one s and u, on every rank
         self._batch_signature: Optional[list[tuple]] = None
+
+    def _tapped_base(self, model: nn.Module, names: list[str], strategy: str) -> Optional[GraphModule]:
+        """The base-pass graph whose first layers sequential branches reuse (see
+        :mod:`qzo_fx.base_reuse`); None where it cannot serve: DDP (the base pass must go through
+        the wrapper), strategies other than sequential/auto, models without a first layer."""
+        if self.wrapper is not model or strategy not in ("sequential", "auto") or not isinstance(self.estimator, FOGZO):
+            return None
+        return base_graph(model, names, BaseTaps())
+
+    @property
+    def base_graph(self) -> Optional[GraphModule]:
+        """The graph the base pass runs when first layers are tapped for the branches, else None."""
+        return self._base
 
     @property
     def branch_graph(self):
@@ -187,7 +204,11 @@ class TrainStep:
     def _ste(self, batch: Any) -> tuple[Tensor, Tensor, bool]:
         """Base forward + backward; returns (loss, RNG state before the forward, finite?)."""
         rng_state = torch.get_rng_state()
-        loss = self.loss_fn(self.wrapper, batch)
+        model = self.wrapper
+        if self._base is not None:
+            self.runner.taps.clear()  # values of this step only
+            model = BranchModel(self._base, self.model, ())
+        loss = self.loss_fn(model, batch)
         self.stats.forward_passes += 1
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TrainStepError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "

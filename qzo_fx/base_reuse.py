@@ -1,0 +1,94 @@
+"""Branches that reuse the base pass: a first layer computed from its change only.
+
+A *first layer* is a linear layer whose input does not depend on any perturbed parameter (e.g.
+the input layer of an MLP). Every branch sees the same input ``x`` as the base STE pass, and its
+perturbed quantized weight differs from the base one only where the perturbation crossed a
+rounding boundary -- about 0.1-1% of the entries with FOGZO's small noise. So
+
+    linear(x, Q(theta + delta), b) = base_out + x @ (Q(theta + delta) - Q(theta))^T
+
+costs a scan of the weight and one multiply-add per changed entry and batch row, instead of a
+dense GEMM. ``BaseTaps`` (in the base graph) keeps ``x``, ``Q(theta)`` and the output of each
+first layer for the current step; ``IncrementalLinear`` (in the sequential branch graph) uses
+them, and computes the dense product whenever the input differs from the base pass's, the step's
+base pass has not run, the change is not sparse, or the layer is too small to gain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BaseTaps", "IncrementalLinear", "TAPS", "INCREMENTAL", "MAX_DENSITY", "MIN_MACS"]
+
+TAPS = "qzo_base_taps"            # submodule name in the base graph
+INCREMENTAL = "qzo_incremental"   # submodule name in the sequential branch graph
+MAX_DENSITY = 0.02                # above this fraction of changed weights the dense GEMM wins
+MIN_MACS = 2_000_000              # smaller layers: the scan costs more than the GEMM it saves
+
+
+@dataclass
+class _Base:
+    x: Tensor                          # the layer's input in the base pass (as given, not copied)
+    x_version: int                     # its version counter: an in-place change voids the reuse
+    weight: Tensor                     # Q(theta)
+    out: Tensor                        # the base output, copied (later ops may work in place)
+
+
+class BaseTaps(nn.Module):
+    """Identity on a first layer's output that records what branches reuse, per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, _Base] = {}
+
+    def clear(self) -> None:
+        self.values.clear()
+
+    def forward(self, key: str, x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+        self.values[key] = _Base(x.detach(), x._version, weight.detach(), out.detach().clone())
+        return out
+
+
+class IncrementalLinear(nn.Module):
+    """``linear(x, weight, bias)`` from the base pass's output and the weight's change."""
+
+    def __init__(self, taps: BaseTaps) -> None:
+        super().__init__()
+        self.taps = [taps]  # a list: not registered as a child (it belongs to the base graph)
+        self.calls = self.incremental_calls = 0
+
+    def forward(self, key: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        self.calls += 1
+        base = self.taps[0].values.get(key)
+        if base is None or weight.dim() != 2 or not _same_input(x, base):
+            return F.linear(x, weight, bias)
+        out_features, in_features = weight.shape
+        rows = x.numel() // in_features
+        if rows * out_features * in_features < MIN_MACS:
+            return F.linear(x, weight, bias)
+        flat, base_flat = weight.reshape(-1), base.weight.reshape(-1)
+        where = torch.ne(flat, base_flat).nonzero().squeeze(1)
+        if where.numel() > MAX_DENSITY * flat.numel():
+            return F.linear(x, weight, bias)
+        self.incremental_calls += 1
+        # out[r, o] += x[r, i] * change[o, i] for each changed (o, i): a gather of the touched
+        # input columns and a scatter-add into a copy of the base output (row-major throughout).
+        out_row = torch.div(where, in_features, rounding_mode="floor")
+        change = flat.index_select(0, where) - base_flat.index_select(0, where)
+        columns = x.reshape(rows, in_features).index_select(1, where - out_row * in_features).mul_(change)
+        return base.out.reshape(rows, out_features).index_add(1, out_row, columns).view(base.out.shape)
+
+
+def _same_input(x: Tensor, base: _Base) -> bool:
+    """True if ``x`` holds the base pass's input: the same memory, unchanged, or equal values."""
+    if x.shape != base.x.shape or x.dtype != base.x.dtype:
+        return False
+    if (x.data_ptr() == base.x.data_ptr() and x.stride() == base.x.stride()
+            and base.x._version == base.x_version):
+        return True
+    return torch.equal(x, base.x)

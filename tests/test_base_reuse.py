@@ -1,0 +1,86 @@
+"""Sequential branches reuse the base pass's first layers: same losses and estimate as dense
+branches, and a dense fallback wherever the reuse would not be exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qzo_fx
+from qzo_fx import base_reuse
+from qzo_fx.base_reuse import INCREMENTAL, TAPS
+
+
+class Net(nn.Module):
+    def __init__(self, inplace_relu: bool = False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 4)
+        self.act = nn.ReLU(inplace=inplace_relu)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def twice(model, batch):
+    # The model called on two different inputs: only one of them is the tapped base input.
+    return F.cross_entropy(model(batch[0]), batch[1]) + F.cross_entropy(model(2 * batch[0]), batch[1])
+
+
+@pytest.fixture(autouse=True)
+def small_layers_count(monkeypatch):
+    monkeypatch.setattr(base_reuse, "MIN_MACS", 0)  # exercise the path on test-sized layers
+
+
+def _run(strategy, loss_fn=ce, inplace_relu=False, steps=3):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(Net(inplace_relu), qzo_fx.QuantConfig(weight_bits=4))
+    batch = (torch.randn(16, 64), torch.randint(0, 4, (16,)))
+    step = qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(total_steps=10, beta_min=0.99, seed=5), strategy=strategy)
+    losses, grads = [], []
+    for _ in range(steps):
+        qm.zero_grad(set_to_none=True)
+        step(batch)
+        losses.append(step.stats.last_branch_losses)
+        grads.append(qm.fc1.weight.grad.clone())
+        with torch.no_grad():  # move the weights so later steps see new codes
+            for p in qm.parameters():
+                p.sub_(0.05 * p.grad)
+    return step, torch.tensor(losses), torch.stack(grads)
+
+
+@pytest.mark.parametrize("loss_fn,inplace_relu", [(ce, False), (ce, True), (twice, False)])
+def test_incremental_branches_equal_dense_branches(loss_fn, inplace_relu):
+    step, losses, grads = _run("sequential", loss_fn, inplace_relu)
+    _, dense_losses, dense_grads = _run("inplace", loss_fn, inplace_relu)
+    torch.testing.assert_close(losses, dense_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, dense_grads, rtol=1e-4, atol=1e-5)
+    incremental = step.runner.sequential_graph.get_submodule(INCREMENTAL)
+    assert incremental.incremental_calls > 0
+    if loss_fn is twice:  # the call on 2x is not the tapped input: computed densely
+        assert incremental.incremental_calls < incremental.calls
+
+
+def test_graphs_show_the_taps_and_the_incremental_layer():
+    step, _, _ = _run("sequential", steps=1)
+    assert f"{TAPS}('linear'" in step.base_graph.code.replace('"', "'")
+    assert INCREMENTAL in step.runner.sequential_graph.code
+    assert INCREMENTAL not in step.branch_graph.code  # the batched/vmapped graph stays plain
+
+
+def test_dense_change_falls_back(monkeypatch):
+    monkeypatch.setattr(base_reuse, "MAX_DENSITY", 0.0)
+    step, losses, _ = _run("sequential", steps=1)
+    _, dense_losses, _ = _run("inplace", steps=1)
+    torch.testing.assert_close(losses, dense_losses, rtol=1e-5, atol=1e-6)
+    assert step.runner.sequential_graph.get_submodule(INCREMENTAL).incremental_calls == 0
+
+
+def test_only_sequential_and_auto_tap_the_base_pass():
+    for strategy, tapped in (("batched", False), ("inplace", False), ("lean", False), ("auto", True)):
+        step, _, _ = _run(strategy, steps=1)
+        assert (step.base_graph is not None) == tapped, strategy
