@@ -56,6 +56,13 @@ def step_fns(factory, batch, loss_fn):
             key = f"fogzo-{'2s' if two_sided else '1s'}-{strategy}"
             steps[key] = qzo_fx.train_step(w2, loss_fn, est, strategy=strategy)
             fns[key] = run(steps[key], w2)
+    # The runs above sit at the start of the schedule (beta ~ 1). At its end (beta = beta_min)
+    # the noise part is largest, and so is the share of weights whose code a branch changes.
+    for two_sided in (True, False):
+        est = qzo_fx.FOGZO(beta_min=0.999, schedule="constant", seed=0, two_sided=two_sided)
+        key = f"fogzo-{'2s' if two_sided else '1s'}-sequential@beta_min"
+        steps[key] = qzo_fx.train_step(w2, loss_fn, est, strategy="sequential")
+        fns[key] = run(steps[key], w2)
     return fns, steps
 
 
