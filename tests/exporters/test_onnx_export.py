@@ -13,6 +13,7 @@ from onnx import numpy_helper
 import qzo_fx
 from qzo_fx.exporters.lower import lower_for_export
 from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
+from tests.zoo.models import DataDependent
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -179,23 +180,12 @@ def test_batchnorm_subclasses_with_activation_are_not_folded(tmp_path):
     assert qzo_fx.verify_onnx(qm, result.path, (IMAGES,)).ok
 
 
-class _BranchOnValue(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
-
-    def forward(self, x):
-        h = self.a(x)
-        if h.mean() > 0:
-            h = torch.relu(h)
-        return self.b(h)
-
 
 def test_data_dependent_branch_names_the_line_and_the_way_out(tmp_path):
     x = torch.randn(2, 8)
-    qm = qzo_fx.prepare(_BranchOnValue(), W8A8, example_inputs=(x,))
+    qm = qzo_fx.prepare(DataDependent(), W8A8, example_inputs=(x,))
     with pytest.raises(qzo_fx.ExportError) as info:
         qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx", target="cpu")
     first = str(info.value).splitlines()[0]
-    assert "test_onnx_export.py" in first and "if h.mean() > 0:" in first and "torch.cond" in first
+    assert "models.py" in first and "if h.mean() > 0:" in first and "torch.cond" in first
     assert not (tmp_path / "m.onnx").exists()
