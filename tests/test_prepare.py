@@ -1,7 +1,6 @@
 """The prepared model: user's model untouched, STE training, modes, state_dict, listing."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
