@@ -31,6 +31,15 @@ class Workspace:
         """One buffer per tensor, shaped like it."""
         return [self.buffer((key, i), t.shape, t) for i, t in enumerate(tensors)]
 
+    def flat_like(self, key: Hashable, tensors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One buffer holding all ``tensors`` end to end, and a view shaped like each of them."""
+        flat = self.buffer(key, (sum(t.numel() for t in tensors),), tensors[0])
+        views, start = [], 0
+        for t in tensors:
+            views.append(flat[start:start + t.numel()].view(t.shape))
+            start += t.numel()
+        return flat, views
+
     @staticmethod
     def get(workspace: Optional["Workspace"]) -> "Workspace":
         return workspace if workspace is not None else Workspace()

@@ -38,6 +38,14 @@ def smoothing_of(ste: str, bits: int) -> str:
     return ste if ste in ("tanh", "approxsign") else "hardtanh"
 
 
+UNIFORM_HALF_WIDTH = math.sqrt(3.0)  # uniform on (-sqrt 3, sqrt 3): unit variance
+
+
+def level_step(half_width: float) -> float:
+    """The value of one raw 16-bit level on (-half_width, half_width)."""
+    return half_width / 32768.0
+
+
 class NoiseStream:
     """Seeded source of perturbation noise.
 
@@ -50,25 +58,35 @@ class NoiseStream:
     def __init__(self, seed: Union[int, Sequence[int]]) -> None:
         # A sequence seeds an independent stream, e.g. (step seed, direction, tensor index).
         entropy = np.random.SeedSequence(list(seed)) if isinstance(seed, (tuple, list)) else seed
-        self._rng = np.random.Generator(np.random.SFC64(entropy))
+        self._bits = np.random.SFC64(entropy)
+        self._generator: Optional[np.random.Generator] = None  # built only for sign / gaussian
+
+    @property
+    def _rng(self) -> np.random.Generator:
+        if self._generator is None:
+            self._generator = np.random.Generator(self._bits)
+        return self._generator
 
     def sign(self) -> float:
         return 1.0 if self._rng.random() < 0.5 else -1.0
 
+    def raw_levels(self, count: int) -> np.ndarray:
+        """``count`` raw 16-bit integers (each 64-bit word gives four)."""
+        return self._bits.random_raw((count + 3) // 4).view(np.int16)[:count]
+
     def _levels(self, out: Tensor, scale: float, accumulate: bool = False) -> Tensor:
         """Fill (or add to) flat ``out`` with i.i.d. values uniform on the 65,536 centred levels
         of (-scale, scale)."""
-        words = self._rng.bit_generator.random_raw((out.numel() + 3) // 4)
-        raw = torch.from_numpy(words.view(np.int16)[: out.numel()])
+        raw = torch.from_numpy(self.raw_levels(out.numel()))
         if accumulate:
-            return out.add_(raw.to(out.dtype).add_(0.5), alpha=scale / 32768.0)
-        return out.copy_(raw).add_(0.5).mul_(scale / 32768.0)
+            return out.add_(raw.to(out.dtype).add_(0.5), alpha=level_step(scale))
+        return out.copy_(raw).add_(0.5).mul_(level_step(scale))
 
     def fill(self, law: str, out: Tensor, scale: float = 1.0) -> Tensor:
         """Fill the flat CPU tensor ``out`` with i.i.d. noise of mean 0 and variance ``scale**2``
         from ``law`` (the scale folded into the last pass rather than one more pass over ``out``)."""
         if law == "uniform":
-            return self._levels(out, math.sqrt(3.0) * scale)
+            return self._levels(out, UNIFORM_HALF_WIDTH * scale)
         if law == "triangular":
             # The sum of two uniforms on (-a/2, a/2) is triangular on (-a, a), variance a^2/6.
             self._levels(out, math.sqrt(6.0) / 2.0 * scale)
@@ -90,12 +108,12 @@ class NoiseStream:
 
 # Stream tags. numpy's SeedSequence zero-pads its entropy, so (seed, k) and (seed, k, 0) would be
 # the same stream: every stream carries a non-zero tag of its own.
-_SIGN_TAG, _NOISE_TAG = 1, 2
+_SIGN_TAG, _NOISE_TAG, _SHARED_NOISE_TAG = 1, 2, 3
 
 
 class Directions:
     """The n perturbation directions of one step as a *function*: ``tensor(k, i)`` computes
-    ``v_k`` on tensor i from that tensor's own noise stream ``(seed, k, i)``.
+    ``v_k`` on tensor i alone (its slice of direction k's stream, or its own stream).
 
     FOGZO: ``v_k = sqrt(beta) s_k g_hat + sqrt(1 - beta) u_k`` with ``g_hat`` the unit vector of
     ``eps * g`` (globally or per tensor); n-SPSA: ``v_k = u_k`` (``grads=None``). Because every
@@ -107,14 +125,21 @@ class Directions:
                  eps: Optional[Tensors] = None, beta: float = 0.0, normalize: str = "global",
                  noise: str = "per_coordinate") -> None:
         self.seed, self.like, self.laws, self.n = seed, list(like), list(laws), n
+        # Uniform noise everywhere: one stream per direction (see _shared_levels); other laws
+        # draw from one stream per tensor.
+        self._shared = all(law == "uniform" for law in self.laws)
+        self._starts = [0]
+        for t in self.like[:-1]:
+            self._starts.append(self._starts[-1] + t.numel())
         self.grads, self.eps = grads, eps
         self.a = math.sqrt(beta) if grads is not None else 0.0
         self.b = math.sqrt(max(1.0 - beta, 0.0)) if grads is not None else 1.0
         self.signs = [NoiseStream((seed, _SIGN_TAG, k)).sign() for k in range(n)]
         self.guide_norms: Optional[list[float]] = None
         if self.a > 0:
-            self.guide_norms = _norms_of(lambda i: torch.mul(grads[i], eps[i]), len(self.like),
-                                         per_tensor=normalize == "per_tensor")
+            guides = torch._foreach_norm(torch._foreach_mul(list(grads), list(eps)))
+            self.guide_norms = _checked_norms(torch.stack([g.float() for g in guides]).tolist(),
+                                              per_tensor=normalize == "per_tensor")
         self.noise_scale = [1.0] * n
         if noise == "unit_norm" and self.b > 0:
             for k in range(n):
@@ -133,7 +158,11 @@ class Directions:
         # host buffer and one copy.
         direct = target.device.type == "cpu" and target.dtype == torch.float32 and target.is_contiguous()
         flat = target.view(-1) if direct else torch.empty(like.numel())
-        NoiseStream((self.seed, _NOISE_TAG, k, i)).fill(self.laws[i], flat, scale)
+        if self._shared:
+            raw = torch.from_numpy(self._shared_levels(k, self._starts[i], like.numel()))
+            flat.copy_(raw).add_(0.5).mul_(level_step(UNIFORM_HALF_WIDTH * scale))
+        else:
+            NoiseStream((self.seed, _NOISE_TAG, k, i)).fill(self.laws[i], flat, scale)
         return target if direct else target.copy_(flat.view(like.shape))
 
     def tensor(self, k: int, i: int, out: Optional[Tensor] = None) -> Tensor:
@@ -149,8 +178,45 @@ class Directions:
     def materialize(self, workspace: Optional[Workspace] = None) -> list[Tensors]:
         """All n directions on all tensors (views of workspace buffers when one is given)."""
         workspace = Workspace.get(workspace)
-        return [[self.tensor(k, i, buf) for i, buf in enumerate(workspace.like(("v", k), self.like))]
-                for k in range(self.n)]
+        if not self._fusable():
+            return [[self.tensor(k, i, buf) for i, buf in enumerate(workspace.like(("v", k), self.like))]
+                    for k in range(self.n)]
+        # Every tensor's values come from its own stream as in tensor(k, i), but the directions
+        # live in one flat buffer per k: one conversion pass and one foreach call for all tensors
+        # instead of a handful of small ops per tensor (which dominate on many small tensors).
+        out = []
+        for k in range(self.n):
+            flat, views = workspace.flat_like(("v", k), self.like)
+            if self.b > 0:
+                raw = torch.from_numpy(self._shared_levels(k, 0, flat.numel()))
+                half_width = UNIFORM_HALF_WIDTH * (self.b * self.noise_scale[k])
+                flat.copy_(raw).add_(0.5).mul_(level_step(half_width))
+            else:
+                flat.zero_()
+            if self.a > 0:
+                torch._foreach_addcmul_(views, list(self.grads), list(self.eps),
+                                        [self.a * self.signs[k] / norm for norm in self.guide_norms])
+            out.append(views)
+        return out
+
+    def _fusable(self) -> bool:
+        """All tensors float32 on CPU with uniform noise: the flat, foreach path of materialize."""
+        return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in self.like)
+                and (self.b == 0 or self._shared))
+
+    def _shared_levels(self, k: int, start: int, count: int) -> np.ndarray:
+        """Raw 16-bit levels ``start .. start + count`` of direction k's one stream.
+
+        With uniform noise on every tensor, direction k draws all tensors from one stream, tensor
+        i at offset ``starts[i]`` (its position in the concatenated parameters). PCG64DXSM can
+        jump ahead, so one tensor alone (lean strategy) costs the same as before, and all tensors
+        at once (materialize) cost one generator and one draw instead of one per tensor.
+        """
+        bits = np.random.PCG64DXSM(np.random.SeedSequence([self.seed, _SHARED_NOISE_TAG, k]))
+        first_word, skip = divmod(start, 4)  # four 16-bit levels per 64-bit word
+        if first_word:
+            bits.advance(first_word)
+        return bits.random_raw((skip + count + 3) // 4).view(np.int16)[skip:skip + count]
 
     def estimate(self, i: int, coefficients: Sequence[float], eps: Tensor) -> Tensor:
         """``G_i = (1/n) sum_k c_k v_ki / eps_i`` for one tensor, regenerating each ``v_ki``."""
@@ -162,7 +228,12 @@ class Directions:
 
 def _norms_of(make, count: int, per_tensor: bool) -> Optional[list[float]]:
     """Norms of ``make(i)`` for i < count, built one tensor at a time; None if any is 0."""
-    values = [float(make(i).norm()) for i in range(count)]
+    return _checked_norms([float(make(i).norm()) for i in range(count)], per_tensor)
+
+
+def _checked_norms(values: list[float], per_tensor: bool) -> Optional[list[float]]:
+    """Per-tensor norms, or the global norm repeated; None if any is 0 or not finite."""
+    count = len(values)
     if not per_tensor:
         values = [math.sqrt(sum(v * v for v in values))] * count
     return None if any(v == 0.0 or not math.isfinite(v) for v in values) else values
@@ -181,12 +252,11 @@ def combine(coefficients: Sequence[float], directions: Sequence[Tensors], eps: T
     """``G_j = (1/n) sum_i c_i v_ij / eps_j``: back from z-space to parameter units (into ``out``
     when given, e.g. the parameters' ``.grad``)."""
     n = len(directions)
-    out = out if out is not None else [torch.empty_like(v) for v in directions[0]]
-    for j, acc in enumerate(out):
-        torch.mul(directions[0][j], float(coefficients[0]) / n, out=acc)
-        for c, v in zip(coefficients[1:], directions[1:]):
-            acc.add_(v[j], alpha=float(c) / n)
-        acc.div_(eps[j])
+    out = list(out) if out is not None else [torch.empty_like(v) for v in directions[0]]
+    # Whole parameter lists per call: per-tensor op overhead dominates on many small tensors.
+    torch._foreach_zero_(out)
+    for c, v in zip(coefficients, directions):
+        torch._foreach_addcdiv_(out, list(v), list(eps), value=float(c) / n)
     return out
 
 

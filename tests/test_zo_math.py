@@ -120,3 +120,20 @@ def test_direction_signs_and_noise_are_independent_streams():
     signs = torch.tensor(d.signs, dtype=torch.float64)
     first_noise = torch.stack([d._noise(k, 0)[0] for k in range(4000)])
     assert abs(float((signs * first_noise).mean())) < 5 / math.sqrt(4000)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9, 1.0])
+def test_materialized_directions_equal_each_tensor_streamed_alone(beta):
+    # materialize() draws all tensors into one buffer and adds the guide in one foreach call;
+    # the lean strategy regenerates tensor by tensor: the values must be the same bits.
+    from qzo_fx.workspace import Workspace
+    from qzo_fx.zo_math import Directions
+
+    g = torch.Generator().manual_seed(0)
+    like = [torch.randn(64, 32, generator=g), torch.randn(10, generator=g), torch.randn(5, 3, 3, 3, generator=g)]
+    grads = [torch.randn(t.shape, generator=g) for t in like]
+    eps = [torch.rand(64, 1, generator=g), torch.tensor(0.2), torch.rand(5, 1, 1, 1, generator=g)]
+    directions = Directions(7, like, ["uniform"] * 3, 2, grads=grads, eps=eps, beta=beta)
+    for k, tensors in enumerate(directions.materialize(Workspace())):
+        for i, v in enumerate(tensors):
+            assert torch.equal(v, directions.tensor(k, i))
