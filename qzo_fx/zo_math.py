@@ -137,9 +137,9 @@ class Directions:
         self.signs = [NoiseStream((seed, _SIGN_TAG, k)).sign() for k in range(n)]
         self.guide_norms: Optional[list[float]] = None
         if self.a > 0:
-            guides = torch._foreach_norm(torch._foreach_mul(list(grads), list(eps)))
-            self.guide_norms = _checked_norms(torch.stack([g.float() for g in guides]).tolist(),
-                                              per_tensor=normalize == "per_tensor")
+            # One tensor's eps * g at a time (the lean strategy's memory bound), one sync at the end.
+            guides = [torch.linalg.vector_norm(torch.mul(g, e)).float() for g, e in zip(grads, eps)]
+            self.guide_norms = _checked_norms(torch.stack(guides).tolist(), per_tensor=normalize == "per_tensor")
         self.noise_scale = [1.0] * n
         if noise == "unit_norm" and self.b > 0:
             for k in range(n):
