@@ -384,10 +384,12 @@ def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimato
 
     Args:
         model: a prepared model (:func:`qzo_fx.prepare`).
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``. In perturbation branches it receives a
-            stand-in that calls the branch graph; it must not depend on global state it changes.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``. In perturbation branches (and in
+            FOGZO's base pass with "sequential"/"auto", which taps first layers for the branches)
+            it receives a stand-in that calls the graph and resolves attributes on the model; it
+            must not depend on global state it changes.
         estimator: ``STE()`` (default), ``FOGZO(...)`` or ``NSPSA(...)``.
-        strategy: how branches run: "auto", "inplace", "sequential" or "batched".
+        strategy: how branches run: "auto", "inplace", "sequential", "batched" or "lean".
         on_nonfinite: "raise" (NonFiniteLossError) or "skip" (warn, clear gradients, count).
         max_chunk: at most this many branches per batched call (memory bound).
 
