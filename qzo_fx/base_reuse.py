@@ -65,12 +65,12 @@ class IncrementalLinear(nn.Module):
     def forward(self, key: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         self.calls += 1
         base = self.taps[0].values.get(key)
-        if base is None or weight.dim() != 2 or not _same_input(x, base):
+        if base is None or weight.dim() != 2 or weight.numel() * (x.numel() // weight.shape[1]) < MIN_MACS:
+            return F.linear(x, weight, bias)
+        if not _same_input(x, base):
             return F.linear(x, weight, bias)
         out_features, in_features = weight.shape
         rows = x.numel() // in_features
-        if rows * out_features * in_features < MIN_MACS:
-            return F.linear(x, weight, bias)
         flat, base_flat = weight.reshape(-1), base.weight.reshape(-1)
         where = torch.ne(flat, base_flat).nonzero().squeeze(1)
         if where.numel() > MAX_DENSITY * flat.numel():
