@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER
 from qzo_fx.modes import mode
+from qzo_fx.ops import grid_codes
 from qzo_fx.prepare import quantizer_containers
 from qzo_fx.quantizer import Quantizer
 
@@ -79,7 +80,7 @@ def resolve_codes(x_torch: Tensor, x_ort: Tensor, codes_ort: Tensor, scale: Tens
                   qmin: int, qmax: int, out: Tensor, count: TieCount) -> Tensor:
     """``out`` (torch's fake-quant of ``x_torch``, per-tensor) with ties set to ORT's codes."""
     def codes(x: Tensor) -> Tensor:
-        return torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
+        return grid_codes(x, scale, zero_point, qmin, qmax)
 
     codes_torch = codes(x_torch)
     codes_ort = codes_ort.to(codes_torch.dtype).clamp_(qmin, qmax)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.fx import GraphModule, Node
 
 from qzo_fx.context import QUANT_CONTAINER
-from qzo_fx.ops import expand_param
+from qzo_fx.ops import expand_param, grid_codes
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.quantizer import Quantizer, quantizer_of, quantizer_read
 
@@ -27,8 +27,7 @@ def integer_codes(quantizer: Quantizer, weight: torch.Tensor) -> torch.Tensor:
         qmin, qmax = quantizer.spec.qrange
         s = quantizer.step_size(weight)
         z = expand_param(quantizer.zero_point.detach(), weight, quantizer.axis, quantizer.group_size)
-        # The same operations as fake_quant's forward, so the codes are exactly its grid points.
-        return torch.round(weight / s).add_(z).clamp_(qmin, qmax).to(torch.int16)
+        return grid_codes(weight, s, z, qmin, qmax).to(torch.int16)
 
 
 def _aliases(gm: nn.Module, param: nn.Parameter) -> list[str]:

@@ -1,6 +1,6 @@
 """Perturbation branches: evaluate the loss at ``theta + sign * delta`` for K branches.
 
-Strategies (all give the same losses to float tolerance; see tests/test_branches.py):
+Strategies (all give the same losses to float tolerance; see tests/test_train.py):
 
 * ``inplace``    -- write theta + delta into the parameters, run the model, restore theta
                     exactly from a copy (MeZO-style; the cheapest for K = 2 on CPU).

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["fake_quant", "fake_sign", "dequantize", "fake_quant_kernel", "fake_sign_kernel", "dequantize_kernel",
-           "expand_param", "SIGN_SURROGATES"]
+           "expand_param", "grid_codes", "SIGN_SURROGATES"]
 
 
 def expand_param(param: Tensor, x: Tensor, axis: int, group_size: int) -> Tensor:
@@ -38,6 +38,12 @@ def expand_param(param: Tensor, x: Tensor, axis: int, group_size: int) -> Tensor
     shape = [1] * x.dim()
     shape[axis] = param.numel()
     return param.reshape(shape)
+
+
+def grid_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The grid integers ``clamp(round(x / s) + z)`` (as floats) with ``s``, ``z`` broadcastable
+    against ``x``: the same operations as fake_quant's forward, so these are exactly its codes."""
+    return torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
 
 
 def _reduce_to(grad: Tensor, param: Tensor, axis: int, group_size: int) -> Tensor:

@@ -226,9 +226,8 @@ class TrainStep:
             return loss
         beta = est.beta(self.step_index)
         self.stats.beta = beta
-        params = [self.model.get_parameter(p.name) for p in self.perturbed]
+        params, eps = self.runner.params, self._eps(est.eps_float)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        eps = [pp.eps(p, est.eps_float) for pp, p in zip(self.perturbed, params)]
         directions = zo_math.Directions(self.base_seed + self.step_index, params, [p.law for p in self.perturbed],
                                         est.n, grads=grads, eps=eps, beta=beta, normalize=est.normalize,
                                         noise=est.noise)
@@ -249,11 +248,11 @@ class TrainStep:
         """n-SPSA, and ZO-sign (the same branches, a sign taken afterwards)."""
         est = self.estimator
         rng_state = torch.get_rng_state()
-        params = [self.model.get_parameter(p.name) for p in self.perturbed]
+        params = self.runner.params
         if est.eps is not None:
             eps = [torch.tensor(est.eps, dtype=p.dtype, device=p.device) for p in params]
         else:
-            eps = [pp.eps(p, est.eps_float) for pp, p in zip(self.perturbed, params)]
+            eps = self._eps(est.eps_float)
         laws = ["gaussian" if est.noise == "gaussian" else p.law for p in self.perturbed]
         directions = zo_math.Directions(self.base_seed + self.step_index, params, laws, est.n)
         losses = self._branch_losses(directions, eps, batch, rng_state, two_sided=True)
@@ -276,9 +275,9 @@ class TrainStep:
         est: ZOQO = self.estimator
         rng_state = torch.get_rng_state()
         stream = zo_math.NoiseStream(self.base_seed + self.step_index)
+        steps = [quantizer.step_size(quantizer.codes.float()) for _, quantizer in self.codes]
         noise, plus, minus = [], [], []
-        for _, quantizer in self.codes:
-            step = quantizer.step_size(quantizer.codes.float())
+        for (_, quantizer), step in zip(self.codes, steps):
             m = torch.clamp_min(torch.floor(est.mu / step), 1)
             j = zo_math.zoqo_noise(stream, m, quantizer.codes, est.noise)
             d_plus, d_minus = zo_math.zoqo_deltas(quantizer.codes, j, *quantizer.spec.qrange)
@@ -288,12 +287,16 @@ class TrainStep:
             return torch.tensor(float("nan"))
         direction = float(torch.sign(losses[0] - losses[1]))
         with torch.no_grad():
-            for (_, quantizer), j in zip(self.codes, noise):
-                step = torch.clamp_min(torch.floor(est.lr / quantizer.step_size(quantizer.codes.float())), 1)
-                zo_math.zoqo_update_(quantizer.codes, j, step, direction, *quantizer.spec.qrange)
+            for (_, quantizer), j, step in zip(self.codes, noise, steps):
+                moves = torch.clamp_min(torch.floor(est.lr / step), 1)
+                zo_math.zoqo_update_(quantizer.codes, j, moves, direction, *quantizer.spec.qrange)
         return losses.mean()
 
     # ------------------------------------------------------------------ helpers
+    def _eps(self, eps_float: float) -> list[Tensor]:
+        """Per-coordinate perturbation sizes of this step (scales may be learned: read each step)."""
+        return [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.runner.params)]
+
     def _branch_losses(self, directions: zo_math.Directions, eps, batch, rng_state, two_sided: bool) -> Optional[Tensor]:
         pattern = [(k, sign) for k in range(directions.n) for sign in ((1.0, -1.0) if two_sided else (1.0,))]
         if self.runner.strategy == "lean":

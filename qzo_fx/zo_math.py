@@ -39,11 +39,13 @@ def smoothing_of(ste: str, bits: int) -> str:
 
 
 UNIFORM_HALF_WIDTH = math.sqrt(3.0)  # uniform on (-sqrt 3, sqrt 3): unit variance
+_HALF_LEVELS = 32768.0  # 16-bit levels on each side of 0
 
 
-def level_step(half_width: float) -> float:
-    """The value of one raw 16-bit level on (-half_width, half_width)."""
-    return half_width / 32768.0
+def uniform_levels(out: Tensor, raw: np.ndarray, half_width: float) -> Tensor:
+    """``out`` <- the raw 16-bit integers as centred levels on (-half_width, half_width):
+    ``(raw + 0.5) * half_width / 32768`` (mean exactly 0)."""
+    return out.copy_(torch.from_numpy(raw)).add_(0.5).mul_(half_width / _HALF_LEVELS)
 
 
 class NoiseStream:
@@ -77,10 +79,10 @@ class NoiseStream:
     def _levels(self, out: Tensor, scale: float, accumulate: bool = False) -> Tensor:
         """Fill (or add to) flat ``out`` with i.i.d. values uniform on the 65,536 centred levels
         of (-scale, scale)."""
-        raw = torch.from_numpy(self.raw_levels(out.numel()))
+        raw = self.raw_levels(out.numel())
         if accumulate:
-            return out.add_(raw.to(out.dtype).add_(0.5), alpha=level_step(scale))
-        return out.copy_(raw).add_(0.5).mul_(level_step(scale))
+            return out.add_(torch.from_numpy(raw).to(out.dtype).add_(0.5), alpha=scale / _HALF_LEVELS)
+        return uniform_levels(out, raw, scale)
 
     def fill(self, law: str, out: Tensor, scale: float = 1.0) -> Tensor:
         """Fill the flat CPU tensor ``out`` with i.i.d. noise of mean 0 and variance ``scale**2``
@@ -159,8 +161,7 @@ class Directions:
         direct = target.device.type == "cpu" and target.dtype == torch.float32 and target.is_contiguous()
         flat = target.view(-1) if direct else torch.empty(like.numel())
         if self._shared:
-            raw = torch.from_numpy(self._shared_levels(k, self._starts[i], like.numel()))
-            flat.copy_(raw).add_(0.5).mul_(level_step(UNIFORM_HALF_WIDTH * scale))
+            uniform_levels(flat, self._shared_levels(k, self._starts[i], like.numel()), UNIFORM_HALF_WIDTH * scale)
         else:
             NoiseStream((self.seed, _NOISE_TAG, k, i)).fill(self.laws[i], flat, scale)
         return target if direct else target.copy_(flat.view(like.shape))
@@ -181,16 +182,15 @@ class Directions:
         if not self._fusable():
             return [[self.tensor(k, i, buf) for i, buf in enumerate(workspace.like(("v", k), self.like))]
                     for k in range(self.n)]
-        # Every tensor's values come from its own stream as in tensor(k, i), but the directions
-        # live in one flat buffer per k: one conversion pass and one foreach call for all tensors
-        # instead of a handful of small ops per tensor (which dominate on many small tensors).
+        # The values of tensor(k, i) for every i, but direction k lives in one flat buffer: one
+        # draw from its stream, one conversion pass and one foreach call for all tensors instead
+        # of a handful of small ops per tensor (which dominate on many small tensors).
         out = []
         for k in range(self.n):
             flat, views = workspace.flat_like(("v", k), self.like)
             if self.b > 0:
-                raw = torch.from_numpy(self._shared_levels(k, 0, flat.numel()))
-                half_width = UNIFORM_HALF_WIDTH * (self.b * self.noise_scale[k])
-                flat.copy_(raw).add_(0.5).mul_(level_step(half_width))
+                uniform_levels(flat, self._shared_levels(k, 0, flat.numel()),
+                               UNIFORM_HALF_WIDTH * (self.b * self.noise_scale[k]))
             else:
                 flat.zero_()
             if self.a > 0:
