@@ -168,22 +168,21 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     for finding in findings:
         warnings.warn(finding, UserWarning, stacklevel=2)
     lowered = lower_for_export(qm, fold_bn=fold_batchnorm)
-    chosen = opset or (_INT4_OPSET if _needs_int4_opset(lowered) else _INT8_OPSET)
-    if chosen < _INT4_OPSET and _needs_int4_opset(lowered):
+    needs_int4 = _needs_int4_opset(lowered)
+    chosen = opset or (_INT4_OPSET if needs_int4 else _INT8_OPSET)
+    if chosen < _INT4_OPSET and needs_int4:
         raise ExportError(f"opset={opset}: int4 or blocked weights need opset >= {_INT4_OPSET}; leave opset unset.")
     args = tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
-    dynamic = dynamic_batch and not kwargs
-    try:
-        model = _translate(lowered, args, chosen, dynamic, kwargs)
-    except Exception as first:
-        if not dynamic:
-            raise _export_failure(qm, first) from first
-        dynamic = False
+    # A dynamic batch first where asked for; a model that cannot have one is exported static.
+    attempts = (True, False) if dynamic_batch and not kwargs else (False,)
+    for dynamic in attempts:
         try:
             model = _translate(lowered, args, chosen, dynamic, kwargs)
+            break
         except Exception as error:
-            raise _export_failure(qm, error) from error
+            if dynamic == attempts[-1]:
+                raise _export_failure(qm, error) from error
     pack_low_bit_weights(model, lowered_meta(lowered).get(PACKABLE_KEY, {}))
     if not keep_debug_info:
         strip_debug_info(model)
