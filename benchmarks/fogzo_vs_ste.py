@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 import qzo_fx
 from qzo_fx.data import batches, load_digits, load_images, load_text
 from qzo_fx.fit import accuracy, fit
-from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
+from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT, classification_loss, next_token_loss
 
 CONFIGS = {
     "W1": qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=1, ste="hardtanh")),
@@ -49,14 +48,6 @@ class Task:
     beta_min: float
 
 
-def _ce(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
-
-
-def _lm_loss(model, batch):
-    return F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
-
-
 def _text_batches(codes, context, batch, steps, seed):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -75,7 +66,7 @@ def tasks(quick: bool) -> list[Task]:
 
     def perplexity(model):
         with torch.no_grad():
-            losses = [float(_lm_loss(model, b)) for b in _text_batches(test_text, 64, 32, 8, seed=123)]
+            losses = [float(next_token_loss(model, b)) for b in _text_batches(test_text, 64, 32, 8, seed=123)]
         return float(torch.exp(torch.tensor(statistics.mean(losses))))
 
     mlp_steps = epochs * (len(digits.x_train) // 32)
@@ -102,7 +93,7 @@ def tasks(quick: bool) -> list[Task]:
 def train_one(task: Task, config, estimator, seed: int, steps: int | None = None) -> tuple[float, float]:
     torch.manual_seed(seed)
     qm = qzo_fx.prepare(task.make_model(), config, example_inputs=(task.example,))
-    loss = _lm_loss if task.metric == "ppl" else _ce
+    loss = next_token_loss if task.metric == "ppl" else classification_loss
     data = task.train(seed)
     if steps is not None:
         data = (b for i, b in zip(range(steps), _cycle(task, seed)))

@@ -17,11 +17,10 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 import qzo_fx
-from qzo_fx.models import MLP
+from qzo_fx.models import MLP, classification_loss as ce
 
 CONFIGS = [("STE", None), ("FOGZO", "inplace"), ("FOGZO", "sequential"), ("FOGZO", "batched"), ("FOGZO", "lean")]
 
@@ -35,7 +34,6 @@ def run(estimator: str, strategy: str, width: int) -> dict:
     torch.manual_seed(0)
     qm = qzo_fx.prepare(MLP((width, width, width, 10)), qzo_fx.QuantConfig(weight_bits=2))
     batch = (torch.randn(64, width), torch.randint(0, 10, (64,)))
-    ce = lambda m, b: F.cross_entropy(m(b[0]), b[1])
     opt = torch.optim.SGD(qm.parameters(), lr=1e-3)
     qzo_fx.train_step(qm, ce, qzo_fx.STE())(batch)
     opt.step()

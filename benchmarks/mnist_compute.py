@@ -16,18 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 import qzo_fx
 from qzo_fx.data import batches, load_mnist_subset
-from qzo_fx.models import MLP
+from qzo_fx.models import MLP, classification_loss as ce
 
 D = 784 * 10 + 10 + 10 * 10 + 10
-
-
-def ce(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 def run(name: str, estimator, data, steps_cap: int, compute_cap: float, eval_every: int, target: float | None,

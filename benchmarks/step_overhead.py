@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import qzo_fx
-from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
+from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT, classification_loss as ce, next_token_loss
 from timing import interleaved
 
 BLOCK = 3  # steps per turn, the first dropped: steady state, as in a training loop
@@ -21,15 +20,13 @@ BLOCK = 3  # steps per turn, the first dropped: steady state, as in a training l
 
 def reference_models():
     """name -> (model factory, batch, loss_fn, config)."""
-    ce = lambda m, b: F.cross_entropy(m(b[0]), b[1])
-    lm = lambda m, b: F.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten())
     images = lambda n: (torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)))
     text = (torch.randint(0, 128, (16, 64)), torch.randint(0, 128, (16, 64)))
     return {
         "mlp": (MLP, images(256), ce),
         "cnn": (SmallCNN, images(64), ce),
         "vit": (TinyViT, images(64), ce),
-        "llama": (TinyLlama, text, lm),
+        "llama": (TinyLlama, text, next_token_loss),
     }
 
 

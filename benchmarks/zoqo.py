@@ -17,13 +17,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 import qzo_fx
 from qzo_fx.data import batches, load_digits
 from qzo_fx.fit import accuracy
-from qzo_fx.models import MLP
+from qzo_fx.models import MLP, classification_loss as ce
 
 METHODS = {
     # name: (estimator factory, optimizer factory or None, integer codes?)
@@ -34,10 +33,6 @@ METHODS = {
                              lambda p: torch.optim.SGD(p, lr=2e-4), False),
     "ZOQO": (lambda: qzo_fx.ZOQO(noise="uniform", seed=0), None, True),
 }
-
-
-def ce(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 def tensor_bytes(tensors) -> int:

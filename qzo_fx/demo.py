@@ -12,17 +12,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 import qzo_fx
 from qzo_fx.data import batches, load_images
 from qzo_fx.fit import accuracy, fit
-from qzo_fx.models import MLP
-
-
-def cross_entropy(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
+from qzo_fx.models import MLP, classification_loss as cross_entropy
 
 
 def main(argv=None) -> None:

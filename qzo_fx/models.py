@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MLP", "SmallCNN", "TinyViT", "TinyLlama"]
+__all__ = ["MLP", "SmallCNN", "TinyViT", "TinyLlama", "classification_loss", "next_token_loss"]
 
 
 class MLP(nn.Sequential):
@@ -89,3 +89,13 @@ class TinyLlama(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+def classification_loss(model, batch) -> torch.Tensor:
+    """``loss_fn`` for ``(inputs, labels)`` batches: cross-entropy of the model's logits."""
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def next_token_loss(model, batch) -> torch.Tensor:
+    """``loss_fn`` for ``(tokens, next tokens)`` batches of a language model."""
+    return F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
