@@ -97,6 +97,7 @@ class TrainStep:
         self.workspace = Workspace()  # noise, deltas and branch values: allocated once
         self._materialized: Optional[list] = None  # this step's directions, unless streamed
         self._base: Optional[GraphModule] = None  # the base pass with first layers tapped
+        self._eps_cache: Optional[tuple] = None  # (scale identities and versions, eps tensors)
         if isinstance(estimator, ZOQO):
             self.codes = code_tensors(model)
             self.runner = BranchRunner(model, loss_fn, [name for name, _ in self.codes], strategy, max_chunk,
@@ -166,7 +167,7 @@ class TrainStep:
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TrainStepError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
-        if not self._check_finite(loss.detach().reshape(1), "base"):
+        if not self._check_finite([loss.item()], "base"):
             return loss.detach(), rng_state, False
         loss.backward()
         self.stats.backward_passes += 1
@@ -190,10 +191,12 @@ class TrainStep:
         losses = self._branch_losses(directions, eps, batch, rng_state, est.two_sided)
         if losses is None:
             return loss
+        values = self.stats.last_branch_losses  # as floats: no tensor ops for n scalars
         if est.two_sided:
-            coefficients = ((losses[0::2] - losses[1::2]) / 2).tolist()
+            coefficients = [(plus - minus) / 2 for plus, minus in zip(values[0::2], values[1::2])]
         else:
-            coefficients = (losses - loss).tolist()
+            base = float(loss)
+            coefficients = [value - base for value in values]
         self._write(params, coefficients, directions, eps)
         return loss
 
@@ -247,8 +250,14 @@ class TrainStep:
 
     # ------------------------------------------------------------------ helpers
     def _eps(self, eps_float: float) -> list[Tensor]:
-        """Per-coordinate perturbation sizes of this step (scales may be learned: read each step)."""
-        return [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.runner.params)]
+        """Per-coordinate perturbation sizes of this step. Scales may be learned or re-calibrated:
+        the sizes are recomputed whenever a scale tensor is replaced or changed in place (its
+        version counter moves), and reused otherwise."""
+        key = (eps_float, [None if pp.quantizer is None else (id(pp.quantizer.scale), pp.quantizer.scale._version)
+                           for pp in self.perturbed])
+        if self._eps_cache is None or self._eps_cache[0] != key:
+            self._eps_cache = (key, [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.runner.params)])
+        return self._eps_cache[1]
 
     def _branch_losses(self, directions: zo_math.Directions, eps, batch, rng_state, two_sided: bool) -> Optional[Tensor]:
         pattern = [(k, sign) for k in range(directions.n) for sign in ((1.0, -1.0) if two_sided else (1.0,))]
@@ -269,7 +278,7 @@ class TrainStep:
         self.stats.branch_seconds += time.perf_counter() - start
         self.stats.forward_passes += len(losses)
         self.stats.last_branch_losses = losses.tolist()
-        return losses if self._check_finite(losses, "branch") else None
+        return losses if self._check_finite(self.stats.last_branch_losses, "branch") else None
 
     # ------------------------------------------------------------------ state and checks
     def state_dict(self) -> dict[str, Any]:
@@ -307,11 +316,11 @@ class TrainStep:
             raise BatchError(f"step {self.step_index}: batch tensors do not match the first batch "
                              f"(expected {expected}; got {got}). Nothing was changed; fix the data pipeline.")
 
-    def _check_finite(self, losses: Tensor, where: str) -> bool:
-        if bool(torch.isfinite(losses).all()):
+    def _check_finite(self, losses: list[float], where: str) -> bool:
+        if all(math.isfinite(value) for value in losses):
             return True
         self.stats.nonfinite_skips += 1
-        message = (f"step {self.step_index}: non-finite {where} loss {losses.tolist()}; lower the learning rate "
+        message = (f"step {self.step_index}: non-finite {where} loss {losses}; lower the learning rate "
                    "or check the data, or pass on_nonfinite='skip' to skip such steps.")
         if self.on_nonfinite == "raise":
             raise NonFiniteLossError(message)

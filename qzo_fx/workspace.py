@@ -17,6 +17,7 @@ __all__ = ["Workspace"]
 class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[Hashable, Tensor] = {}
+        self._views: dict[Hashable, tuple[Tensor, list[Tensor]]] = {}
 
     def buffer(self, key: Hashable, shape: Sequence[int], like: Tensor) -> Tensor:
         """An uninitialised tensor of ``shape`` with ``like``'s dtype and device, reused per key."""
@@ -34,11 +35,15 @@ class Workspace:
     def flat_like(self, key: Hashable, tensors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """One buffer holding all ``tensors`` end to end, and a view shaped like each of them."""
         flat = self.buffer(key, (sum(t.numel() for t in tensors),), tensors[0])
+        cached = self._views.get(key)
+        if cached is not None and cached[0] is flat and [v.shape for v in cached[1]] == [t.shape for t in tensors]:
+            return flat, list(cached[1])  # the same buffer and shapes: the views of last time
         views, start = [], 0
         for t in tensors:
             views.append(flat[start:start + t.numel()].view(t.shape))
             start += t.numel()
-        return flat, views
+        self._views[key] = (flat, views)
+        return flat, list(views)
 
     @staticmethod
     def get(workspace: Optional["Workspace"]) -> "Workspace":

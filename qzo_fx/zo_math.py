@@ -136,12 +136,10 @@ class Directions:
         self.grads, self.eps = grads, eps
         self.a = math.sqrt(beta) if grads is not None else 0.0
         self.b = math.sqrt(max(1.0 - beta, 0.0)) if grads is not None else 1.0
-        self.signs = [NoiseStream((seed, _SIGN_TAG, k)).sign() for k in range(n)]
+        self.signs = _signs(seed, n)
         self.guide_norms: Optional[list[float]] = None
         if self.a > 0:
-            # One tensor's eps * g at a time (the lean strategy's memory bound), one sync at the end.
-            guides = [torch.linalg.vector_norm(torch.mul(g, e)).float() for g, e in zip(grads, eps)]
-            self.guide_norms = _checked_norms(torch.stack(guides).tolist(), per_tensor=normalize == "per_tensor")
+            self.guide_norms = _checked_norms(_guide_norms(grads, eps), per_tensor=normalize == "per_tensor")
         self.noise_scale = [1.0] * n
         if noise == "unit_norm" and self.b > 0:
             for k in range(n):
@@ -224,6 +222,23 @@ class Directions:
         for k in range(1, self.n):
             acc.add_(self.tensor(k, i), alpha=float(coefficients[k]) / self.n)
         return acc.div_(eps)
+
+
+def _signs(seed: int, n: int) -> list[float]:
+    """The n fair signs s_k of a step: low bits of SeedSequence's hash words (no generator to
+    build; this runs right after the base pass, when every extra object touched is a cache miss)."""
+    words = np.random.SeedSequence([seed, _SIGN_TAG]).generate_state(n)
+    return [1.0 if w & 1 else -1.0 for w in words.tolist()]
+
+
+def _guide_norms(grads: Tensors, eps: Tensors) -> list[float]:
+    """``||eps_i * g_i||`` per tensor with one sync. Scalar eps (per-tensor scales) factor out of
+    the norm: one foreach reduction and no product pass; otherwise one tensor's product at a
+    time (the lean strategy's memory bound)."""
+    if all(e.numel() == 1 for e in eps):
+        norms = torch.stack(torch._foreach_norm(list(grads)))
+        return norms.mul_(torch.stack([e.reshape(()) for e in eps]).abs()).float().tolist()
+    return torch.stack([torch.linalg.vector_norm(torch.mul(g, e)).float() for g, e in zip(grads, eps)]).tolist()
 
 
 def _norms_of(make, count: int, per_tensor: bool) -> Optional[list[float]]:

@@ -84,3 +84,26 @@ def test_only_sequential_and_auto_tap_the_base_pass():
     for strategy, tapped in (("batched", False), ("inplace", False), ("lean", False), ("auto", True)):
         step, _, _ = _run(strategy, steps=1)
         assert (step.base_graph is not None) == tapped, strategy
+
+
+@pytest.mark.parametrize("gather_max", [10**9, 0], ids=["column-gather", "csr-product"])
+def test_sparse_products_equal_the_dense_layer(monkeypatch, gather_max):
+    monkeypatch.setattr(base_reuse, "GATHER_MAX", gather_max)
+    taps = base_reuse.BaseTaps()
+    layer = base_reuse.IncrementalLinear(taps)
+    x, base_weight, bias = torch.randn(3, 5, 40), torch.randn(24, 40).round(), torch.randn(24)
+    taps("fc", x, base_weight, F.linear(x, base_weight, bias))
+    weight = base_weight.clone()
+    weight.view(-1)[torch.randperm(weight.numel())[:9]] += 1.0  # 9 of 960 codes move one step
+    out = layer("fc", x, weight, bias)
+    assert layer.incremental_calls == 1
+    torch.testing.assert_close(out, F.linear(x, weight, bias))
+
+
+def test_changed_entries_agree_on_every_path():
+    old = torch.randn(1000)
+    new = old.clone()
+    new[[3, 500, 999]] += 1.0
+    expected = torch.tensor([3, 500, 999])
+    assert torch.equal(base_reuse.changed_entries(new, old), expected)  # numpy path
+    assert torch.equal(base_reuse.changed_entries(new.bfloat16(), old.bfloat16()), expected)  # torch path
