@@ -4,7 +4,8 @@ Strategies (all give the same losses to float tolerance; see tests/test_train.py
 
 * ``inplace``    -- write theta + delta into the parameters, run the model, restore theta
                     exactly from a copy (MeZO-style; the cheapest for K = 2 on CPU).
-* ``sequential`` -- run the branch graph once per branch with out-of-place values.
+* ``sequential`` -- run the branch graph once per branch with out-of-place values (weight
+                    q/dq hoisted into one foreach prologue, first layers reused).
 * ``batched``    -- run the branch graph under ``torch.func.vmap`` with every lifted parameter
                     stacked on a leading branch axis (K branches in one pass, chunked).
 * ``lean``       -- the model's graph with every perturbed read streamed through a perturber
@@ -34,14 +35,17 @@ from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import TrainStepError
 from qzo_fx.pass_infra import Pass, PassManager
 from qzo_fx.base_reuse import BaseTaps
+from qzo_fx.passes.hoist_weight_qdq import hoist_weight_qdq
 from qzo_fx.passes.incremental_linear import incremental_linear
 from qzo_fx.passes.lift_params import LiftContext, lift_params
 from qzo_fx.passes.lower_qdq import lower_qdq
 from qzo_fx.passes.stream_perturbations import PERTURBER, StreamContext, stream_perturbations
 from qzo_fx.passes.tap_base import ReuseContext, tap_base
+from qzo_fx.prologue import PROLOGUE
 from qzo_fx.workspace import Workspace
 
-__all__ = ["Branch", "BranchModel", "BranchRunner", "STRATEGIES", "base_graph", "branch_graph", "incremental_graph", "perturbed"]
+__all__ = ["Branch", "BranchModel", "BranchRunner", "STRATEGIES", "base_graph", "branch_graph", "incremental_graph",
+           "perturbed", "sequential_graph"]
 
 STRATEGIES = ("auto", "inplace", "sequential", "batched", "lean")
 _CANDIDATES = ("sequential", "inplace", "batched")
@@ -74,10 +78,18 @@ def base_graph(model: GraphModule, names: Sequence[str], taps: BaseTaps) -> Opti
 
 
 def incremental_graph(model: GraphModule, names: Sequence[str], taps: BaseTaps) -> GraphModule:
-    """The branch graph with first layers computed from the base pass (the sequential strategy)."""
+    """The branch graph with first layers computed from the base pass."""
     gm = branch_graph(model, names)
     reuse = Pass("incremental_linear", incremental_linear, "first layers: base output + x @ change of Q(theta)")
     return PassManager((reuse,)).run(gm, ReuseContext(tuple(names), taps)).graph_module
+
+
+def sequential_graph(model: GraphModule, names: Sequence[str], taps: Optional[BaseTaps]) -> GraphModule:
+    """What the sequential strategy runs: the branch graph (with incremental first layers when
+    the base pass is tapped) whose weight q/dq is hoisted into one foreach prologue."""
+    gm = branch_graph(model, names) if taps is None else incremental_graph(model, names, taps)
+    hoist = Pass("hoist_weight_qdq", hoist_weight_qdq, "weights quantized by foreach ops, not one kernel each")
+    return PassManager((hoist,)).run(gm, LiftContext(tuple(names))).graph_module
 
 
 class Perturber(nn.Module):
@@ -177,12 +189,9 @@ class BranchRunner:
 
     @property
     def sequential_graph(self) -> GraphModule:
-        """What ``sequential`` runs: the branch graph, with incremental first layers when the
-        base pass is tapped."""
-        if self.taps is None:
-            return self.graph
+        """What ``sequential`` runs (see :func:`sequential_graph`; built on first use)."""
         if self._sequential_graph is None:
-            self._sequential_graph = incremental_graph(self.model, self.names, self.taps)
+            self._sequential_graph = sequential_graph(self.model, self.names, self.taps)
         return self._sequential_graph
 
     def streamed_losses(self, directions, eps: Sequence[Tensor], pattern: Sequence[tuple[int, float]],
@@ -254,10 +263,14 @@ class BranchRunner:
 
     def _sequential(self, branches, batch, rng_state) -> Tensor:
         out, values = [], self.workspace.like("values", self.params)
+        graph = self.sequential_graph
+        prologue = getattr(graph, PROLOGUE, None)
         for deltas, sign in branches:
             for v, p, d in zip(values, self.params, deltas):
                 perturbed(p, d, sign, out=v)  # one reused buffer set for every branch
-            out.append(self._loss(BranchModel(self.sequential_graph, self.model, values), batch, rng_state))
+            if prologue is not None:
+                prologue(values)  # the hoisted weights' q/dq, in place
+            out.append(self._loss(BranchModel(graph, self.model, values), batch, rng_state))
         return torch.stack(out)
 
     def _batched(self, branches, batch, rng_state) -> Tensor:
