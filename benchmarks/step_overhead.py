@@ -3,7 +3,8 @@
     python benchmarks/step_overhead.py [--quick] [--models mlp,cnn,vit,llama]
 
 Ratios: STE QAT step / float step; FOGZO (two-sided, one-sided) / STE; n-SPSA K=2n branches,
-batched vs sequential throughput. Targets: FOGZO two-sided <= 1.70x STE, one-sided <= 1.40x.
+batched vs sequential throughput. Each ratio is the median over rounds of the ratio within a
+round (the two callables timed seconds apart), so the VM's slow drift cancels. Targets: FOGZO two-sided <= 1.70x STE, one-sided <= 1.40x.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 import qzo_fx
 from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT, classification_loss as ce, next_token_loss
-from timing import interleaved
+from timing import interleaved_rounds, medians, paired_ratio
 
 BLOCK = 3  # steps per turn, the first dropped: steady state, as in a training loop
 
@@ -71,7 +72,7 @@ def nspsa_throughput(factory, batch, loss_fn, ks, rounds):
         for strategy in ("sequential", "batched"):
             step = qzo_fx.train_step(qm, loss_fn, qzo_fx.NSPSA(n=k // 2, seed=0), strategy=strategy)
             fns[(k, strategy)] = (lambda s: lambda: s(batch))(step)
-    return interleaved(fns, rounds, warmup=1, block=BLOCK)
+    return interleaved_rounds(fns, rounds, warmup=1, block=BLOCK)
 
 
 def main() -> None:
@@ -80,27 +81,29 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn,vit,llama")
     args = parser.parse_args()
     rounds = 7 if args.quick else 40
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds "
-          f"of {BLOCK} back-to-back steps (first dropped)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {rounds} interleaved rounds of {BLOCK} "
+          "back-to-back steps (first dropped): median ms, and the median over rounds of each round's ratio")
     table = reference_models()
     for name in args.models.split(","):
         factory, batch, loss_fn = table[name]
         fns, steps = step_fns(factory, batch, loss_fn)
-        t = interleaved(fns, rounds, block=BLOCK)
-        ste = t["ste-w2"]
+        samples = interleaved_rounds(fns, rounds, block=BLOCK)
+        t = medians(samples)
         print(f"\n== {name}: float {t['float']*1e3:.2f} ms | STE W8A8 {t['ste-w8a8']*1e3:.2f} ms "
-              f"= {t['ste-w8a8']/t['float']:.2f}x float | STE W2 {ste*1e3:.2f} ms")
+              f"= {paired_ratio(samples, 'ste-w8a8', 'float'):.2f}x float | STE W2 {t['ste-w2']*1e3:.2f} ms")
         for key, value in t.items():
             if key.startswith("fogzo"):
-                print(f"   {key:24s} {value*1e3:7.2f} ms  {value/ste:5.2f}x STE")
+                print(f"   {key:31s} {value*1e3:7.2f} ms  {paired_ratio(samples, key, 'ste-w2'):5.2f}x STE")
         print(f"   auto chose: {steps['fogzo-2s-auto'].runner.strategy} (2s), {steps['fogzo-1s-auto'].runner.strategy} (1s)")
     ks = (2, 8) if args.quick else (2, 8, 32, 64)
     factory, batch, loss_fn = table["mlp"]
-    thr = nspsa_throughput(factory, batch, loss_fn, ks, 3 if args.quick else 7)
+    samples = nspsa_throughput(factory, batch, loss_fn, ks, 3 if args.quick else 7)
+    thr = medians(samples)
     print("\n== n-SPSA on the MLP (K = 2n branches): ms per step; batched throughput / sequential")
     for k in ks:
         seq, bat = thr[(k, "sequential")], thr[(k, "batched")]
-        print(f"   K={k:3d}  sequential {seq*1e3:8.2f} ms  batched {bat*1e3:8.2f} ms  speed-up {seq/bat:4.2f}x")
+        speedup = paired_ratio(samples, (k, "sequential"), (k, "batched"))
+        print(f"   K={k:3d}  sequential {seq*1e3:8.2f} ms  batched {bat*1e3:8.2f} ms  speed-up {speedup:4.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ import statistics
 import time
 
 
-def interleaved(fns: dict, rounds: int, warmup: int = 3, block: int = 1) -> dict:
-    """Median seconds per callable, timed round-robin so that machine drift hits all alike.
+def interleaved_rounds(fns: dict, rounds: int, warmup: int = 3, block: int = 1) -> dict:
+    """Seconds per call of each callable, per round (a list of ``rounds`` lists), timed
+    round-robin so that machine drift hits all alike.
 
     ``block > 1``: each turn runs a callable ``block`` times in a row and drops the first call,
     which pays for caches the previous callable filled with its own data. That is steady-state
@@ -18,9 +19,30 @@ def interleaved(fns: dict, rounds: int, warmup: int = 3, block: int = 1) -> dict
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            kept = []
             for call in range(block):
                 start = time.perf_counter()
                 fn()
                 if block == 1 or call > 0:
-                    samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in samples.items()}
+                    kept.append(time.perf_counter() - start)
+            samples[name].append(kept)
+    return samples
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 3, block: int = 1) -> dict:
+    """Median seconds per call of each callable (see :func:`interleaved_rounds`)."""
+    return medians(interleaved_rounds(fns, rounds, warmup, block))
+
+
+def medians(samples: dict) -> dict:
+    return {name: statistics.median(t for kept in rounds for t in kept) for name, rounds in samples.items()}
+
+
+def paired_ratio(samples: dict, name: str, base: str) -> float:
+    """Median over rounds of (mean time of ``name``) / (mean time of ``base``) in the same round.
+
+    The two were timed seconds apart, so the VM's drift (2x over minutes here) cancels in each
+    round's ratio, where a ratio of two medians would mix different phases.
+    """
+    return statistics.median(statistics.fmean(a) / statistics.fmean(b)
+                             for a, b in zip(samples[name], samples[base]))
