@@ -97,7 +97,7 @@ class TrainStep:
         self.workspace = Workspace()  # noise, deltas and branch values: allocated once
         self._materialized: Optional[list] = None  # this step's directions, unless streamed
         self._base: Optional[GraphModule] = None  # the base pass with first layers tapped
-        self._eps_cache: Optional[tuple] = None  # (scale identities and versions, eps tensors)
+        self._eps_cache: Optional[tuple] = None  # (scale tensors, their versions, eps tensors)
         if isinstance(estimator, ZOQO):
             self.codes = code_tensors(model)
             self.runner = BranchRunner(model, loss_fn, [name for name, _ in self.codes], strategy, max_chunk,
@@ -253,11 +253,15 @@ class TrainStep:
         """Per-coordinate perturbation sizes of this step. Scales may be learned or re-calibrated:
         the sizes are recomputed whenever a scale tensor is replaced or changed in place (its
         version counter moves), and reused otherwise."""
-        key = (eps_float, [None if pp.quantizer is None else (id(pp.quantizer.scale), pp.quantizer.scale._version)
-                           for pp in self.perturbed])
-        if self._eps_cache is None or self._eps_cache[0] != key:
-            self._eps_cache = (key, [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.runner.params)])
-        return self._eps_cache[1]
+        scales = [None if pp.quantizer is None else pp.quantizer.scale for pp in self.perturbed]
+        versions = (eps_float, [None if t is None else t._version for t in scales])
+        cached = self._eps_cache
+        # The cache holds the scale tensors themselves (compared by identity): an id() could be
+        # reused by a new scale once the old one is freed.
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], scales)):
+            self._eps_cache = cached = (scales, versions,
+                                        [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.runner.params)])
+        return cached[2]
 
     def _branch_losses(self, directions: zo_math.Directions, eps, batch, rng_state, two_sided: bool) -> Optional[Tensor]:
         pattern = [(k, sign) for k in range(directions.n) for sign in ((1.0, -1.0) if two_sided else (1.0,))]

@@ -201,3 +201,19 @@ def test_bad_arguments_are_clear(setup):
         qzo_fx.train_step(qzo_fx.prepare(nn.Linear(2, 2), qzo_fx.QuantConfig(weight=None)), ce, qzo_fx.FOGZO())
     with pytest.raises(qzo_fx.TrainStepError, match="scalar"):
         qzo_fx.train_step(qm, lambda m, b: m(b[0]), qzo_fx.STE())(setup[1])
+
+
+def test_perturbation_sizes_follow_scale_changes():
+    """eps = step * eps_bar is cached between steps, but never outlives a scale change: an
+    in-place update (a learned scale's optimizer step) or a new scale tensor (re-calibration)."""
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(torch.nn.Linear(6, 3), qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=2, granularity="per_tensor")))
+    step = qzo_fx.train_step(qm, lambda m, b: m(b).square().mean(), qzo_fx.FOGZO(total_steps=10, seed=0))
+    quantizer = step.perturbed[0].quantizer
+    first = step._eps(1e-3)[0].clone()
+    assert torch.equal(step._eps(1e-3)[0], first)
+    with torch.no_grad():
+        quantizer.scale.mul_(2.0)
+    torch.testing.assert_close(step._eps(1e-3)[0], 2 * first)
+    quantizer.scale = quantizer.scale.detach() * 3.0  # a new tensor, as re-calibration makes
+    torch.testing.assert_close(step._eps(1e-3)[0], 6 * first)
