@@ -27,8 +27,9 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
     hoisted = []
     for theta in [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in index_of]:
         qdq = next(iter(theta.users), None)
-        if len(theta.users) != 1 or qdq.op != "call_function" or qdq.target is not fake_quant_kernel:
-            continue
+        if (len(theta.users) != 1 or qdq.op != "call_function" or qdq.target is not fake_quant_kernel
+                or len(qdq.args) < 7 or qdq.args[0] is not theta):
+            continue  # other readers, another op, or arguments this pass does not parse: left alone
         _, scale, zero_point, qmin, qmax, axis, group_size = qdq.args[:7]
         read = quantizer_read(gm, scale)
         if group_size != 0 or read is None or quantizer_read(gm, zero_point) is None:
