@@ -24,7 +24,7 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
     if hasattr(gm, PROLOGUE):
         return PassResult(gm, False)
     index_of = {placeholder_name(name): i for i, name in enumerate(ctx.names)}
-    hoisted = []
+    hoisted, quantizers = [], []
     for theta in [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in index_of]:
         qdq = next(iter(theta.users), None)
         if (len(theta.users) != 1 or qdq.op != "call_function" or qdq.target is not fake_quant_kernel
@@ -34,14 +34,14 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
         read = quantizer_read(gm, scale)
         if group_size != 0 or read is None or quantizer_read(gm, zero_point) is None:
             continue
-        quantizer = f"{QUANT_CONTAINER}.{read[0]}"
         qdq.replace_all_uses_with(theta)
         gm.graph.erase_node(qdq)
         for attribute in (scale, zero_point):
             if not attribute.users:
                 gm.graph.erase_node(attribute)
-        hoisted.append(HoistedWeight(index_of[theta.target], quantizer, qmin, qmax, axis))
+        hoisted.append(HoistedWeight(index_of[theta.target], f"{QUANT_CONTAINER}.{read[0]}", qmin, qmax, axis))
+        quantizers.append(read[1])
     if not hoisted:
         return PassResult(gm, False)
-    gm.add_submodule(PROLOGUE, QuantPrologue(gm, hoisted))
+    gm.add_submodule(PROLOGUE, QuantPrologue(hoisted, quantizers))
     return PassResult(gm, True)

@@ -9,15 +9,15 @@ rounding boundary -- about 0.1-1% of the entries with FOGZO's small noise. So
 
 costs a scan of the weight and one multiply-add per changed entry and batch row, instead of a
 dense GEMM. Few changes: a gather of the touched input columns; more: a CSR sparse product
-(column gathers are strided and cost ~4x more per entry than CSR's row-major reads). ``BaseTaps`` (in the base graph) keeps ``x``, ``Q(theta)`` and the output of each
-first layer for the current step; ``IncrementalLinear`` (in the sequential branch graph) uses
-them, and computes the dense product whenever the input differs from the base pass's, the step's
+(column gathers are strided and cost ~4x more per entry than CSR's row-major reads).
+``BaseTaps`` (in the base graph) keeps ``x``, ``Q(theta)`` and the output of each first layer
+for the current step; ``IncrementalLinear`` (in the sequential branch graph) uses them, and computes the dense product whenever the input differs from the base pass's, the step's
 base pass has not run, the change is not sparse, or the layer is too small to gain.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np

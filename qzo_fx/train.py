@@ -191,7 +191,7 @@ class TrainStep:
         losses = self._branch_losses(directions, eps, batch, rng_state, est.two_sided)
         if losses is None:
             return loss
-        values = self.stats.last_branch_losses  # as floats: no tensor ops for n scalars
+        values = losses.tolist()  # n floats: plain arithmetic, no tensor ops
         if est.two_sided:
             coefficients = [(plus - minus) / 2 for plus, minus in zip(values[0::2], values[1::2])]
         else:
