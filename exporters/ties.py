@@ -111,7 +111,7 @@ class _FollowOrtTies(TorchDispatchMode):
         queue = self.probes.get(self.scale_names.get(scale.data_ptr()))
         if not queue or scale.numel() != 1:
             return out
-        x_ort, codes_ort = queue.popleft()
+        x_ort, codes_ort = (t.to(x.device) for t in queue.popleft())  # ORT's values are on the host
         if tuple(x_ort.shape) != tuple(x.shape):
             return out  # not the call this probe recorded (dynamic shapes): leave torch's value
         return resolve_codes(x, x_ort, codes_ort, scale.reshape(()), zero_point.reshape(()).to(x.dtype),
@@ -132,5 +132,5 @@ def tie_resolved_outputs(qm: nn.Module, session, n_outputs: int, probes: Sequenc
                                    torch.from_numpy(np.asarray(values[codes_name]).astype(np.int32))))
     count = TieCount()
     with mode(qm, False), torch.no_grad(), _FollowOrtTies(activation_scale_names(qm), queues, count):
-        outputs = [t.numpy() for t in tree_leaves(qm(*inputs, **kwargs)) if isinstance(t, Tensor)]
+        outputs = [t.cpu().numpy() for t in tree_leaves(qm(*inputs, **kwargs)) if isinstance(t, Tensor)]
     return [values[n] for n in names[:n_outputs]], outputs, count

@@ -90,11 +90,11 @@ def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *,
     """
     kwargs = dict(kwargs or {})
     with mode(qm, False), torch.no_grad():
-        expected = [t.numpy() for t in tree_leaves(qm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
+        expected = [t.cpu().numpy() for t in tree_leaves(qm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
     tensors = [a for a in list(inputs) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
 
     def feeds_of(session) -> dict[str, np.ndarray]:
-        return {meta.name: t.numpy() for meta, t in zip(session.get_inputs(), tensors)}
+        return {meta.name: t.detach().cpu().numpy() for meta, t in zip(session.get_inputs(), tensors)}
 
     model = onnx.load(str(path))
     if model.ByteSize() < _PROTOBUF_LIMIT:

@@ -134,6 +134,8 @@ def _fq_node(gm: GraphModule, before: Node, value: Node, qname: str, quantizer: 
 class _Inserter:
     def __init__(self, gm: GraphModule) -> None:
         self.gm, self.container = gm, _container(gm)
+        # Activation quantizers live where the model does (a model prepared on a GPU stays there).
+        self.device = next(iter(gm.parameters()), next(iter(gm.buffers()), torch.empty(()))).device
         self.weights: dict[int, Node] = {}  # id(parameter) -> its fq node: tied weights share one
         self.activations: dict[tuple[Node, QuantSpec], Node] = {}
 
@@ -143,8 +145,9 @@ class _Inserter:
         key = id(self.gm.get_parameter(target))
         if key not in self.weights:
             qname = _unique(self.container, target)
-            quantizer = Quantizer(spec, "weight", target, *axis_group)
-            quantizer.initialize(self.gm.get_parameter(target))
+            weight = self.gm.get_parameter(target)
+            quantizer = Quantizer(spec, "weight", target, *axis_group).to(weight.device)
+            quantizer.initialize(weight)
             self.container.add_module(qname, quantizer)
             self.weights[key] = _fq_node(self.gm, op, param, qname, quantizer)
         op.update_arg(arg, self.weights[key])
@@ -154,7 +157,7 @@ class _Inserter:
         key = (value, spec)
         if key not in self.activations:
             qname = _unique(self.container, f"{module_name or op.name}_input")
-            quantizer = Quantizer(spec, "activation", value.name)
+            quantizer = Quantizer(spec, "activation", value.name).to(self.device)
             self.container.add_module(qname, quantizer)
             self.activations[key] = _fq_node(self.gm, op, value, qname, quantizer)
         op.update_arg(arg, self.activations[key])

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import operator
 import time
+import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -42,6 +43,8 @@ from qzo_fx.passes.lower_qdq import lower_qdq
 from qzo_fx.passes.stream_perturbations import PERTURBER, StreamContext, stream_perturbations
 from qzo_fx.passes.tap_base import ReuseContext, tap_base
 from qzo_fx.prologue import PROLOGUE
+from qzo_fx.random_ops import uses_randomness
+from qzo_fx.rng import RngState
 from qzo_fx.workspace import Workspace
 
 __all__ = ["Branch", "BranchModel", "BranchRunner", "STRATEGIES", "base_graph", "branch_graph", "incremental_graph",
@@ -143,7 +146,7 @@ class BranchModel:
 def _branch_mode(norms: Sequence[nn.Module], buffers: Sequence[Tensor]) -> Iterator[None]:
     """no_grad, frozen BatchNorm statistics, restored buffers and RNG."""
     saved = [b.clone() for b in buffers]
-    outer_rng = torch.get_rng_state()
+    outer_rng = RngState.capture()
     try:
         for m in norms:
             # With track_running_stats off, a training-mode BatchNorm uses batch statistics
@@ -157,7 +160,7 @@ def _branch_mode(norms: Sequence[nn.Module], buffers: Sequence[Tensor]) -> Itera
         with torch.no_grad():
             for b, s in zip(buffers, saved):
                 b.copy_(s)
-        torch.set_rng_state(outer_rng)
+        outer_rng.restore()
 
 
 class BranchRunner:
@@ -179,6 +182,7 @@ class BranchRunner:
         self._lean: Optional[GraphModule] = None
         self.taps, self._sequential_graph = taps, None
         self.timings: dict[str, list[float]] = {}
+        self._random, self._warned_masks = uses_randomness(model), False
 
     @property
     def graph(self) -> GraphModule:
@@ -195,7 +199,7 @@ class BranchRunner:
         return self._sequential_graph
 
     def streamed_losses(self, directions, eps: Sequence[Tensor], pattern: Sequence[tuple[int, float]],
-                        batch: Any, rng_state: Tensor) -> Tensor:
+                        batch: Any, rng_state: RngState) -> Tensor:
         """Loss of each branch ``(k, sign)`` of ``pattern`` with directions streamed (the lean strategy)."""
         if self._lean is None:
             self._lean = lean_graph(self.model, self.names)
@@ -211,8 +215,19 @@ class BranchRunner:
             perturber.directions = perturber.eps = None  # hold no step's tensors between steps
         return torch.stack(out)
 
-    def losses(self, branches: Sequence[Branch], batch: Any, rng_state: Tensor) -> Tensor:
+    def batched_masks_differ(self) -> bool:
+        """True where batched branches cannot see the base pass's dropout masks: a model that
+        draws random numbers, on CUDA (see :mod:`qzo_fx.random_ops`)."""
+        return self._random and any(p.device.type == "cuda" for p in self.params)
+
+    def losses(self, branches: Sequence[Branch], batch: Any, rng_state: RngState) -> Tensor:
         """Loss of every branch, shape [K]."""
+        if self.strategy == "batched" and not self._warned_masks and self.batched_masks_differ():
+            self._warned_masks = True
+            warnings.warn("strategy='batched' on CUDA with random ops (dropout): the branches share one mask "
+                          "with each other but not with the base pass, because CUDA's fused dropout draws "
+                          "masks differently from vmap. Use strategy='sequential' for the base pass's masks.",
+                          RuntimeWarning, stacklevel=3)
         if self.strategy == "auto":
             return self._choose(branches, batch, rng_state)
         if self.strategy == "lean":
@@ -224,13 +239,15 @@ class BranchRunner:
     def _choose(self, branches, batch, rng_state) -> Tensor:
         """Round-robin over the candidates for the first steps (each step is a real step with
         one candidate), then keep the one with the smallest median time."""
-        pending = [c for c in _CANDIDATES if len(self.timings.setdefault(c, [])) < _AUTO_ROUNDS
+        candidates = [c for c in _CANDIDATES if c != "batched" or not self.batched_masks_differ()]
+        pending = [c for c in candidates if len(self.timings.setdefault(c, [])) < _AUTO_ROUNDS
                    and self.timings[c] != [float("inf")]]
         if not pending:
-            medians = {c: sorted(t)[len(t) // 2] for c, t in self.timings.items()}
+            medians = {c: sorted(self.timings[c])[len(self.timings[c]) // 2] for c in candidates}
             self.strategy = min(medians, key=medians.get)
             return self.losses(branches, batch, rng_state)
         candidate = min(pending, key=lambda c: len(self.timings[c]))
+        self._synchronize()  # on a GPU, time the kernels, not their launch
         start = time.perf_counter()
         try:
             with _branch_mode(self._norms, self._buffers):
@@ -240,11 +257,16 @@ class BranchRunner:
                 raise TrainStepError(f"branch evaluation failed: {type(error).__name__}: {error}") from error
             self.timings[candidate] = [float("inf")]
             return self._choose(branches, batch, rng_state)
+        self._synchronize()
         self.timings[candidate].append(time.perf_counter() - start)
         return losses
 
-    def _loss(self, model: Any, batch: Any, rng_state: Tensor) -> Tensor:
-        torch.set_rng_state(rng_state)
+    def _synchronize(self) -> None:
+        for device in {p.device for p in self.params if p.device.type == "cuda"}:
+            torch.cuda.synchronize(device)
+
+    def _loss(self, model: Any, batch: Any, rng_state: RngState) -> Tensor:
+        rng_state.restore()
         return self.loss_fn(model, batch).detach().reshape(())
 
     def _inplace(self, branches, batch, rng_state) -> Tensor:
@@ -289,6 +311,6 @@ class BranchRunner:
                 # Written straight into the stacked buffers: one pass, no torch.stack copy.
                 for j, p in enumerate(self.params):
                     perturbed(p, deltas[j], sign, out=stacked[j][k])
-            torch.set_rng_state(rng_state)
+            rng_state.restore()
             out.append(batched(*stacked).detach())
         return torch.cat(out)

@@ -30,6 +30,7 @@ from qzo_fx.errors import BatchError, NonFiniteLossError, TrainStepError
 from qzo_fx.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
 from qzo_fx.perturbed import PerturbedParam, code_tensors, perturbed_params
 from qzo_fx.prepare import quantizer_containers
+from qzo_fx.rng import RngState
 from qzo_fx.workspace import Workspace
 
 __all__ = ["train_step", "TrainStep", "StepStats"]
@@ -157,7 +158,7 @@ class TrainStep:
     # ------------------------------------------------------------------ estimators
     def _ste(self, batch: Any) -> tuple[Tensor, Tensor, bool]:
         """Base forward + backward; returns (loss, RNG state before the forward, finite?)."""
-        rng_state = torch.get_rng_state()
+        rng_state = RngState.capture()
         model = self.wrapper
         if self._base is not None:
             self.runner.taps.clear()  # values of this step only
@@ -188,6 +189,10 @@ class TrainStep:
         if not directions.valid:
             self.stats.zero_gradient_fallbacks += 1
             return loss
+        if not est.two_sided and self.runner.strategy == "batched" and self.runner.batched_masks_differ():
+            raise TrainStepError("one-sided FOGZO differences each branch against the base loss, but with "
+                                 "strategy='batched' on CUDA the branches' dropout masks are not the base pass's "
+                                 "(see qzo_fx.random_ops): use strategy='sequential', 'inplace' or 'auto'.")
         losses = self._branch_losses(directions, eps, batch, rng_state, est.two_sided)
         if losses is None:
             return loss
@@ -203,7 +208,7 @@ class TrainStep:
     def _nspsa(self, batch: Any) -> Tensor:
         """n-SPSA, and ZO-sign (the same branches, a sign taken afterwards)."""
         est = self.estimator
-        rng_state = torch.get_rng_state()
+        rng_state = RngState.capture()
         params = self.runner.params
         if est.eps is not None:
             eps = [torch.tensor(est.eps, dtype=p.dtype, device=p.device) for p in params]
@@ -229,7 +234,7 @@ class TrainStep:
     def _zoqo(self, batch: Any) -> Tensor:
         """Two queries on the grid, then a whole-step move of every code (no autograd)."""
         est: ZOQO = self.estimator
-        rng_state = torch.get_rng_state()
+        rng_state = RngState.capture()
         stream = zo_math.NoiseStream(self.base_seed + self.step_index)
         steps = [quantizer.step_size(quantizer.codes.float()) for _, quantizer in self.codes]
         noise, plus, minus = [], [], []
@@ -279,9 +284,9 @@ class TrainStep:
         raw = streamed() if streamed is not None else self.runner.losses(branches, batch, rng_state)
         # Averaged over ranks before any differencing: every rank then writes the same estimate.
         losses = distributed.all_reduce_mean(raw)
+        self.stats.last_branch_losses = losses.tolist()  # before the clock stops: on a GPU this waits for the branches
         self.stats.branch_seconds += time.perf_counter() - start
         self.stats.forward_passes += len(losses)
-        self.stats.last_branch_losses = losses.tolist()
         return losses if self._check_finite(self.stats.last_branch_losses, "branch") else None
 
     # ------------------------------------------------------------------ state and checks

@@ -282,10 +282,10 @@ def zoqo_noise(stream: NoiseStream, radius: Tensor, like: Tensor, law: str = "ga
     """
     m = radius.to(torch.float32)
     if law == "gaussian":
-        j = stream.sample("gaussian", like.shape).mul_(m / 2).round_()
+        j = stream.sample("gaussian", like.shape, device=like.device).mul_(m / 2).round_()
         j = torch.maximum(torch.minimum(j, m), -m)
     else:
-        p = stream.sample("uniform", like.shape).div_(2 * math.sqrt(3.0)).add_(0.5)  # (0, 1)
+        p = stream.sample("uniform", like.shape, device=like.device).div_(2 * math.sqrt(3.0)).add_(0.5)  # (0, 1)
         j = torch.floor(p * (2 * m + 1)) - m
     return j.to(like.dtype)
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import qzo_fx
 from qzo_fx.branches import BranchRunner
+from qzo_fx.rng import RngState
 
 STRATEGIES = ("inplace", "sequential", "batched")
 
@@ -47,7 +48,7 @@ def test_strategies_agree_and_inplace_restores_bit_exactly(setup):
     names = ["fc1.weight", "fc2.weight"]
     before = {k: v.clone() for k, v in qm.state_dict().items()}
     branches = _branches(qm, names)
-    rng = torch.get_rng_state()
+    rng = RngState.capture()
     losses = {s: BranchRunner(qm, ce, names, s).losses(branches, batch, rng) for s in STRATEGIES}
     torch.testing.assert_close(losses["inplace"], losses["sequential"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["batched"], losses["sequential"], rtol=1e-5, atol=1e-6)
@@ -59,7 +60,7 @@ def test_branches_share_the_base_pass_dropout_mask(setup):
     qm, batch = setup
     names = ["fc1.weight"]
     zero = [([torch.zeros_like(qm.get_parameter("fc1.weight"))], s) for s in (1.0, -1.0)]
-    rng = torch.get_rng_state()
+    rng = RngState.capture()
     with torch.no_grad():
         base = ce(qm, batch)  # consumes the RNG as the base pass of a step does
         for m in qm.modules():
@@ -217,3 +218,19 @@ def test_perturbation_sizes_follow_scale_changes():
     torch.testing.assert_close(step._eps(1e-3)[0], 2 * first)
     quantizer.scale = quantizer.scale.detach() * 3.0  # a new tensor, as re-calibration makes
     torch.testing.assert_close(step._eps(1e-3)[0], 6 * first)
+
+
+def test_random_ops_are_found_in_modules_and_graphs():
+    from qzo_fx.random_ops import uses_randomness
+
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x + torch.randn_like(x)
+
+    cfg = qzo_fx.QuantConfig(weight_bits=2)
+    assert uses_randomness(qzo_fx.prepare(DropNet(), cfg))
+    assert uses_randomness(qzo_fx.prepare(Noisy(), cfg, example_inputs=(torch.randn(2, 3),)))
+    assert not uses_randomness(qzo_fx.prepare(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0)), cfg))
+    # aten graphs (the torch.export route) carry the nondeterministic_seeded tag
+    exported = torch.export.export(Noisy(), (torch.randn(2, 3),)).module()
+    assert uses_randomness(exported)
