@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qzo_fx.counter_noise import HALF_LEVELS as _HALF_LEVELS, fill_uniform
 from qzo_fx.workspace import Workspace
 
 __all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "NoiseStream", "Directions", "fogzo_directions", "combine",
@@ -39,7 +40,6 @@ def smoothing_of(ste: str, bits: int) -> str:
 
 
 UNIFORM_HALF_WIDTH = math.sqrt(3.0)  # uniform on (-sqrt 3, sqrt 3): unit variance
-_HALF_LEVELS = 32768.0  # 16-bit levels on each side of 0
 
 
 def uniform_levels(out: Tensor, raw: np.ndarray, half_width: float) -> Tensor:
@@ -110,7 +110,7 @@ class NoiseStream:
 
 # Stream tags. numpy's SeedSequence zero-pads its entropy, so (seed, k) and (seed, k, 0) would be
 # the same stream: every stream carries a non-zero tag of its own.
-_SIGN_TAG, _NOISE_TAG, _SHARED_NOISE_TAG = 1, 2, 3
+_DIRECTION_TAG, _NOISE_TAG = 1, 2
 
 
 class Directions:
@@ -127,7 +127,7 @@ class Directions:
                  eps: Optional[Tensors] = None, beta: float = 0.0, normalize: str = "global",
                  noise: str = "per_coordinate") -> None:
         self.seed, self.like, self.laws, self.n = seed, list(like), list(laws), n
-        # Uniform noise everywhere: one stream per direction (see _shared_levels); other laws
+        # Uniform noise everywhere: one counter-based stream per direction (see _key); other laws
         # draw from one stream per tensor.
         self._shared = all(law == "uniform" for law in self.laws)
         self._starts = [0]
@@ -136,7 +136,11 @@ class Directions:
         self.grads, self.eps = grads, eps
         self.a = math.sqrt(beta) if grads is not None else 0.0
         self.b = math.sqrt(max(1.0 - beta, 0.0)) if grads is not None else 1.0
-        self.signs = _signs(seed, n)
+        # One hash for the step's signs and stream keys (see _key): it runs right after the base
+        # pass, when every extra object touched is a cache miss.
+        words = np.random.SeedSequence([seed, _DIRECTION_TAG]).generate_state(2 * n, np.uint64)
+        self.signs = [1.0 if w & 1 else -1.0 for w in words[:n].tolist()]
+        self._keys = words[n:]
         self.guide_norms: Optional[list[float]] = None
         if self.a > 0:
             self.guide_norms = _checked_norms(_guide_norms(grads, eps), per_tensor=normalize == "per_tensor")
@@ -159,7 +163,7 @@ class Directions:
         direct = target.device.type == "cpu" and target.dtype == torch.float32 and target.is_contiguous()
         flat = target.view(-1) if direct else torch.empty(like.numel())
         if self._shared:
-            uniform_levels(flat, self._shared_levels(k, self._starts[i], like.numel()), UNIFORM_HALF_WIDTH * scale)
+            fill_uniform(flat, self._key(k), self._starts[i], UNIFORM_HALF_WIDTH * scale)
         else:
             NoiseStream((self.seed, _NOISE_TAG, k, i)).fill(self.laws[i], flat, scale)
         return target if direct else target.copy_(flat.view(like.shape))
@@ -187,8 +191,7 @@ class Directions:
         for k in range(self.n):
             flat, views = workspace.flat_like(("v", k), self.like)
             if self.b > 0:
-                uniform_levels(flat, self._shared_levels(k, 0, flat.numel()),
-                               UNIFORM_HALF_WIDTH * (self.b * self.noise_scale[k]))
+                fill_uniform(flat, self._key(k), 0, UNIFORM_HALF_WIDTH * (self.b * self.noise_scale[k]))
             else:
                 flat.zero_()
             if self.a > 0:
@@ -202,19 +205,11 @@ class Directions:
         return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in self.like)
                 and (self.b == 0 or self._shared))
 
-    def _shared_levels(self, k: int, start: int, count: int) -> np.ndarray:
-        """Raw 16-bit levels ``start .. start + count`` of direction k's one stream.
-
-        With uniform noise on every tensor, direction k draws all tensors from one stream, tensor
-        i at offset ``starts[i]`` (its position in the concatenated parameters). PCG64DXSM can
-        jump ahead, so one tensor alone (lean strategy) costs the same as before, and all tensors
-        at once (materialize) cost one generator and one draw instead of one per tensor.
-        """
-        bits = np.random.PCG64DXSM(np.random.SeedSequence([self.seed, _SHARED_NOISE_TAG, k]))
-        first_word, skip = divmod(start, 4)  # four 16-bit levels per 64-bit word
-        if first_word:
-            bits.advance(first_word)
-        return bits.random_raw((skip + count + 3) // 4).view(np.int16)[skip:skip + count]
+    def _key(self, k: int) -> np.uint64:
+        """Direction k's stream when every tensor draws uniform noise: one counter-based stream
+        over the concatenated parameters, tensor i at offset ``starts[i]``. Any tensor alone
+        (lean strategy) or all at once (materialize) is one fill of its own length."""
+        return self._keys[k]
 
     def estimate(self, i: int, coefficients: Sequence[float], eps: Tensor) -> Tensor:
         """``G_i = (1/n) sum_k c_k v_ki / eps_i`` for one tensor, regenerating each ``v_ki``."""
@@ -224,21 +219,42 @@ class Directions:
         return acc.div_(eps)
 
 
-def _signs(seed: int, n: int) -> list[float]:
-    """The n fair signs s_k of a step: low bits of SeedSequence's hash words (no generator to
-    build; this runs right after the base pass, when every extra object touched is a cache miss)."""
-    words = np.random.SeedSequence([seed, _SIGN_TAG]).generate_state(n)
-    return [1.0 if w & 1 else -1.0 for w in words.tolist()]
-
-
 def _guide_norms(grads: Tensors, eps: Tensors) -> list[float]:
-    """``||eps_i * g_i||`` per tensor with one sync. Scalar eps (per-tensor scales) factor out of
-    the norm: one foreach reduction and no product pass; otherwise one tensor's product at a
-    time (the lean strategy's memory bound)."""
+    """``||eps_i * g_i||`` per tensor with one sync, never forming the product. Scalar eps
+    (per-tensor scales) factor out: one foreach reduction. Eps constant along some dimensions
+    (per-channel scales) factor out of those: ``||e * g|| = ||e * ||g||_rows||``, one reduction
+    of g and a product of eps's size. Only eps of g's own shape needs the product, one tensor
+    at a time (the lean strategy's memory bound)."""
     if all(e.numel() == 1 for e in eps):
         norms = torch.stack(torch._foreach_norm(list(grads)))
         return norms.mul_(torch.stack([e.reshape(()) for e in eps]).abs()).float().tolist()
-    return torch.stack([torch.linalg.vector_norm(torch.mul(g, e)).float() for g, e in zip(grads, eps)]).tolist()
+    # Small tensors: per-op overhead dominates, so their products go through two foreach calls.
+    # Large ones: memory traffic dominates, so no product is formed.
+    small = [i for i, g in enumerate(grads) if g.numel() < _LARGE]
+    norms: list[Optional[Tensor]] = [None] * len(grads)
+    if small:
+        products = torch._foreach_mul([grads[i] for i in small], [eps[i] for i in small])
+        for i, norm in zip(small, torch._foreach_norm(products)):
+            norms[i] = norm
+    for i, g in enumerate(grads):
+        if norms[i] is None:
+            norms[i] = _scaled_norm(g, eps[i])
+    return torch.stack(norms).float().tolist()
+
+
+_LARGE = 1 << 16  # elements: above, a product tensor costs more (fresh pages, traffic) than 3 ops
+
+
+def _scaled_norm(g: Tensor, e: Tensor) -> Tensor:
+    """``||e * g||`` for ``e`` broadcasting against ``g``."""
+    if e.numel() == 1:
+        return torch.linalg.vector_norm(g) * e.reshape(()).abs()
+    shape = (1,) * (g.dim() - e.dim()) + tuple(e.shape)
+    constant = tuple(d for d, (es, gs) in enumerate(zip(shape, g.shape)) if es == 1 and gs > 1)
+    if len(shape) != g.dim() or not constant:
+        return torch.linalg.vector_norm(torch.mul(g, e))
+    rows = torch.linalg.vector_norm(g, dim=constant, keepdim=True)
+    return torch.linalg.vector_norm(rows.mul_(e.reshape(shape)))
 
 
 def _norms_of(make, count: int, per_tensor: bool) -> Optional[list[float]]:
