@@ -288,10 +288,14 @@ class BranchRunner:
         graph = self.sequential_graph
         prologue = getattr(graph, PROLOGUE, None)
         for deltas, sign in branches:
-            for v, p, d in zip(values, self.params, deltas):
-                perturbed(p, d, sign, out=v)  # one reused buffer set for every branch
+            # Large hoisted weights: perturbed and quantized in one compiled pass; the rest
+            # perturbed into one reused buffer set, then the prologue's foreach q/dq.
+            fused = prologue.perturb_and_quantize(values, self.params, deltas, sign) if prologue is not None else ()
+            for j, (v, p, d) in enumerate(zip(values, self.params, deltas)):
+                if j not in fused:
+                    perturbed(p, d, sign, out=v)
             if prologue is not None:
-                prologue(values)  # the hoisted weights' q/dq, in place
+                prologue(values, skip=fused)
             out.append(self._loss(BranchModel(graph, self.model, values), batch, rng_state))
         return torch.stack(out)
 

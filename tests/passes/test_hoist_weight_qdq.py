@@ -2,6 +2,7 @@
 values, every per-tensor/per-channel weight hoisted, per-group and 1-bit weights left in place."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,3 +80,31 @@ def test_sequential_steps_match_inplace_with_the_prologue():
     assert hasattr(steps["sequential"].runner.sequential_graph, PROLOGUE)
     assert estimates["sequential"][0] == estimates["inplace"][0]
     torch.testing.assert_close(estimates["sequential"][1], estimates["inplace"][1], rtol=0, atol=0)
+
+
+def test_compiled_perturb_and_quantize_equals_perturbed_then_prologue(monkeypatch):
+    from qzo_fx import prologue as prologue_module
+    from qzo_fx.branches import perturbed
+    from qzo_fx.compiled import kernel
+
+    if kernel("perturb_quantize_rows") is None:
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(prologue_module, "FUSE_MIN", 0)  # these weights are small: fuse them all
+    qm, names, _ = _prepared()
+    prologue = getattr(sequential_graph(qm, names, taps=None), PROLOGUE)
+    params = [qm.get_parameter(n).detach().clone() for n in names]
+    params[1][0, 0] = float("nan")  # NaN must survive the clamps, as in torch
+    g = torch.Generator().manual_seed(3)
+    eps = [torch.tensor(0.01), torch.rand(16, 1, generator=g) * 0.05, torch.tensor(0.01), torch.tensor(0.01)]
+    deltas = [(torch.randn(p.shape, generator=g), e) for p, e in zip(params, eps)]
+    for sign in (1.0, -1.0):
+        fused = [torch.empty_like(p) for p in params]
+        done = prologue.perturb_and_quantize(fused, params, deltas, sign)
+        assert done == {w.index for w in prologue.weights}  # per-tensor 4-D conv and unsigned per-channel
+        for j in set(range(len(params))) - done:
+            perturbed(params[j], deltas[j], sign, out=fused[j])
+        prologue(fused, skip=done)
+        reference = [perturbed(p, d, sign, out=torch.empty_like(p)) for p, d in zip(params, deltas)]
+        prologue(reference)
+        for a, b in zip(fused, reference):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
