@@ -16,25 +16,13 @@ import qzo_fx
 from qzo_fx.branches import BranchRunner
 from qzo_fx.models import MLP, SmallCNN
 from qzo_fx.rng import RngState
+from tests.test_train import DropNet, ce
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]
 
 CUDA = torch.device("cuda")
 STRATEGIES = ("inplace", "sequential", "batched", "lean")
-
-
-class DropNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.bn, self.drop, self.fc2 = nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
-
-
-def ce(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 def _images(n=32, device="cpu"):
