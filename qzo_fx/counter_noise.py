@@ -13,7 +13,6 @@ same bits and values with whole-array operations.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from qzo_fx.compiled import kernel

@@ -93,7 +93,8 @@ def _row_arrays(theta: Tensor, delta: Any, out: Tensor, quantizer: Quantizer, w:
     per_row = [eps.detach(), quantizer.scale.detach(), quantizer.zero_point.detach()]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.numel() not in (1, rows) for t in per_row):
         return None
-    if eps.numel() == rows > 1 and eps.shape[0] != rows or (w.axis != 0 and quantizer.scale.numel() > 1):
+    along_rows = eps.numel() == 1 or eps.shape[0] == rows  # not a per-column eps of the same length
+    if not along_rows or (w.axis != 0 and quantizer.scale.numel() > 1):
         return None
-    flat = [t.reshape(rows, -1).numpy() for t in (out, theta, v)]
+    flat = [t.detach().reshape(rows, -1).numpy() for t in (out, theta, v)]
     return (*flat, *(t.reshape(-1).contiguous().numpy() for t in per_row))
