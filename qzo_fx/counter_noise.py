@@ -17,7 +17,7 @@ from torch import Tensor
 
 from qzo_fx.compiled import kernel
 
-__all__ = ["HALF_LEVELS", "compiled", "fill_uniform"]
+__all__ = ["HALF_LEVELS", "fill_uniform"]
 
 HALF_LEVELS = 32768.0  # 16-bit levels on each side of 0
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -40,11 +40,6 @@ def _fill_numpy(out: np.ndarray, key: np.uint64, start: int, step: np.float32) -
     levels = words.view("<i2")[offset:offset + out.size]  # lane l = bits 16l .. 16l+15
     np.add(levels, np.float32(0.5), out=out, dtype=np.float32)
     out *= step
-
-
-def compiled() -> bool:
-    """True when fills run as one compiled pass (numba installed)."""
-    return kernel("fill_uniform") is not None
 
 
 def fill_uniform(out: Tensor, key: np.uint64, start: int, half_width: float, *, use_compiled: bool = True) -> Tensor:

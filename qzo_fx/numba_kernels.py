@@ -44,7 +44,7 @@ def fill_uniform(out, key, start, step):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def perturb_quantize_rows(out, theta, v, eps, sign, scale, zero, qmin, qmax):
+def perturb_quantize_rows(out, theta, v, eps, scale, zero, sign, qmin, qmax):
     """``out = fake_quant(theta + sign * v * eps)`` on [rows, cols] arrays, ``eps``, ``scale`` and
     ``zero`` per row (or one value). torch's operations in torch's order -- addcmul's
     ``theta + (sign * v) * eps``, then the kernel's div, round (half to even), zero-point shift

@@ -58,7 +58,7 @@ class QuantPrologue(nn.Module):
         for quantizer, w in zip(self._quantizers, self.weights):
             rows = _row_arrays(params[w.index], deltas[w.index], values[w.index], quantizer, w)
             if rows is not None:
-                fused(*rows[:3], rows[3], np.float32(sign), *rows[4:], np.float32(w.qmin), np.float32(w.qmax))
+                fused(*rows, np.float32(sign), np.float32(w.qmin), np.float32(w.qmax))
                 done.add(w.index)
         return done
 

@@ -127,8 +127,9 @@ class Directions:
                  eps: Optional[Tensors] = None, beta: float = 0.0, normalize: str = "global",
                  noise: str = "per_coordinate") -> None:
         self.seed, self.like, self.laws, self.n = seed, list(like), list(laws), n
-        # Uniform noise everywhere: one counter-based stream per direction (see _key); other laws
-        # draw from one stream per tensor.
+        # Uniform noise everywhere: one counter-based stream per direction over the concatenated
+        # parameters, tensor i at offset starts[i], so any tensor alone (lean strategy) or all at
+        # once (materialize) is one fill of its own length; other laws draw one stream per tensor.
         self._shared = all(law == "uniform" for law in self.laws)
         self._starts = [0]
         for t in self.like[:-1]:
@@ -136,8 +137,8 @@ class Directions:
         self.grads, self.eps = grads, eps
         self.a = math.sqrt(beta) if grads is not None else 0.0
         self.b = math.sqrt(max(1.0 - beta, 0.0)) if grads is not None else 1.0
-        # One hash for the step's signs and stream keys (see _key): it runs right after the base
-        # pass, when every extra object touched is a cache miss.
+        # One hash for the step's signs and the directions' stream keys: it runs right after the
+        # base pass, when every extra object touched is a cache miss.
         words = np.random.SeedSequence([seed, _DIRECTION_TAG]).generate_state(2 * n, np.uint64)
         self.signs = [1.0 if w & 1 else -1.0 for w in words[:n].tolist()]
         self._keys = words[n:]
@@ -163,7 +164,7 @@ class Directions:
         direct = target.device.type == "cpu" and target.dtype == torch.float32 and target.is_contiguous()
         flat = target.view(-1) if direct else torch.empty(like.numel())
         if self._shared:
-            fill_uniform(flat, self._key(k), self._starts[i], UNIFORM_HALF_WIDTH * scale)
+            fill_uniform(flat, self._keys[k], self._starts[i], UNIFORM_HALF_WIDTH * scale)
         else:
             NoiseStream((self.seed, _NOISE_TAG, k, i)).fill(self.laws[i], flat, scale)
         return target if direct else target.copy_(flat.view(like.shape))
@@ -191,7 +192,7 @@ class Directions:
         for k in range(self.n):
             flat, views = workspace.flat_like(("v", k), self.like)
             if self.b > 0:
-                fill_uniform(flat, self._key(k), 0, UNIFORM_HALF_WIDTH * (self.b * self.noise_scale[k]))
+                fill_uniform(flat, self._keys[k], 0, UNIFORM_HALF_WIDTH * (self.b * self.noise_scale[k]))
             else:
                 flat.zero_()
             if self.a > 0:
@@ -205,18 +206,15 @@ class Directions:
         return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in self.like)
                 and (self.b == 0 or self._shared))
 
-    def _key(self, k: int) -> np.uint64:
-        """Direction k's stream when every tensor draws uniform noise: one counter-based stream
-        over the concatenated parameters, tensor i at offset ``starts[i]``. Any tensor alone
-        (lean strategy) or all at once (materialize) is one fill of its own length."""
-        return self._keys[k]
-
     def estimate(self, i: int, coefficients: Sequence[float], eps: Tensor) -> Tensor:
         """``G_i = (1/n) sum_k c_k v_ki / eps_i`` for one tensor, regenerating each ``v_ki``."""
         acc = self.tensor(0, i).mul_(float(coefficients[0]) / self.n)
         for k in range(1, self.n):
             acc.add_(self.tensor(k, i), alpha=float(coefficients[k]) / self.n)
         return acc.div_(eps)
+
+
+_LARGE = 1 << 16  # elements: above, a product tensor costs more (fresh pages, traffic) than 3 ops
 
 
 def _guide_norms(grads: Tensors, eps: Tensors) -> list[float]:
@@ -240,9 +238,6 @@ def _guide_norms(grads: Tensors, eps: Tensors) -> list[float]:
         if norms[i] is None:
             norms[i] = _scaled_norm(g, eps[i])
     return torch.stack(norms).float().tolist()
-
-
-_LARGE = 1 << 16  # elements: above, a product tensor costs more (fresh pages, traffic) than 3 ops
 
 
 def _scaled_norm(g: Tensor, e: Tensor) -> Tensor:
