@@ -8,8 +8,11 @@ sequential pipeline (after ``incremental_linear``, whose first-layer match needs
 """
 from __future__ import annotations
 
-from torch.fx import GraphModule
+from typing import Optional
 
+from torch.fx import GraphModule, Node
+
+from qzo_fx.base_reuse import INCREMENTAL
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.ops import fake_quant_kernel
 from qzo_fx.pass_infra import PassResult
@@ -34,14 +37,27 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
         read = quantizer_read(gm, scale)
         if group_size != 0 or read is None or quantizer_read(gm, zero_point) is None:
             continue
+        first_layer = _first_layer_key(qdq)
         qdq.replace_all_uses_with(theta)
         gm.graph.erase_node(qdq)
         for attribute in (scale, zero_point):
             if not attribute.users:
                 gm.graph.erase_node(attribute)
-        hoisted.append(HoistedWeight(index_of[theta.target], f"{QUANT_CONTAINER}.{read[0]}", qmin, qmax, axis))
+        hoisted.append(HoistedWeight(index_of[theta.target], f"{QUANT_CONTAINER}.{read[0]}", qmin, qmax, axis,
+                                     first_layer))
         quantizers.append(read[1])
     if not hoisted:
         return PassResult(gm, False)
-    gm.add_submodule(PROLOGUE, QuantPrologue(hoisted, quantizers))
+    incremental = gm.get_submodule(INCREMENTAL) if hasattr(gm, INCREMENTAL) else None
+    gm.add_submodule(PROLOGUE, QuantPrologue(hoisted, quantizers, incremental))
     return PassResult(gm, True)
+
+
+def _first_layer_key(qdq: Node) -> Optional[str]:
+    """The key of the incremental first layer whose weight is ``qdq`` alone, if any: the
+    prologue then hands that layer the list of changed weights."""
+    users = list(qdq.users)
+    if (len(users) == 1 and users[0].op == "call_module" and users[0].target == INCREMENTAL
+            and len(users[0].args) > 2 and users[0].args[2] is qdq and isinstance(users[0].args[0], str)):
+        return users[0].args[0]
+    return None

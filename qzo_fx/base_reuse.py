@@ -26,7 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BaseTaps", "IncrementalLinear", "TAPS", "INCREMENTAL", "MAX_DENSITY", "MIN_MACS", "changed_entries"]
+from qzo_fx.compiled import kernel
+
+__all__ = ["BaseTaps", "IncrementalLinear", "TAPS", "INCREMENTAL", "MAX_DENSITY", "MIN_MACS", "change_room",
+           "changed_entries"]
 
 TAPS = "qzo_base_taps"            # submodule name in the base graph
 INCREMENTAL = "qzo_incremental"   # submodule name in the sequential branch graph
@@ -41,6 +44,11 @@ class _Base:
     x_version: int                     # its version counter: an in-place change voids the reuse
     weight: Tensor                     # Q(theta)
     out: Tensor                        # the base output, copied (later ops may work in place)
+
+
+def change_room(numel: int) -> int:
+    """The most changed entries a weight of ``numel`` entries may have for the incremental product."""
+    return int(MAX_DENSITY * numel)
 
 
 class BaseTaps(nn.Module):
@@ -65,6 +73,18 @@ class IncrementalLinear(nn.Module):
         super().__init__()
         self.taps = [taps]  # a list: not registered as a child (it belongs to the base graph)
         self.calls = self.incremental_calls = 0
+        self._recorded: dict[str, tuple[Tensor, int, Optional[Tensor]]] = {}
+
+    def base_weight(self, key: str) -> Optional[Tensor]:
+        """The base pass's ``Q(theta)`` of layer ``key`` in this step (None before its base pass)."""
+        base = self.taps[0].values.get(key)
+        return None if base is None else base.weight
+
+    def record_changes(self, key: str, weight: Tensor, where: Optional[Tensor]) -> None:
+        """``weight`` (just written, the next input of layer ``key``) differs from the base
+        weight at flat indices ``where`` (None: at more than :func:`change_room` allows). Valid
+        until ``weight`` is written again by torch or another record replaces it."""
+        self._recorded[key] = (weight, weight._version, where)
 
     def forward(self, key: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         self.calls += 1
@@ -76,15 +96,25 @@ class IncrementalLinear(nn.Module):
         out_features, in_features = weight.shape
         rows = x.numel() // in_features
         flat, base_flat = weight.reshape(-1), base.weight.reshape(-1)
-        where = changed_entries(flat, base_flat)
-        if where.numel() > MAX_DENSITY * flat.numel():
+        recorded = self._recorded.get(key)
+        if recorded is not None and recorded[0] is weight and recorded[1] == weight._version:
+            where = recorded[2]
+        else:
+            where = changed_entries(flat, base_flat)
+        if where is None or where.numel() > change_room(flat.numel()):
             return F.linear(x, weight, bias)
         self.incremental_calls += 1
+        x2, out = x.reshape(rows, in_features), base.out.reshape(rows, out_features)
+        few = where.numel() <= GATHER_MAX
+        product = kernel("add_weight_changes") if few else None
+        if product is not None and _compiled_operands(x2, out, weight, base.weight):
+            result = torch.empty_like(out)
+            product(result.numpy(), out.numpy(), x2.numpy(), weight.numpy(), base.weight.numpy(), where.numpy())
+            return result.view(base.out.shape)
         out_row = torch.div(where, in_features, rounding_mode="floor")
         column = where - out_row * in_features
         change = flat.index_select(0, where) - base_flat.index_select(0, where)
-        x2, out = x.reshape(rows, in_features), base.out.reshape(rows, out_features)
-        if where.numel() <= GATHER_MAX:
+        if few:
             # out[r, o] += x[r, i] * change[o, i]: the touched input columns, scaled, added in.
             return out.index_add(1, out_row, x2.index_select(1, column).mul_(change)).view(base.out.shape)
         with warnings.catch_warnings():
@@ -101,6 +131,12 @@ def changed_entries(new: Tensor, old: Tensor) -> Tensor:
             and new.is_contiguous() and old.is_contiguous()):
         return torch.from_numpy(np.flatnonzero(new.detach().numpy() != old.detach().numpy()))
     return torch.ne(new, old).nonzero().squeeze(1)
+
+
+def _compiled_operands(*tensors: Tensor) -> bool:
+    """True if the compiled product applies: float32, CPU, contiguous, no autograd."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
+               for t in tensors)
 
 
 def _same_input(x: Tensor, base: _Base) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qzo_fx.counter_noise import HALF_LEVELS as _HALF_LEVELS, fill_uniform
+from qzo_fx.counter_noise import HALF_LEVELS as _HALF_LEVELS, fill_uniform, step_words
 from qzo_fx.workspace import Workspace
 
 __all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "NoiseStream", "Directions", "fogzo_directions", "combine",
@@ -108,8 +108,9 @@ class NoiseStream:
         return out.reshape(shape).to(dtype=dtype, device=device)
 
 
-# Stream tags. numpy's SeedSequence zero-pads its entropy, so (seed, k) and (seed, k, 0) would be
-# the same stream: every stream carries a non-zero tag of its own.
+# Stream tags: the step's words (signs, keys) and the per-tensor streams of the other laws. numpy's
+# SeedSequence zero-pads its entropy, so (seed, k) and (seed, k, 0) would be the same stream:
+# every stream carries a non-zero tag of its own.
 _DIRECTION_TAG, _NOISE_TAG = 1, 2
 
 
@@ -137,10 +138,10 @@ class Directions:
         self.grads, self.eps = grads, eps
         self.a = math.sqrt(beta) if grads is not None else 0.0
         self.b = math.sqrt(max(1.0 - beta, 0.0)) if grads is not None else 1.0
-        # One hash for the step's signs and the directions' stream keys: it runs right after the
-        # base pass, when every extra object touched is a cache miss.
-        words = np.random.SeedSequence([seed, _DIRECTION_TAG]).generate_state(2 * n, np.uint64)
-        self.signs = [1.0 if w & 1 else -1.0 for w in words[:n].tolist()]
+        # The step's signs and the directions' stream keys from one short integer stream: it runs
+        # right after the base pass, when every extra object touched is a cache miss.
+        words = step_words(seed, _DIRECTION_TAG, 2 * n)
+        self.signs = [1.0 if w & 1 else -1.0 for w in words[:n]]
         self._keys = words[n:]
         self.guide_norms: Optional[list[float]] = None
         if self.a > 0:

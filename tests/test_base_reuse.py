@@ -2,6 +2,7 @@
 branches, and a dense fallback wherever the reuse would not be exact."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import qzo_fx
 from qzo_fx import base_reuse
 from qzo_fx.base_reuse import INCREMENTAL, TAPS
+from qzo_fx.compiled import kernel
 
 
 class Net(nn.Module):
@@ -107,3 +109,49 @@ def test_changed_entries_agree_on_every_path():
     expected = torch.tensor([3, 500, 999])
     assert torch.equal(base_reuse.changed_entries(new, old), expected)  # numpy path
     assert torch.equal(base_reuse.changed_entries(new.bfloat16(), old.bfloat16()), expected)  # torch path
+
+
+@pytest.mark.skipif(kernel("add_weight_changes") is None, reason="numba not installed")
+def test_compiled_product_has_the_bits_of_the_column_gather(monkeypatch):
+    taps = base_reuse.BaseTaps()
+    layer = base_reuse.IncrementalLinear(taps)
+    x, base_weight, bias = torch.randn(7, 40), torch.randn(24, 40).round(), torch.randn(24)
+    taps("fc", x, base_weight, F.linear(x, base_weight, bias))
+    weight = base_weight.clone()
+    weight.view(-1)[torch.randperm(weight.numel())[:30]] -= 1.0
+    compiled = layer("fc", x, weight, bias)
+    monkeypatch.setattr(base_reuse, "kernel", lambda name: None)  # torch's index_add path
+    assert torch.equal(compiled, layer("fc", x, weight, bias))
+
+
+@pytest.mark.skipif(kernel("perturb_quantize_changes") is None, reason="numba not installed")
+def test_branches_take_the_change_list_from_the_prologue(monkeypatch):
+    # The compiled perturbed q/dq lists the changed weights itself: no scan in the layer.
+    def no_scan(new, old):
+        raise AssertionError("the incremental layer scanned the weight")
+
+    monkeypatch.setattr(base_reuse, "changed_entries", no_scan)
+    step, losses, grads = _run("sequential")
+    _, dense_losses, dense_grads = _run("inplace")
+    torch.testing.assert_close(losses, dense_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, dense_grads, rtol=1e-4, atol=1e-5)
+    assert step.runner.sequential_graph.get_submodule(INCREMENTAL).incremental_calls > 0
+
+
+@pytest.mark.skipif(kernel("perturb_quantize_changes") is None, reason="numba not installed")
+@pytest.mark.parametrize("room", [4000, 5], ids=["listed", "overflow"])
+def test_change_list_of_the_compiled_quantizer(room):
+    g = torch.Generator().manual_seed(1)
+    theta, v = torch.randn(30, 50, generator=g), torch.randn(30, 50, generator=g)
+    eps, scale, zero = torch.full((30,), 0.05), torch.full((30,), 0.25), torch.zeros(30)
+    base, out = torch.empty_like(theta), torch.empty_like(theta)
+    rows = lambda t: t.numpy()
+    kernel("perturb_quantize_rows")(rows(base), rows(theta), rows(v), rows(eps * 0), rows(scale), rows(zero),
+                                    np.float32(1), np.float32(-2), np.float32(1))
+    base.view(-1)[7] = float("nan")  # NaN != NaN: listed as a change, as by the scan
+    where = torch.empty(room, dtype=torch.int64)
+    count = kernel("perturb_quantize_changes")(rows(out), rows(theta), rows(v), rows(eps), rows(scale), rows(zero),
+                                               np.float32(1), np.float32(-2), np.float32(1), rows(base), rows(where))
+    expected = base_reuse.changed_entries(out, base)
+    assert count == expected.numel() > 5
+    assert torch.equal(where[:min(count, room)], expected[:room])

@@ -64,3 +64,21 @@ def test_levels_are_uniform_and_streams_uncorrelated():
     lanes = a.view(-1, 4)
     assert abs(float((lanes[:, 0] * lanes[:, 1]).mean())) < 5 / math.sqrt(n / 4)
     assert abs(float((a * b).mean())) < 5 / math.sqrt(n)
+
+
+def test_step_words_are_splitmix64_of_the_mixed_seed_and_tag():
+    from qzo_fx.counter_noise import step_words
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        return z ^ (z >> 31)
+
+    golden = 0x9E3779B97F4A7C15
+    key = mix((mix(12345) + 1 * golden) & MASK64)
+    assert step_words(12345, 1, 3) == [mix((key + (w + 1) * golden) & MASK64) for w in range(3)]
+    assert step_words(12345, 1, 3) != step_words(12345, 2, 3) != step_words(12346, 1, 3)
+    assert step_words(-1, 1, 1) == step_words(MASK64, 1, 1)  # seeds are taken modulo 2**64
+    # The sign bit of consecutive steps' first word: balanced like a fair coin (4 sigma).
+    ones = sum(step_words(seed, 1, 1)[0] & 1 for seed in range(4000))
+    assert abs(ones - 2000) < 4 * math.sqrt(4000) / 2

@@ -82,14 +82,12 @@ def test_sequential_steps_match_inplace_with_the_prologue():
     torch.testing.assert_close(estimates["sequential"][1], estimates["inplace"][1], rtol=0, atol=0)
 
 
-def test_compiled_perturb_and_quantize_equals_perturbed_then_prologue(monkeypatch):
-    from qzo_fx import prologue as prologue_module
+def test_compiled_perturb_and_quantize_equals_perturbed_then_prologue():
     from qzo_fx.branches import perturbed
     from qzo_fx.compiled import kernel
 
     if kernel("perturb_quantize_rows") is None:
         pytest.skip("numba not installed")
-    monkeypatch.setattr(prologue_module, "FUSE_MIN", 0)  # these weights are small: fuse them all
     qm, names, _ = _prepared()
     prologue = getattr(sequential_graph(qm, names, taps=None), PROLOGUE)
     params = [qm.get_parameter(n).detach().clone() for n in names]
@@ -108,3 +106,32 @@ def test_compiled_perturb_and_quantize_equals_perturbed_then_prologue(monkeypatc
         prologue(reference)
         for a, b in zip(fused, reference):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_prologue_follows_replaced_weights_and_scales_it_has_seen():
+    # The prologue keeps numpy views of the tensors it has seen; a parameter given new memory
+    # or a scale changed in place must still be read afresh.
+    from qzo_fx.branches import perturbed
+
+    qm, names, _ = _prepared()
+    prologue = getattr(sequential_graph(qm, names, taps=None), PROLOGUE)
+    params = [qm.get_parameter(n).detach() for n in names]
+    deltas = [(torch.randn(p.shape), torch.tensor(0.01)) for p in params]
+
+    def quantized():
+        values = [torch.empty_like(p) for p in params]
+        done = prologue.perturb_and_quantize(values, params, deltas, 1.0)
+        for j in set(range(len(params))) - done:
+            perturbed(params[j], deltas[j], 1.0, out=values[j])
+        prologue(values, skip=done)
+        reference = [perturbed(p, d, 1.0, out=torch.empty_like(p)) for p, d in zip(params, deltas)]
+        prologue(reference)
+        return values, reference
+
+    quantized()
+    params[0] = params[0] * 3.0                       # new memory for the conv weight
+    with torch.no_grad():
+        qm.qzo_quant.get_submodule("mixed_weight").scale.mul_(0.5)  # a scale changed in place
+    values, reference = quantized()
+    for a, b in zip(values, reference):
+        assert torch.equal(a, b)
