@@ -47,12 +47,12 @@ from qzo_fx.random_ops import uses_randomness
 from qzo_fx.rng import RngState
 from qzo_fx.workspace import Workspace
 
-__all__ = ["Branch", "BranchModel", "BranchRunner", "STRATEGIES", "base_graph", "branch_graph", "incremental_graph",
+__all__ = ["AUTO_ROUNDS", "Branch", "BranchModel", "BranchRunner", "STRATEGIES", "base_graph", "branch_graph", "incremental_graph",
            "perturbed", "sequential_graph"]
 
 STRATEGIES = ("auto", "inplace", "sequential", "batched", "lean")
 _CANDIDATES = ("sequential", "inplace", "batched")
-_AUTO_ROUNDS = 3  # timed steps per candidate before auto settles
+AUTO_ROUNDS = 5  # timed steps per candidate before auto settles: a median of 5 rides out a slow step
 # (delta per parameter, sign). A delta is a tensor (ZOQO's integer steps) or a pair (v, eps):
 # the FOGZO / n-SPSA step eps * v, applied as one fused multiply-add and never materialized.
 Delta = Union[Tensor, tuple[Tensor, Tensor]]
@@ -240,7 +240,7 @@ class BranchRunner:
         """Round-robin over the candidates for the first steps (each step is a real step with
         one candidate), then keep the one with the smallest median time."""
         candidates = [c for c in _CANDIDATES if c != "batched" or not self.batched_masks_differ()]
-        pending = [c for c in candidates if len(self.timings.setdefault(c, [])) < _AUTO_ROUNDS
+        pending = [c for c in candidates if len(self.timings.setdefault(c, [])) < AUTO_ROUNDS
                    and self.timings[c] != [float("inf")]]
         if not pending:
             medians = {c: sorted(self.timings[c])[len(self.timings[c]) // 2] for c in candidates}

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qzo_fx
-from qzo_fx.branches import BranchRunner
+from qzo_fx.branches import AUTO_ROUNDS, BranchRunner
 from qzo_fx.models import MLP, SmallCNN
 from qzo_fx.rng import RngState
 from tests.test_train import DropNet, ce
@@ -121,11 +121,11 @@ def test_auto_times_the_strategies_on_cuda():
     qm = qzo_fx.prepare(SmallCNN(), qzo_fx.QuantConfig(weight_bits=2)).to(CUDA)
     step = qzo_fx.train_step(qm, ce, qzo_fx.FOGZO(total_steps=100, seed=0), strategy="auto")
     batch = _images(64, CUDA)
-    for _ in range(12):
+    for _ in range(3 * AUTO_ROUNDS + 1):
         qm.zero_grad(set_to_none=True)
         step(batch)
     assert step.runner.strategy in ("inplace", "sequential", "batched")
-    assert all(len(t) == 3 or t == [float("inf")] for t in step.runner.timings.values())
+    assert all(len(t) == AUTO_ROUNDS or t == [float("inf")] for t in step.runner.timings.values())
 
 
 def test_a_model_trained_on_cuda_exports_and_matches_onnx_runtime(tmp_path):

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qzo_fx
-from qzo_fx.branches import BranchRunner
+from qzo_fx.branches import AUTO_ROUNDS, BranchRunner
 from qzo_fx.rng import RngState
 
 STRATEGIES = ("inplace", "sequential", "batched")
@@ -173,10 +173,10 @@ def test_nonfinite_raise_or_skip(setup):
 def test_auto_settles_on_a_strategy(setup):
     qm, batch = setup
     step = qzo_fx.train_step(qm, ce, qzo_fx.FOGZO(seed=0), strategy="auto")
-    for _ in range(10):
+    for _ in range(3 * AUTO_ROUNDS + 1):
         step(batch)
     assert step.runner.strategy in STRATEGIES
-    assert all(len(t) == 3 for t in step.runner.timings.values())
+    assert all(len(t) == AUTO_ROUNDS for t in step.runner.timings.values())
 
 
 def test_branch_graph_lifts_parameters(setup):
