@@ -4,8 +4,8 @@
 
 Alternates STE and FOGZO (sequential) steps on the same prepared model and reports the median
 of each phase measured inside the FOGZO step: the base pass (forward + backward), the step's
-hash and guide norms (``Directions.__init__``), the direction (``materialize``), the branches
-and the estimate written to ``.grad``. The first third of the steps is dropped (warm-up).
+words (signs, stream keys) and guide norms (``Directions.__init__``), the direction
+(``materialize``), the branches and the estimate written to ``.grad``. The first third of the steps is dropped (warm-up).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main() -> None:
                               strategy="sequential")
     phases: dict = {}
     _timed(fogzo, "_ste", "base pass (fwd + bwd)", phases)
-    _timed(zo_math.Directions, "__init__", "hash + guide norms", phases)
+    _timed(zo_math.Directions, "__init__", "step words + guide norms", phases)
     _timed(zo_math.Directions, "materialize", "direction (noise + guide)", phases)
     _timed(fogzo.runner, "losses", "branches", phases)
     _timed(fogzo, "_write", "estimate into .grad", phases)

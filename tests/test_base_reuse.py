@@ -159,3 +159,16 @@ def test_change_list_of_the_compiled_quantizer(room):
     expected = base_reuse.changed_entries(out, base)
     assert count == expected.numel() > 5
     assert torch.equal(where[:min(count, room)], expected[:room])
+
+
+@pytest.mark.skipif(kernel("perturb_quantize_changes") is None, reason="numba not installed")
+def test_threaded_kernels_leave_torch_thread_count_alone():
+    # numba's OpenMP pool is torch's: its parallel regions must not change the user's setting.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        step, _, _ = _run("sequential", steps=1)
+        assert step.runner.sequential_graph.get_submodule(INCREMENTAL).incremental_calls > 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
