@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch.fx import GraphModule
-from torch.fx.graph import CodeGen
+from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from qzo_fx.pass_infra import PassResult
 
@@ -21,6 +21,16 @@ __all__ = ["LiftContext", "lift_params", "placeholder_name"]
 @dataclass(frozen=True)
 class LiftContext:
     names: tuple[str, ...]  # parameter names, in the order of the new inputs
+
+
+class _FlatInputsCodeGen(_PyTreeCodeGen):
+    """Plain positional inputs (as ``CodeGen``), outputs unflattened by the model's own spec."""
+
+    def process_inputs(self, *inputs):
+        return CodeGen.process_inputs(self, *inputs)
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def=False):
+        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
 
 
 def placeholder_name(param: str) -> str:
@@ -33,8 +43,13 @@ def lift_params(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
     if not reads:
         return PassResult(gm, False)
     # A torch.export module flattens its inputs with a pytree spec that would not know the new
-    # leading inputs: the branch graph takes flat positional tensors instead.
-    graph._codegen = CodeGen()
+    # leading inputs: the branch graph takes flat positional tensors instead, and still returns
+    # the model's output structure (loss_fn sees what the model returns).
+    codegen = graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None and codegen.pytree_info.out_spec:
+        graph._codegen = _FlatInputsCodeGen(codegen.pytree_info)
+    else:
+        graph._codegen = CodeGen()
     first = next(iter(graph.nodes))
     lifted = {}
     with graph.inserting_before(first):

@@ -36,6 +36,7 @@ from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import TrainStepError
 from qzo_fx.pass_infra import Pass, PassManager
 from qzo_fx.base_reuse import BaseTaps
+from qzo_fx.passes.freeze_norm_stats import freeze_norm_stats
 from qzo_fx.passes.hoist_weight_qdq import hoist_weight_qdq
 from qzo_fx.passes.incremental_linear import incremental_linear
 from qzo_fx.passes.lift_params import LiftContext, lift_params
@@ -63,6 +64,7 @@ LossFn = Callable[[Any, Any], Tensor]
 BRANCH_PIPELINE = (
     Pass("lift_params", lift_params, "perturbed parameters become inputs: one value per branch, or K stacked"),
     Pass("lower_qdq", lower_qdq, "branches never differentiate: call q/dq kernels without the op wrapper"),
+    Pass("freeze_norm_stats", freeze_norm_stats, "functional batch norms: batch statistics, no running update"),
 )
 
 
@@ -112,7 +114,7 @@ def lean_graph(model: GraphModule, names: Sequence[str]) -> GraphModule:
     gm = GraphModule(model, copy.deepcopy(model.graph), class_name="LeanBranchGraph")
     gm.add_submodule(PERTURBER, Perturber())
     passes = (Pass("stream_perturbations", stream_perturbations, "perturbed copies exist one layer at a time"),
-              BRANCH_PIPELINE[1])
+              *BRANCH_PIPELINE[1:])
     return PassManager(passes).run(gm, StreamContext(tuple(names))).graph_module
 
 
@@ -173,9 +175,17 @@ class BranchRunner:
         self.model, self.loss_fn, self.names = model, loss_fn, tuple(names)
         # Parameters, or integer-code buffers (ZOQO): any tensor attribute, by dotted name.
         self.params = [operator.attrgetter(n)(model) for n in self.names]
-        self._norms = [m for m in model.modules()
-                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        self._buffers = [b for name, b in model.named_buffers() if not name.startswith(QUANT_CONTAINER + ".")]
+        norms = {name: m for name, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        self._norms = list(norms.values())
+        # Saved and restored around the branches: every buffer but the quantizers' and those of
+        # norms the graph calls as modules (with their statistics frozen they write nothing; a
+        # norm decomposed into functional ops, as torch.export leaves it, is saved like the rest).
+        graph = model.graph if isinstance(model, GraphModule) else None  # partly captured: all saved
+        called = {n.target for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
+        frozen = tuple(name + "." for name in norms if name in called)
+        self._buffers = [b for name, b in model.named_buffers()
+                         if not name.startswith(QUANT_CONTAINER + ".") and not name.startswith(frozen)]
         self.strategy, self.max_chunk = strategy, max_chunk
         self.workspace = Workspace.get(workspace)
         self._graph: Optional[GraphModule] = None

@@ -56,6 +56,31 @@ def test_strategies_agree_and_inplace_restores_bit_exactly(setup):
         assert torch.equal(value, before[key]), key  # parameters and BatchNorm statistics
 
 
+def test_branches_leave_functional_batchnorm_statistics_alone():
+    # torch.export leaves BatchNorm as functional ops that update the running statistics in
+    # place (no module whose track_running_stats could be turned off): they are restored.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.bn(self.fc1(x))))
+
+    torch.manual_seed(0)
+    batch = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    qm = qzo_fx.prepare(Net(), qzo_fx.QuantConfig(weight_bits=4), example_inputs=(batch[0],), capture="export")
+    names = ["fc1.weight", "fc2.weight"]
+    before = {k: v.clone() for k, v in qm.state_dict().items()}
+    for strategy in STRATEGIES:  # batched too: vmap cannot update unbatched statistics in place
+        runner = BranchRunner(qm, ce, names, strategy)
+        runner.losses(_branches(qm, names), batch, RngState.capture())
+        for key, value in qm.state_dict().items():
+            assert torch.equal(value, before[key]), (strategy, key)
+    # The branch graph normalises with batch statistics and passes no running statistics.
+    assert "bn_weight, bn_bias, None, None, True" in runner.graph.code
+
+
 def test_branches_share_the_base_pass_dropout_mask(setup):
     qm, batch = setup
     names = ["fc1.weight"]
