@@ -13,6 +13,7 @@ from typing import Optional
 from torch.fx import GraphModule, Node
 
 from qzo_fx.base_reuse import INCREMENTAL
+from qzo_fx.conv_reuse import INCREMENTAL_CONV
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.ops import fake_quant_kernel
 from qzo_fx.pass_infra import PassResult
@@ -27,7 +28,7 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
     if hasattr(gm, PROLOGUE):
         return PassResult(gm, False)
     index_of = {placeholder_name(name): i for i, name in enumerate(ctx.names)}
-    hoisted, quantizers = [], []
+    hoisted, quantizers, modules = [], [], []
     for theta in [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in index_of]:
         qdq = next(iter(theta.users), None)
         if (len(theta.users) != 1 or qdq.op != "call_function" or qdq.target is not fake_quant_kernel
@@ -37,7 +38,7 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
         read = quantizer_read(gm, scale)
         if group_size != 0 or read is None or quantizer_read(gm, zero_point) is None:
             continue
-        first_layer = _first_layer_key(qdq)
+        first_layer, module = _first_layer(qdq)
         qdq.replace_all_uses_with(theta)
         gm.graph.erase_node(qdq)
         for attribute in (scale, zero_point):
@@ -46,18 +47,19 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
         hoisted.append(HoistedWeight(index_of[theta.target], f"{QUANT_CONTAINER}.{read[0]}", qmin, qmax, axis,
                                      first_layer))
         quantizers.append(read[1])
+        modules.append(module)
     if not hoisted:
         return PassResult(gm, False)
-    incremental = gm.get_submodule(INCREMENTAL) if hasattr(gm, INCREMENTAL) else None
-    gm.add_submodule(PROLOGUE, QuantPrologue(hoisted, quantizers, incremental))
+    first_layers = {w.first_layer: gm.get_submodule(module) for w, module in zip(hoisted, modules) if module}
+    gm.add_submodule(PROLOGUE, QuantPrologue(hoisted, quantizers, first_layers))
     return PassResult(gm, True)
 
 
-def _first_layer_key(qdq: Node) -> Optional[str]:
-    """The key of the incremental first layer whose weight is ``qdq`` alone, if any: the
-    prologue then hands that layer the list of changed weights."""
+def _first_layer(qdq: Node) -> tuple[Optional[str], Optional[str]]:
+    """``(key, submodule)`` of the incremental first layer whose weight is ``qdq`` alone, if
+    any: the prologue then hands that layer the list of changed weights."""
     users = list(qdq.users)
-    if (len(users) == 1 and users[0].op == "call_module" and users[0].target == INCREMENTAL
+    if (len(users) == 1 and users[0].op == "call_module" and users[0].target in (INCREMENTAL, INCREMENTAL_CONV)
             and len(users[0].args) > 2 and users[0].args[2] is qdq and isinstance(users[0].args[0], str)):
-        return users[0].args[0]
-    return None
+        return users[0].args[0], users[0].target
+    return None, None

@@ -10,15 +10,13 @@ from torch.fx import GraphModule
 
 from qzo_fx.base_reuse import INCREMENTAL, IncrementalLinear
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.passes.lift_params import placeholder_name
-from qzo_fx.passes.tap_base import ReuseContext, first_layers
+from qzo_fx.passes.tap_base import ReuseContext, first_layers, lifted_reads
 
 __all__ = ["incremental_linear"]
 
 
 def incremental_linear(gm: GraphModule, *, ctx: ReuseContext) -> PassResult:
-    lifted = {placeholder_name(name) for name in ctx.names}
-    layers = first_layers(gm, lambda n: n.op == "placeholder" and n.target in lifted)
+    layers = first_layers(gm, lifted_reads(ctx.names))
     if not layers:
         return PassResult(gm, False)
     gm.add_submodule(INCREMENTAL, IncrementalLinear(ctx.taps))

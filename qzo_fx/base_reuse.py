@@ -28,7 +28,7 @@ from torch import Tensor
 
 from qzo_fx.compiled import kernel
 
-__all__ = ["BaseTaps", "IncrementalLinear", "TAPS", "INCREMENTAL", "MAX_DENSITY", "MIN_MACS", "change_room",
+__all__ = ["BaseTaps", "FirstLayerReuse", "IncrementalLinear", "TAPS", "INCREMENTAL", "MAX_DENSITY", "MIN_MACS", "change_room",
            "changed_entries"]
 
 TAPS = "qzo_base_taps"            # submodule name in the base graph
@@ -43,7 +43,8 @@ class _Base:
     x: Tensor                          # the layer's input in the base pass (as given, not copied)
     x_version: int                     # its version counter: an in-place change voids the reuse
     weight: Tensor                     # Q(theta)
-    out: Tensor                        # the base output, copied (later ops may work in place)
+    out: Tensor                        # the base output (a copy, or as it is with its version)
+    out_version: int = 0               # its version when kept: a later in-place write voids it
 
 
 def change_room(numel: int) -> int:
@@ -61,13 +62,18 @@ class BaseTaps(nn.Module):
     def clear(self) -> None:
         self.values.clear()
 
-    def forward(self, key: str, x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
-        self.values[key] = _Base(x.detach(), x._version, weight.detach(), out.detach().clone())
+    def forward(self, key: str, x: Tensor, weight: Tensor, out: Tensor, copy: bool = True) -> Tensor:
+        """Keep this step's values of layer ``key``; the output as a copy (a linear layer's
+        output is often activated in place next) or as it is (a convolution's chain ends after
+        its activations; a later in-place write shows in the version kept with it)."""
+        kept = out.detach().clone() if copy else out.detach()
+        self.values[key] = _Base(x.detach(), x._version, weight.detach(), kept, kept._version)
         return out
 
 
-class IncrementalLinear(nn.Module):
-    """``linear(x, weight, bias)`` from the base pass's output and the weight's change."""
+class FirstLayerReuse(nn.Module):
+    """What the incremental first layers share: the taps of the base pass, and the lists of
+    changed weights the prologue hands over."""
 
     def __init__(self, taps: BaseTaps) -> None:
         super().__init__()
@@ -86,22 +92,36 @@ class IncrementalLinear(nn.Module):
         until ``weight`` is written again by torch or another record replaces it."""
         self._recorded[key] = (weight, weight._version, where)
 
+    def room(self, numel: int) -> int:
+        """The most changed entries of a weight of ``numel`` entries this layer uses a list of."""
+        return change_room(numel)
+
+    def _changes(self, key: str, weight: Tensor, base: "_Base") -> Optional[Tensor]:
+        """Flat indices where ``weight`` differs from the base weight (None: more than
+        :meth:`room`): the prologue's list where it handed one over for this very tensor, else
+        a scan."""
+        recorded = self._recorded.get(key)
+        if recorded is not None and recorded[0] is weight and recorded[1] == weight._version:
+            return recorded[2]
+        where = changed_entries(weight.reshape(-1), base.weight.reshape(-1))
+        return where if where.numel() <= self.room(weight.numel()) else None
+
+
+class IncrementalLinear(FirstLayerReuse):
+    """``linear(x, weight, bias)`` from the base pass's output and the weight's change."""
+
     def forward(self, key: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         self.calls += 1
         base = self.taps[0].values.get(key)
         if base is None or weight.dim() != 2 or weight.numel() * (x.numel() // weight.shape[1]) < MIN_MACS:
             return F.linear(x, weight, bias)
-        if not _same_input(x, base):
+        if base.out._version != base.out_version or not same_input(x, base):
             return F.linear(x, weight, bias)
         out_features, in_features = weight.shape
         rows = x.numel() // in_features
         flat, base_flat = weight.reshape(-1), base.weight.reshape(-1)
-        recorded = self._recorded.get(key)
-        if recorded is not None and recorded[0] is weight and recorded[1] == weight._version:
-            where = recorded[2]
-        else:
-            where = changed_entries(flat, base_flat)
-        if where is None or where.numel() > change_room(flat.numel()):
+        where = self._changes(key, weight, base)
+        if where is None:
             return F.linear(x, weight, bias)
         self.incremental_calls += 1
         x2, out = x.reshape(rows, in_features), base.out.reshape(rows, out_features)
@@ -139,7 +159,7 @@ def _compiled_operands(*tensors: Tensor) -> bool:
                for t in tensors)
 
 
-def _same_input(x: Tensor, base: _Base) -> bool:
+def same_input(x: Tensor, base: _Base) -> bool:
     """True if ``x`` holds the base pass's input: the same memory, unchanged, or equal values."""
     if x.shape != base.x.shape or x.dtype != base.x.dtype:
         return False

@@ -38,6 +38,7 @@ from qzo_fx.pass_infra import Pass, PassManager
 from qzo_fx.base_reuse import BaseTaps
 from qzo_fx.passes.freeze_norm_stats import freeze_norm_stats
 from qzo_fx.passes.hoist_weight_qdq import hoist_weight_qdq
+from qzo_fx.passes.incremental_conv import incremental_conv
 from qzo_fx.passes.incremental_linear import incremental_linear
 from qzo_fx.passes.lift_params import LiftContext, lift_params
 from qzo_fx.passes.lower_qdq import lower_qdq
@@ -85,8 +86,10 @@ def base_graph(model: GraphModule, names: Sequence[str], taps: BaseTaps) -> Opti
 def incremental_graph(model: GraphModule, names: Sequence[str], taps: BaseTaps) -> GraphModule:
     """The branch graph with first layers computed from the base pass."""
     gm = branch_graph(model, names)
-    reuse = Pass("incremental_linear", incremental_linear, "first layers: base output + x @ change of Q(theta)")
-    return PassManager((reuse,)).run(gm, ReuseContext(tuple(names), taps)).graph_module
+    reuse = (Pass("incremental_linear", incremental_linear, "first layers: base output + x @ change of Q(theta)"),
+             Pass("incremental_conv", incremental_conv, "first convolutions and their channel-wise chain: "
+                  "the base output, changed channels computed again"))
+    return PassManager(reuse).run(gm, ReuseContext(tuple(names), taps)).graph_module
 
 
 def sequential_graph(model: GraphModule, names: Sequence[str], taps: Optional[BaseTaps]) -> GraphModule:

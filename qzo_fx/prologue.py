@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qzo_fx.base_reuse import IncrementalLinear, change_room
+from qzo_fx.base_reuse import FirstLayerReuse
 from qzo_fx.compiled import kernel
 from qzo_fx.ops import expand_param, fake_quant_foreach_
 from qzo_fx.quantizer import Quantizer
@@ -43,14 +43,14 @@ class HoistedWeight:
 
 class QuantPrologue(nn.Module):
     def __init__(self, weights: Sequence[HoistedWeight], quantizers: Sequence[Quantizer],
-                 incremental: Optional[IncrementalLinear] = None) -> None:
+                 first_layers: Optional[dict[str, FirstLayerReuse]] = None) -> None:
         super().__init__()
         self.weights = tuple(weights)
         # Lists, not registered as children (they belong to the model and the graph). The
         # quantizers' scale and zero point are read at every call: they may be learned or
         # re-initialised.
         self._quantizers = list(quantizers)
-        self._incremental = [incremental]
+        self._first_layers = [dict(first_layers or {})]  # key -> the incremental layer (a list: not children)
         self._where: dict[int, Tensor] = {}  # per first-layer weight: room for its change list
         self._cache: dict[int, tuple] = {}   # per weight: its tensors, their memory, numpy views
 
@@ -78,7 +78,8 @@ class QuantPrologue(nn.Module):
                 where = self._where_buffer(w, out)
                 count = threaded(*rows, *bounds, base.reshape(rows[0].shape).numpy(), where.numpy())
                 # More changes than the list has room for: the layer's dense product wins anyway.
-                self._incremental[0].record_changes(w.first_layer, out, where[:count] if count <= len(where) else None)
+                self._first_layers[0][w.first_layer].record_changes(
+                    w.first_layer, out, where[:count] if count <= len(where) else None)
             elif out.numel() >= THREADED_MIN:
                 threaded(*rows, *bounds, _NO_BASE, _NO_CHANGES)
             else:
@@ -99,15 +100,16 @@ class QuantPrologue(nn.Module):
 
     def _base_weight(self, w: HoistedWeight, out: Tensor) -> Optional[Tensor]:
         """The base pass's ``Q(theta)`` of a first layer's weight this step, where comparable."""
-        if w.first_layer is None or self._incremental[0] is None:
+        layer = self._first_layers[0].get(w.first_layer)
+        if layer is None:
             return None
-        base = self._incremental[0].base_weight(w.first_layer)
+        base = layer.base_weight(w.first_layer)
         usable = (base is not None and base.shape == out.shape and base.dtype == out.dtype
                   and base.device == out.device and base.is_contiguous())
         return base if usable else None
 
     def _where_buffer(self, w: HoistedWeight, out: Tensor) -> Tensor:
-        room, buffer = change_room(out.numel()), self._where.get(w.index)
+        room, buffer = self._first_layers[0][w.first_layer].room(out.numel()), self._where.get(w.index)
         if buffer is None or len(buffer) != room:
             buffer = self._where[w.index] = torch.empty(room, dtype=torch.int64)
         return buffer

@@ -38,21 +38,27 @@ def small_layers_count(monkeypatch):
     monkeypatch.setattr(base_reuse, "MIN_MACS", 0)  # exercise the path on test-sized layers
 
 
-def _run(strategy, loss_fn=ce, inplace_relu=False, steps=3):
-    torch.manual_seed(0)
-    qm = qzo_fx.prepare(Net(inplace_relu), qzo_fx.QuantConfig(weight_bits=4))
-    batch = (torch.randn(16, 64), torch.randint(0, 4, (16,)))
-    step = qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(total_steps=10, beta_min=0.99, seed=5), strategy=strategy)
+def train_and_record(qm, step, batch, weight, lr, steps):
+    """``steps`` steps with plain SGD; each step's branch losses and ``weight``'s estimate."""
     losses, grads = [], []
     for _ in range(steps):
         qm.zero_grad(set_to_none=True)
         step(batch)
         losses.append(step.stats.last_branch_losses)
-        grads.append(qm.fc1.weight.grad.clone())
+        grads.append(qm.get_parameter(weight).grad.clone())
         with torch.no_grad():  # move the weights so later steps see new codes
             for p in qm.parameters():
-                p.sub_(0.05 * p.grad)
+                if p.grad is not None:
+                    p.sub_(lr * p.grad)
     return step, torch.tensor(losses), torch.stack(grads)
+
+
+def _run(strategy, loss_fn=ce, inplace_relu=False, steps=3):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(Net(inplace_relu), qzo_fx.QuantConfig(weight_bits=4))
+    batch = (torch.randn(16, 64), torch.randint(0, 4, (16,)))
+    step = qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(total_steps=10, beta_min=0.99, seed=5), strategy=strategy)
+    return train_and_record(qm, step, batch, "fc1.weight", 0.05, steps)
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-only"])
