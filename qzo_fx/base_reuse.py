@@ -11,8 +11,11 @@ costs a scan of the weight and one multiply-add per changed entry and batch row,
 dense GEMM. Few changes: a gather of the touched input columns; more: a CSR sparse product
 (column gathers are strided and cost ~4x more per entry than CSR's row-major reads).
 ``BaseTaps`` (in the base graph) keeps ``x``, ``Q(theta)`` and the output of each first layer
-for the current step; ``IncrementalLinear`` (in the sequential branch graph) uses them, and computes the dense product whenever the input differs from the base pass's, the step's
-base pass has not run, the change is not sparse, or the layer is too small to gain.
+for the current step; ``IncrementalLinear`` (in the sequential branch graph) uses them, and
+computes the dense product whenever the input differs from the base pass's, the step's base
+pass has not run, the change is not sparse, or the layer is too small to gain. The list of
+changed weights usually comes from the prologue's compiled q/dq (``record_changes``); a scan
+finds it otherwise. First convolutions: :mod:`qzo_fx.conv_reuse`.
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ from torch import Tensor
 
 from qzo_fx.compiled import kernel
 
-__all__ = ["BaseTaps", "FirstLayerReuse", "IncrementalLinear", "TAPS", "INCREMENTAL", "MAX_DENSITY", "MIN_MACS", "change_room",
-           "changed_entries"]
+__all__ = ["BaseTaps", "FirstLayerReuse", "IncrementalLinear", "TAPS", "INCREMENTAL", "MAX_DENSITY", "MIN_MACS",
+           "change_room", "changed_entries", "same_input"]
 
 TAPS = "qzo_base_taps"            # submodule name in the base graph
 INCREMENTAL = "qzo_incremental"   # submodule name in the sequential branch graph

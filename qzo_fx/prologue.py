@@ -38,7 +38,7 @@ class HoistedWeight:
     qmin: int
     qmax: int
     axis: int
-    first_layer: Optional[str] = None  # the IncrementalLinear key of the layer it feeds, if any
+    first_layer: Optional[str] = None  # the key of the incremental first layer it feeds, if any
 
 
 class QuantPrologue(nn.Module):
@@ -46,20 +46,20 @@ class QuantPrologue(nn.Module):
                  first_layers: Optional[dict[str, FirstLayerReuse]] = None) -> None:
         super().__init__()
         self.weights = tuple(weights)
-        # Lists, not registered as children (they belong to the model and the graph). The
-        # quantizers' scale and zero point are read at every call: they may be learned or
-        # re-initialised.
+        # A list and a dict: not registered as children (they belong to the model and the
+        # graph). The quantizers' scale and zero point are read at every call: they may be
+        # learned or re-initialised.
         self._quantizers = list(quantizers)
-        self._first_layers = [dict(first_layers or {})]  # key -> the incremental layer (a list: not children)
+        self._first_layers = dict(first_layers or {})  # key -> its incremental layer
         self._where: dict[int, Tensor] = {}  # per first-layer weight: room for its change list
         self._cache: dict[int, tuple] = {}   # per weight: its tensors, their memory, numpy views
 
     def perturb_and_quantize(self, values: list[Tensor], params: Sequence[Tensor], deltas: Sequence[Any],
                              sign: float) -> set[int]:
         """``values[i] = Q(params[i] + sign * eps * v)`` in one compiled pass for each hoisted
-        weight of two or more dimensions whose delta is a ``(v, eps)`` pair with one eps and scale per output row (or one
-        in all): the perturbation, five q/dq passes and their reads fused, with the values of
-        ``perturbed`` followed by :meth:`forward`. For the weight of a first layer the same pass
+        weight of two or more dimensions whose delta is a ``(v, eps)`` pair with one eps and
+        scale per output row (or one in all): the perturbation, five q/dq passes and their reads
+        fused, with the values of ``perturbed`` followed by :meth:`forward`. For the weight of a first layer the same pass
         lists where the value differs from the base pass's ``Q(theta)`` and hands the list to
         the incremental layer, which then needs no scan of its own. Returns the indices written;
         the caller perturbs the rest and passes them to :meth:`forward` as ``skip``."""
@@ -78,7 +78,7 @@ class QuantPrologue(nn.Module):
                 where = self._where_buffer(w, out)
                 count = threaded(*rows, *bounds, base.reshape(rows[0].shape).numpy(), where.numpy())
                 # More changes than the list has room for: the layer's dense product wins anyway.
-                self._first_layers[0][w.first_layer].record_changes(
+                self._first_layers[w.first_layer].record_changes(
                     w.first_layer, out, where[:count] if count <= len(where) else None)
             elif out.numel() >= THREADED_MIN:
                 threaded(*rows, *bounds, _NO_BASE, _NO_CHANGES)
@@ -100,7 +100,7 @@ class QuantPrologue(nn.Module):
 
     def _base_weight(self, w: HoistedWeight, out: Tensor) -> Optional[Tensor]:
         """The base pass's ``Q(theta)`` of a first layer's weight this step, where comparable."""
-        layer = self._first_layers[0].get(w.first_layer)
+        layer = self._first_layers.get(w.first_layer)
         if layer is None:
             return None
         base = layer.base_weight(w.first_layer)
@@ -109,7 +109,7 @@ class QuantPrologue(nn.Module):
         return base if usable else None
 
     def _where_buffer(self, w: HoistedWeight, out: Tensor) -> Tensor:
-        room, buffer = self._first_layers[0][w.first_layer].room(out.numel()), self._where.get(w.index)
+        room, buffer = self._first_layers[w.first_layer].room(out.numel()), self._where.get(w.index)
         if buffer is None or len(buffer) != room:
             buffer = self._where[w.index] = torch.empty(room, dtype=torch.int64)
         return buffer
