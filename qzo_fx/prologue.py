@@ -2,12 +2,12 @@
 
 In the branch graph each lifted weight goes through its own ``fake_quant_kernel`` call: a
 Python function and five aten ops per weight, per branch. ``QuantPrologue`` quantizes the
-hoisted weights before the graph runs instead: where numba is installed, each weight is
-perturbed and quantized in one compiled pass (``numba_kernels.perturb_quantize_rows``; for a
-first layer's weight the same pass lists the weights whose code moved, for
-:class:`~qzo_fx.base_reuse.IncrementalLinear`); otherwise, and for what the kernel does not take,
-with one ``torch._foreach_*`` call per operation (``ops.fake_quant_foreach_``). Both follow the
-kernel's operations in its order: bit-identical values.
+hoisted weights before the graph runs instead. Where numba is installed, each weight is
+perturbed and quantized in one compiled pass (``numba_kernels.perturb_quantize_rows``); for a
+first layer's weight the same pass lists the weights whose code moved, for the incremental
+layers of :mod:`qzo_fx.base_reuse` and :mod:`qzo_fx.conv_reuse`. Otherwise, and for what the
+kernel does not take, one ``torch._foreach_*`` call per operation (``ops.fake_quant_foreach_``).
+Both follow the kernel's operations in its order: bit-identical values.
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from qzo_fx.quantizer import Quantizer
 __all__ = ["HoistedWeight", "QuantPrologue", "PROLOGUE"]
 
 PROLOGUE = "qzo_prologue"  # submodule name in the sequential branch graph
+THREADED_MIN = 1 << 15  # elements: a smaller weight is quantized on one thread
+_NO_BASE = np.empty((0, 0), np.float32)  # the threaded kernel's "compare with nothing"
+_NO_CHANGES = np.empty(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,11 @@ class QuantPrologue(nn.Module):
         """``values[i] = Q(params[i] + sign * eps * v)`` in one compiled pass for each hoisted
         weight of two or more dimensions whose delta is a ``(v, eps)`` pair with one eps and
         scale per output row (or one in all): the perturbation, five q/dq passes and their reads
-        fused, with the values of ``perturbed`` followed by :meth:`forward`. For the weight of a first layer the same pass
-        lists where the value differs from the base pass's ``Q(theta)`` and hands the list to
-        the incremental layer, which then needs no scan of its own. Returns the indices written;
-        the caller perturbs the rest and passes them to :meth:`forward` as ``skip``."""
+        fused, with the values of ``perturbed`` followed by :meth:`forward`. For the weight of a
+        first layer the same pass lists where the value differs from the base pass's
+        ``Q(theta)`` and hands the list to the incremental layer, which then needs no scan of
+        its own. Returns the indices written; the caller perturbs the rest and passes them to
+        :meth:`forward` as ``skip``."""
         serial, threaded = kernel("perturb_quantize_rows"), kernel("perturb_quantize_changes")
         done: set[int] = set()
         if serial is None:
@@ -128,11 +132,6 @@ class QuantPrologue(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(w.quantizer for w in self.weights)
-
-
-THREADED_MIN = 1 << 15  # elements: a smaller weight is quantized on one thread
-_NO_BASE = np.empty((0, 0), np.float32)  # the threaded kernel's "compare with nothing"
-_NO_CHANGES = np.empty(0, np.int64)
 
 
 def _row_arrays(theta: Tensor, delta: Any, out: Tensor, quantizer: Quantizer, w: HoistedWeight):
