@@ -52,7 +52,7 @@ def _tainted(gm: GraphModule, perturbed: Callable[[Node], bool]) -> set[Node]:
     return tainted
 
 
-def _first(node: Node, x, weight, bias, tainted: set[Node], perturbed: Callable[[Node], bool]) -> bool:
+def _first(x, weight, bias, tainted: set[Node], perturbed: Callable[[Node], bool]) -> bool:
     """Input and bias free of perturbed parameters; the weight the q/dq of one, read only here."""
     if not isinstance(x, Node) or x in tainted or (isinstance(bias, Node) and bias in tainted):
         return False
@@ -70,7 +70,7 @@ def first_layers(gm: GraphModule, perturbed: Callable[[Node], bool]) -> list[tup
             continue
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if _first(node, x, weight, bias, tainted, perturbed):
+        if _first(x, weight, bias, tainted, perturbed):
             found.append((node, x, weight))
     return found
 
@@ -95,13 +95,15 @@ class ConvChainNodes:
 
 
 def first_convolutions(gm: GraphModule, perturbed: Callable[[Node], bool]) -> list[ConvChainNodes]:
+    """Every first 2-D convolution with its channel-wise chain (``perturbed`` as for
+    :func:`first_layers`)."""
     tainted = _tainted(gm, perturbed)
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _CONVS or node.kwargs:
             continue
         x, weight, bias, stride, padding, dilation, groups = (*node.args, *_CONV_DEFAULTS[len(node.args):])[:7]
-        if groups != 1 or not _first(node, x, weight, bias, tainted, perturbed):
+        if groups != 1 or not _first(x, weight, bias, tainted, perturbed):
             continue
         chain, current = [], node
         while len(current.users) == 1 and _channelwise(gm, next(iter(current.users)), current):
