@@ -4,7 +4,8 @@ A lifted weight ``theta_<p>`` read only by ``fake_quant_kernel(theta_<p>, scale,
 ...)`` (per tensor or per channel) is quantized by :class:`~qzo_fx.prologue.QuantPrologue`
 before the graph runs; the graph then takes the quantized value as its input. Per-group and
 1-bit quantizers, and weights with other readers, stay in the graph. Runs last in the
-sequential pipeline (after ``incremental_linear``, whose first-layer match needs the q/dq node).
+sequential pipeline (after ``incremental_linear`` and ``incremental_conv``, whose first-layer
+match needs the q/dq node).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
     if hasattr(gm, PROLOGUE):
         return PassResult(gm, False)
     index_of = {placeholder_name(name): i for i, name in enumerate(ctx.names)}
-    hoisted, quantizers, modules = [], [], []
+    hoisted, quantizers, first_layers = [], [], {}
     for theta in [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in index_of]:
         qdq = next(iter(theta.users), None)
         if (len(theta.users) != 1 or qdq.op != "call_function" or qdq.target is not fake_quant_kernel
@@ -39,6 +40,8 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
         if group_size != 0 or read is None or quantizer_read(gm, zero_point) is None:
             continue
         first_layer, module = _first_layer(qdq)
+        if module is not None:
+            first_layers[first_layer] = gm.get_submodule(module)
         qdq.replace_all_uses_with(theta)
         gm.graph.erase_node(qdq)
         for attribute in (scale, zero_point):
@@ -47,10 +50,8 @@ def hoist_weight_qdq(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
         hoisted.append(HoistedWeight(index_of[theta.target], f"{QUANT_CONTAINER}.{read[0]}", qmin, qmax, axis,
                                      first_layer))
         quantizers.append(read[1])
-        modules.append(module)
     if not hoisted:
         return PassResult(gm, False)
-    first_layers = {w.first_layer: gm.get_submodule(module) for w, module in zip(hoisted, modules) if module}
     gm.add_submodule(PROLOGUE, QuantPrologue(hoisted, quantizers, first_layers))
     return PassResult(gm, True)
 

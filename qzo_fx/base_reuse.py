@@ -32,7 +32,7 @@ from torch import Tensor
 from qzo_fx.compiled import kernel
 
 __all__ = ["BaseTaps", "FirstLayerReuse", "IncrementalLinear", "TAPS", "INCREMENTAL", "MAX_DENSITY", "MIN_MACS",
-           "change_room", "changed_entries", "same_input"]
+           "changed_entries"]
 
 TAPS = "qzo_base_taps"            # submodule name in the base graph
 INCREMENTAL = "qzo_incremental"   # submodule name in the sequential branch graph
@@ -48,11 +48,6 @@ class _Base:
     weight: Tensor                     # Q(theta)
     out: Tensor                        # the base output (a copy, or as it is with its version)
     out_version: int = 0               # its version when kept: a later in-place write voids it
-
-
-def change_room(numel: int) -> int:
-    """The most changed entries a weight of ``numel`` entries may have for the incremental product."""
-    return int(MAX_DENSITY * numel)
 
 
 class BaseTaps(nn.Module):
@@ -91,13 +86,22 @@ class FirstLayerReuse(nn.Module):
 
     def record_changes(self, key: str, weight: Tensor, where: Optional[Tensor]) -> None:
         """``weight`` (just written, the next input of layer ``key``) differs from the base
-        weight at flat indices ``where`` (None: at more than :func:`change_room` allows). Valid
+        weight at flat indices ``where`` (None: at more than :meth:`room` allows). Valid
         until ``weight`` is written again by torch or another record replaces it."""
         self._recorded[key] = (weight, weight._version, where)
 
     def room(self, numel: int) -> int:
-        """The most changed entries of a weight of ``numel`` entries this layer uses a list of."""
-        return change_room(numel)
+        """The most changed entries of a weight of ``numel`` entries this layer uses a list of
+        (for a linear layer: beyond ``MAX_DENSITY`` the dense product wins)."""
+        return int(MAX_DENSITY * numel)
+
+    def _reusable(self, key: str, x: Tensor, weight: Tensor) -> Optional["_Base"]:
+        """This step's base values of layer ``key`` where a branch may build on them: tapped,
+        a weight of the same shape, the kept output unchanged since, and the same input."""
+        base = self.taps[0].values.get(key)
+        if base is None or weight.shape != base.weight.shape or base.out._version != base.out_version:
+            return None
+        return base if _same_input(x, base) else None
 
     def _changes(self, key: str, weight: Tensor, base: "_Base") -> Optional[Tensor]:
         """Flat indices where ``weight`` differs from the base weight (None: more than
@@ -115,14 +119,13 @@ class IncrementalLinear(FirstLayerReuse):
 
     def forward(self, key: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         self.calls += 1
-        base = self.taps[0].values.get(key)
-        if base is None or weight.dim() != 2 or weight.numel() * (x.numel() // weight.shape[1]) < MIN_MACS:
+        if weight.dim() != 2 or weight.numel() * (x.numel() // weight.shape[1]) < MIN_MACS:
             return F.linear(x, weight, bias)
-        if base.out._version != base.out_version or not same_input(x, base):
+        base = self._reusable(key, x, weight)
+        if base is None:
             return F.linear(x, weight, bias)
         out_features, in_features = weight.shape
         rows = x.numel() // in_features
-        flat, base_flat = weight.reshape(-1), base.weight.reshape(-1)
         where = self._changes(key, weight, base)
         if where is None:
             return F.linear(x, weight, bias)
@@ -136,7 +139,7 @@ class IncrementalLinear(FirstLayerReuse):
             return result.view(base.out.shape)
         out_row = torch.div(where, in_features, rounding_mode="floor")
         column = where - out_row * in_features
-        change = flat.index_select(0, where) - base_flat.index_select(0, where)
+        change = weight.reshape(-1).index_select(0, where) - base.weight.reshape(-1).index_select(0, where)
         if few:
             # out[r, o] += x[r, i] * change[o, i]: the touched input columns, scaled, added in.
             return out.index_add(1, out_row, x2.index_select(1, column).mul_(change)).view(base.out.shape)
@@ -162,7 +165,7 @@ def _compiled_operands(*tensors: Tensor) -> bool:
                for t in tensors)
 
 
-def same_input(x: Tensor, base: _Base) -> bool:
+def _same_input(x: Tensor, base: _Base) -> bool:
     """True if ``x`` holds the base pass's input: the same memory, unchanged, or equal values."""
     if x.shape != base.x.shape or x.dtype != base.x.dtype:
         return False

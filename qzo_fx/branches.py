@@ -4,8 +4,8 @@ Strategies (all give the same losses to float tolerance; see tests/test_train.py
 
 * ``inplace``    -- write theta + delta into the parameters, run the model, restore theta
                     exactly from a copy (MeZO-style; the cheapest for K = 2 on CPU).
-* ``sequential`` -- run the branch graph once per branch with out-of-place values (weight
-                    q/dq hoisted into one foreach prologue, first layers reused).
+* ``sequential`` -- run the branch graph once per branch with out-of-place values (weights
+                    perturbed and quantized by a prologue, first layers reused).
 * ``batched``    -- run the branch graph under ``torch.func.vmap`` with every lifted parameter
                     stacked on a leading branch axis (K branches in one pass, chunked).
 * ``lean``       -- the model's graph with every perturbed read streamed through a perturber
@@ -94,9 +94,10 @@ def incremental_graph(model: GraphModule, names: Sequence[str], taps: BaseTaps) 
 
 def sequential_graph(model: GraphModule, names: Sequence[str], taps: Optional[BaseTaps]) -> GraphModule:
     """What the sequential strategy runs: the branch graph (with incremental first layers when
-    the base pass is tapped) whose weight q/dq is hoisted into one foreach prologue."""
+    the base pass is tapped) whose weight q/dq is hoisted into a prologue (:mod:`qzo_fx.prologue`)."""
     gm = branch_graph(model, names) if taps is None else incremental_graph(model, names, taps)
-    hoist = Pass("hoist_weight_qdq", hoist_weight_qdq, "weights quantized by foreach ops, not one kernel each")
+    hoist = Pass("hoist_weight_qdq", hoist_weight_qdq, "weights perturbed and quantized before the graph, not one "
+                 "q/dq kernel each")
     return PassManager((hoist,)).run(gm, LiftContext(tuple(names))).graph_module
 
 
@@ -301,7 +302,7 @@ class BranchRunner:
         graph = self.sequential_graph
         prologue = getattr(graph, PROLOGUE, None)
         for deltas, sign in branches:
-            # Large hoisted weights: perturbed and quantized in one compiled pass; the rest
+            # Hoisted weights the compiled pass takes: perturbed and quantized at once; the rest
             # perturbed into one reused buffer set, then the prologue's foreach q/dq.
             fused = prologue.perturb_and_quantize(values, self.params, deltas, sign) if prologue is not None else ()
             for j, (v, p, d) in enumerate(zip(values, self.params, deltas)):

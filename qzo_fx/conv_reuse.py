@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from qzo_fx.base_reuse import FirstLayerReuse, same_input
+from qzo_fx.base_reuse import FirstLayerReuse
 
 __all__ = ["ConvChain", "IncrementalConv", "INCREMENTAL_CONV", "ELEMENTWISE_MODULES", "ELEMENTWISE_FUNCTIONS",
            "norm_step", "module_step", "function_step"]
@@ -94,16 +94,12 @@ class IncrementalConv(FirstLayerReuse):
     def forward(self, key: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         self.calls += 1
         chain = self.chains[key]
-        base = self.taps[0].values.get(key)
-        if (base is None or weight.shape != base.weight.shape or base.out._version != base.out_version
-                or not same_input(x, base)):
-            return chain(x, weight, bias)
-        where = self._changes(key, weight, base)
-        out_channels = weight.shape[0]
+        base = self._reusable(key, x, weight)
+        where = None if base is None else self._changes(key, weight, base)
         if where is None:
             return chain(x, weight, bias)
         channels = torch.unique_consecutive(torch.div(where, weight[0].numel(), rounding_mode="floor"))
-        if 2 * channels.numel() > out_channels:
+        if 2 * channels.numel() > weight.shape[0]:
             return chain(x, weight, bias)
         self.incremental_calls += 1
         if channels.numel() == 0:

@@ -43,12 +43,13 @@ def _fill_numpy(out: np.ndarray, key: np.uint64, start: int, step: np.float32) -
 
 
 _MASK64 = (1 << 64) - 1
+_GOLDEN_INT, _M1_INT, _M2_INT = int(_GOLDEN), int(_M1), int(_M2)
 
 
 def _mix_int(z: int) -> int:
     """SplitMix64's output function on a Python integer (the same bits as the compiled one)."""
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * _M1_INT) & _MASK64
+    z = ((z ^ (z >> 27)) * _M2_INT) & _MASK64
     return z ^ (z >> 31)
 
 
@@ -56,8 +57,8 @@ def step_words(seed: int, tag: int, count: int) -> list[int]:
     """``count`` 64-bit words for one step: SplitMix64 (the word stream above) keyed by the
     mixed ``(seed, tag)``. Plain integer arithmetic: right after a backward pass it costs a few
     microseconds, where numpy's SeedSequence, its code and data evicted, took 20-130 us."""
-    key = _mix_int((_mix_int(seed & _MASK64) + tag * int(_GOLDEN)) & _MASK64)
-    return [_mix_int((key + (w + 1) * int(_GOLDEN)) & _MASK64) for w in range(count)]
+    key = _mix_int((_mix_int(seed & _MASK64) + tag * _GOLDEN_INT) & _MASK64)
+    return [_mix_int((key + (w + 1) * _GOLDEN_INT) & _MASK64) for w in range(count)]
 
 
 def fill_uniform(out: Tensor, key: np.uint64, start: int, half_width: float, *, use_compiled: bool = True) -> Tensor:

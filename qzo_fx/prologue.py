@@ -71,12 +71,13 @@ class QuantPrologue(nn.Module):
         done: set[int] = set()
         if serial is None:
             return done
+        sign32 = np.float32(sign)
         for quantizer, w in zip(self._quantizers, self.weights):
             out = values[w.index]
             rows = self._arrays(w, params[w.index], deltas[w.index], out, quantizer)
             if rows is None:
                 continue
-            bounds = (np.float32(sign), np.float32(w.qmin), np.float32(w.qmax))
+            bounds = (sign32, np.float32(w.qmin), np.float32(w.qmax))
             base = self._base_weight(w, out)
             if base is not None:
                 where = self._where_buffer(w, out)
