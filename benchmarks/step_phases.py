@@ -16,7 +16,7 @@ import time
 import torch
 
 import qzo_fx
-from qzo_fx import zo_math
+from qzo_fx.train import zo_math
 from step_overhead import reference_models
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from qzo_fx.errors import ExportError
-from qzo_fx.prepare import list_quantizers, quantizer_containers
+from qzo_fx.capture.pipeline import list_quantizers, quantizer_containers
 
 __all__ = ["lint_target"]
 

@@ -7,11 +7,11 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from qzo_fx.exporters.export_context import PACKABLE_KEY
-from qzo_fx.modes import set_mode
-from qzo_fx.prepare import quantizer_containers
+from qzo_fx.capture.modes import set_mode
+from qzo_fx.capture.pipeline import quantizer_containers
 
 from qzo_fx.pass_infra import Pass, PassManager
-from qzo_fx.passes.cleanup import cleanup
+from qzo_fx.passes.prepare.cleanup import cleanup
 from qzo_fx.exporters.fold_batchnorm import fold_batchnorm
 from qzo_fx.exporters.lower_activations import lower_activations
 from qzo_fx.exporters.lower_weights import lower_weights

@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 from qzo_fx.context import QUANTIZER_KEY
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.quantizer import quantizer_of
+from qzo_fx.quant.quantizer import quantizer_of
 
 __all__ = ["lower_activations"]
 

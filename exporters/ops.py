@@ -1,6 +1,6 @@
 """Export-form q/dq ops: what the lowering passes leave in a graph for the ONNX emitters.
 
-* ``qzo::dequantize`` (defined in :mod:`qzo_fx.ops`, shared with integer-code training) --
+* ``qzo::dequantize`` (defined in :mod:`qzo_fx.quant.ops`, shared with integer-code training) --
   integer weights stored as codes; emits DequantizeLinear on an integer initializer.
 * ``qzo::quantize_dequantize(x, scale, zero_point, qmin, qmax)`` -- activations, per tensor;
   emits QuantizeLinear -> (Clip) -> DequantizeLinear. ``zero_point`` carries the storage type.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qzo_fx.ops import fake_quant_kernel, fake_sign_kernel
+from qzo_fx.quant.ops import fake_quant_kernel, fake_sign_kernel
 
 __all__ = ["quantize_dequantize", "sign_dequantize"]
 

@@ -29,10 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER
-from qzo_fx.modes import mode
-from qzo_fx.ops import grid_codes
-from qzo_fx.prepare import quantizer_containers
-from qzo_fx.quantizer import Quantizer
+from qzo_fx.capture.modes import mode
+from qzo_fx.quant.ops import grid_codes
+from qzo_fx.capture.pipeline import quantizer_containers
+from qzo_fx.quant.quantizer import Quantizer
 
 __all__ = ["TieCount", "probe_model", "activation_scale_names", "tie_resolved_outputs", "resolve_codes"]
 

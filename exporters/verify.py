@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from qzo_fx.exporters.runtime import onnx_session
 from qzo_fx.exporters.ties import activation_scale_names, probe_model, tie_resolved_outputs
-from qzo_fx.modes import mode
+from qzo_fx.capture.modes import mode
 
 __all__ = ["verify_onnx", "ParityReport", "OutputParity"]
 

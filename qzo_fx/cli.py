@@ -12,8 +12,8 @@ from tabulate import tabulate
 
 from qzo_fx.config import QuantConfig
 from qzo_fx.errors import QzoError
-from qzo_fx.inspect import draw_svg, graph_diff, tabular, to_dot
-from qzo_fx.prepare import list_quantizers, prepare
+from qzo_fx.inspect.graphs import draw_svg, graph_diff, tabular, to_dot
+from qzo_fx.capture.pipeline import list_quantizers, prepare
 
 __all__ = ["main", "load_factory"]
 

@@ -11,8 +11,8 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from qzo_fx.modes import mode, set_mode
-from qzo_fx.train import StepStats, train_step
+from qzo_fx.capture.modes import mode, set_mode
+from qzo_fx.train.step import StepStats, train_step
 
 __all__ = ["fit", "FitResult", "accuracy"]
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import qzo_fx
-from qzo_fx.modes import set_mode
+from qzo_fx.capture.modes import set_mode
 
 STAGES = ("prepare", "ste_step", "fogzo_step", "export", "parity")
 CONFIG = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)

@@ -1,0 +1,1 @@
+"""Passes of the prepare pipeline (annotate, insert q/dq, calibrate, clean up)."""

@@ -1,0 +1,1 @@
+"""Passes that build the training step's branch graphs."""

@@ -1,0 +1,118 @@
+"""Partial capture: quantize what can be traced when the whole model cannot be captured.
+
+When neither symbolic tracing nor torch.export captures the model, the smallest untraceable
+submodules become leaves of the trace and are handled on their own, recursively: their traceable
+children are prepared (graph mode) and what remains runs eagerly. If the root's own forward is
+untraceable, the root stays an eager module whose children are prepared one by one. Each child
+is calibrated with the inputs it received in one run of the model on the example inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from qzo_fx.capture.modes import mode
+
+__all__ = ["PartialReport", "prepare_partially", "untraceable_modules"]
+
+
+@dataclass
+class PartialReport:
+    """Which parts are quantized in graph mode, which run eagerly, and why."""
+
+    graph: list[str] = field(default_factory=list)              # prepared GraphModules (qualified names)
+    eager: dict[str, str] = field(default_factory=dict)         # module -> why it could not be traced
+    skipped: dict[str, str] = field(default_factory=dict)       # module -> why it was left in float
+
+    def __str__(self) -> str:
+        lines = ["qzo_fx partial capture:"]
+        lines += [f"  graph mode: {name or '<root>'}" for name in self.graph]
+        lines += [f"  eager: {name or '<root>'} ({why})" for name, why in self.eager.items()]
+        lines += [f"  float: {name} ({why})" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaves: set[nn.Module]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _trace_error(module: nn.Module, leaves: set[nn.Module]) -> Optional[str]:
+    try:
+        _LeafTracer(leaves).trace(module)
+        return None
+    except Exception as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def untraceable_modules(model: nn.Module) -> dict[str, str]:
+    """Submodules that symbolic tracing cannot follow on their own, with the reason (deepest first
+    found; a module counts as untraceable only if its untraceable children as leaves do not help)."""
+    found: dict[str, str] = {}
+    leaves: set[nn.Module] = set()
+    for name, module in reversed(list(model.named_modules())):
+        error = _trace_error(module, leaves)
+        if error is not None:
+            found[name] = error
+            leaves.add(module)
+    return found
+
+
+def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Module, tuple[tuple, dict]]:
+    seen: dict[nn.Module, tuple[tuple, dict]] = {}
+
+    def hook(module, margs, mkwargs):
+        seen.setdefault(module, (tuple(margs), dict(mkwargs)))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with mode(model, False), torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
+                      prepare_graph: Callable[[GraphModule, Optional[tuple], dict], nn.Module]) -> tuple[nn.Module, PartialReport]:
+    """``model`` (already a copy) with every traceable part prepared by ``prepare_graph``.
+
+    A module outside ``untraceable`` traces with its untraceable descendants as leaves; it is
+    prepared in graph mode and each of those leaves is visited in turn.
+    """
+    report = PartialReport()
+    inputs = _record_inputs(model, args, kwargs) if args is not None else {}
+    untraceable = untraceable_modules(model)
+    leaves = {model.get_submodule(n) if n else model for n in untraceable}
+
+    def visit(module: nn.Module, name: str) -> nn.Module:
+        if name in untraceable:
+            report.eager[name] = untraceable[name]
+            for child_name, child in list(module.named_children()):
+                if any(True for _ in child.parameters()):
+                    setattr(module, child_name, visit(child, f"{name}.{child_name}" if name else child_name))
+            return module
+        margs, mkwargs = inputs.get(module, (None, {}))
+        if margs is None and args is not None:
+            report.skipped[name] = "not called with the example inputs"
+            return module
+        graph = _LeafTracer(leaves).trace(module)
+        gm = GraphModule(module, graph, class_name=type(module).__name__)
+        inner = [str(n.target) for n in graph.nodes if n.op == "call_module" and gm.get_submodule(str(n.target)) in leaves]
+        report.graph.append(name)
+        prepared = prepare_graph(gm, margs, mkwargs)
+        for path in inner:
+            prepared.set_submodule(path, visit(prepared.get_submodule(path), f"{name}.{path}" if name else path))
+        return prepared
+
+    return visit(model, ""), report

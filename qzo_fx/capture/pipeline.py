@@ -1,0 +1,110 @@
+"""``prepare``: the user's model in, a trainable fake-quantized GraphModule out."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from qzo_fx.config import QuantConfig
+from qzo_fx.context import QUANT_CONTAINER, PrepareContext
+from qzo_fx.errors import CaptureError, QzoError
+from qzo_fx.capture.partial import prepare_partially
+from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
+from qzo_fx.passes.prepare.annotate import annotate
+from qzo_fx.passes.prepare.calibrate import calibrate
+from qzo_fx.capture.tracing import CaptureReport, capture as capture_model
+from qzo_fx.passes.prepare.cleanup import cleanup
+from qzo_fx.passes.prepare.insert_qdq import insert_qdq
+from qzo_fx.quant.quantizer import Quantizer, QuantizerInfo
+
+__all__ = ["prepare", "PREPARE_PIPELINE", "list_quantizers", "quantizer_containers"]
+
+PREPARE_PIPELINE = (
+    Pass("annotate", annotate, "resolve the config into a spec per quantizable op (policy)"),
+    Pass("insert_qdq", insert_qdq, "realize specs as qzo.fake_quant nodes with their quantizers"),
+    Pass("calibrate", calibrate, "set activation scales from the example inputs"),
+    Pass("cleanup", cleanup, "drop reads that functionalization left unused"),
+)
+
+
+def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
+            example_inputs: Optional[Sequence[Any]] = None, *,
+            example_kwargs: Optional[dict[str, Any]] = None, capture: str = "auto",
+            instruments: Sequence[PassInstrument] = ()) -> GraphModule:
+    """Capture ``model`` and insert fake-quantization with straight-through gradients.
+
+    The user's model is copied first and never changed. The result is a ``GraphModule`` that
+    trains with any torch optimizer (the STE gives the latent weights their gradients).
+
+    Args:
+        model: any ``nn.Module``.
+        config: what to quantize; default 8-bit per-channel weights, float activations.
+        example_inputs: positional inputs; needed for activation calibration and torch.export.
+        example_kwargs: keyword inputs for the same.
+        capture: ``"auto"`` (symbolic trace, then torch.export), ``"symbolic"`` or ``"export"``.
+        instruments: pass instruments (e.g. ``PrintAfterPass()``, ``DumpPasses(dir)``).
+
+    Example:
+        >>> import torch, qzo_fx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=2))
+        >>> [q.bits for q in qzo_fx.list_quantizers(qm)]
+        [2, 2]
+    """
+    if not isinstance(model, nn.Module):
+        raise QzoError(f"prepare() takes an nn.Module, got {type(model).__name__}.")
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise QzoError(f"config must be a qzo_fx.QuantConfig, got {type(config).__name__}.")
+    args = None if example_inputs is None else tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    copied = copy.deepcopy(model)
+    try:
+        gm, report = capture_model(copied, args, kwargs, capture)
+    except CaptureError as error:
+        if capture != "auto":
+            raise
+        # Neither method captures the whole model: quantize the parts that can be traced.
+        partial, parts = prepare_partially(copied, args, kwargs, lambda gm, a, k: _prepare_graph(
+            gm, config, a, k, instruments))
+        if not parts.graph:
+            raise CaptureError(f"{error} No submodule could be traced either:\n{parts}") from error
+        partial.qzo_partial = parts
+        return partial
+    gm.meta["qzo.capture"] = report
+    return _prepare_graph(gm, config, args, kwargs, instruments)
+
+
+def _prepare_graph(gm: GraphModule, config: QuantConfig, args, kwargs, instruments) -> GraphModule:
+    gm.meta.setdefault("qzo.capture", CaptureReport("symbolic"))
+    ctx = PrepareContext(config, args, kwargs)
+    return PassManager(PREPARE_PIPELINE, instruments).run(gm, ctx).graph_module
+
+
+def quantizer_containers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(prefix, container)`` of every prepared part: the root, or submodules of a partial model."""
+    return [(name.rpartition(".")[0] if "." in name else "", m) for name, m in model.named_modules()
+            if name.rpartition(".")[2] == QUANT_CONTAINER]
+
+
+def list_quantizers(model: nn.Module) -> list[QuantizerInfo]:
+    """Every quantizer of a prepared model: parameter, bits, granularity, scale shape, STE.
+
+    Example:
+        >>> import torch, qzo_fx
+        >>> qm = qzo_fx.prepare(torch.nn.Linear(8, 4), qzo_fx.QuantConfig(weight_bits=4))
+        >>> qzo_fx.list_quantizers(qm)[0].scale_shape
+        (4,)
+    """
+    rows = []
+    for prefix, container in quantizer_containers(model):
+        for name, q in container.named_children():
+            if isinstance(q, Quantizer):
+                info = q.info(name)
+                if prefix:
+                    info = dataclasses.replace(info, name=f"{prefix}.{info.name}", target=f"{prefix}.{info.target}")
+                rows.append(info)
+    return rows

@@ -1,0 +1,1 @@
+"""Inspection: tables, code, diffs, networkx graphs, SVG, and examine()."""

@@ -1,0 +1,100 @@
+"""``examine``: what ``prepare`` would meet in a model, before anything is changed."""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch.nn as nn
+from tabulate import tabulate
+from torch.fx import GraphModule
+
+from qzo_fx.config import QuantConfig
+from qzo_fx.errors import CaptureError
+from qzo_fx.quant.op_table import op_signature
+from qzo_fx.capture.partial import untraceable_modules
+from qzo_fx.capture.tracing import capture
+
+__all__ = ["examine", "ExamineReport", "Finding"]
+
+# Parameters these modules hold stay in float on purpose (norm affine terms, biases).
+_FLOAT_BY_DESIGN = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str        # "untraceable", "float weight", "capture"
+    where: str       # module or node name
+    location: str    # source file:line of the construct
+    detail: str      # what is wrong
+    action: str      # what prepare does about it
+
+
+@dataclass
+class ExamineReport:
+    plan: str
+    quantizable: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rows = [(f.kind, f.where or "<root>", f.location, f.detail[:90], f.action) for f in self.findings]
+        table = tabulate(rows, headers=["kind", "where", "source", "detail", "prepare will"]) if rows else "no findings"
+        return f"plan: {self.plan}\nquantizable ops: {len(self.quantizable)}\n{table}"
+
+
+def _location(module: nn.Module) -> str:
+    try:
+        source = inspect.getsourcefile(type(module).forward) or "?"
+        line = inspect.getsourcelines(type(module).forward)[1]
+        return f"{source.split('site-packages/')[-1]}:{line}"
+    except (TypeError, OSError):
+        return "?"
+
+
+def _float_weights(gm: GraphModule, prefix: str) -> list[Finding]:
+    modules = dict(gm.named_modules())
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = modules.get(str(node.target))
+        # The same rule prepare uses: a module with a signature gets quantized.
+        if module is None or op_signature(node, modules) is not None or isinstance(module, _FLOAT_BY_DESIGN):
+            continue
+        if any(True for _ in module.parameters(recurse=False)) or (module is not gm and list(module.parameters())
+                                                                    and not list(module.children())):
+            name = f"{prefix}.{node.target}" if prefix else str(node.target)
+            found.append(Finding("float weight", name, _location(module),
+                                 f"{type(module).__name__} has weights but no quantization rule",
+                                 "keep its weights in float"))
+    return found
+
+
+def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
+            example_kwargs: Optional[dict[str, Any]] = None, config: Optional[QuantConfig] = None) -> ExamineReport:
+    """List untraceable constructs, weights that will stay in float, and the capture plan.
+
+    Works on a copy: the model is not changed.
+
+    Example:
+        >>> import torch, qzo_fx
+        >>> print(qzo_fx.examine(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LSTM(2, 2))).plan)
+        graph mode (symbolic)
+    """
+    model = copy.deepcopy(model)
+    args = None if example_inputs is None else tuple(example_inputs)
+    try:
+        gm, report = capture(model, args, dict(example_kwargs or {}), "auto")
+    except CaptureError as error:
+        findings = [Finding("capture", "", _location(model), str(error), "fall back to partial capture")]
+        for name, reason in untraceable_modules(model).items():
+            findings.append(Finding("untraceable", name, _location(model.get_submodule(name) if name else model),
+                                    reason, "run eagerly; prepare its traceable children on their own"))
+        return ExamineReport("partial capture (eager where untraceable, graph mode elsewhere)", [], findings)
+    modules = dict(gm.named_modules())
+    quantizable = [n.name for n in gm.graph.nodes if op_signature(n, modules) is not None]
+    findings = [Finding("capture", "", _location(model), f"{name}: {reason}", "use the next capture method")
+                for name, reason in report.failures.items()]
+    findings += _float_weights(gm, "")
+    return ExamineReport(f"graph mode ({report.method})", quantizable, findings)

@@ -1,0 +1,1 @@
+"""The training stage: estimators, the training step and its branch strategies."""

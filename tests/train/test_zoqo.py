@@ -1,0 +1,147 @@
+"""Integer-code weights, ZOQO and ZO-sign: grid invariants, determinism, training progress."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qzo_fx
+from qzo_fx.data import batches, load_digits
+from qzo_fx.models import MLP
+from qzo_fx.train.zo_math import NoiseStream, zoqo_deltas, zoqo_noise, zoqo_update_
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _coded(bits=4, symmetric=True, sizes=(64, 32, 10), seed=0):
+    torch.manual_seed(seed)
+    qm = qzo_fx.prepare(MLP(sizes), qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=bits, symmetric=symmetric)))
+    return qzo_fx.to_integer_codes(qm)
+
+
+def test_switch_to_codes_and_back_is_exact_and_drops_latent_weights():
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(MLP((16, 8, 4)), qzo_fx.QuantConfig(weight_bits=3))
+    x = torch.randn(5, 16)
+    before = qm(x).detach()
+    qzo_fx.to_integer_codes(qm)
+    assert not any(name.endswith("weight") for name, _ in qm.named_parameters())
+    assert qm.qzo_quant.get_submodule("1_weight").codes.dtype == torch.int16
+    torch.testing.assert_close(qm(x), before, rtol=0, atol=0)
+    qzo_fx.to_latent_weights(qm)
+    torch.testing.assert_close(qm(x), before, rtol=0, atol=0)
+    assert isinstance(qm.get_parameter("1.weight"), nn.Parameter)
+
+
+def test_code_state_dict_round_trips_and_tied_weights_lose_every_alias():
+    qm = _coded()
+    other = _coded(seed=1)
+    other.load_state_dict(qm.state_dict())
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(other(x), qm(x))
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(self.emb(idx))
+
+    tied = qzo_fx.to_integer_codes(qzo_fx.prepare(Tied(), qzo_fx.QuantConfig(weight_bits=4)))
+    assert list(tied.named_parameters()) == []
+    assert tied(torch.tensor([[1, 2]])).shape == (1, 2, 10)
+
+
+def test_exported_code_model_equals_latent_export(tmp_path):
+    qm = _coded(bits=4)
+    result = qzo_fx.export_onnx(qm, (torch.randn(2, 64),), tmp_path / "codes.onnx", target="cpu")
+    assert result.op_types["DequantizeLinear"] == 2
+    assert qzo_fx.verify_onnx(qm, result.path, (torch.randn(4, 64),)).ok
+
+
+@pytest.mark.parametrize("law", ["gaussian", "uniform"])
+def test_zoqo_noise_is_integer_and_bounded(law):
+    radius = torch.tensor([[1.0], [3.0]])
+    j = zoqo_noise(NoiseStream(0), radius, torch.zeros(2, 5000, dtype=torch.int16), law)
+    assert j.dtype == torch.int16
+    assert j[0].abs().max() <= 1 and j[1].abs().max() <= 3 and j[1].abs().max() >= 2
+    assert abs(float(j.float().mean())) < 0.1
+
+
+def test_zoqo_deltas_and_update_stay_on_the_grid():
+    codes = torch.tensor([0, 7, -8, 3], dtype=torch.int16)
+    j = torch.tensor([3, 2, -1, 0], dtype=torch.int16)
+    plus, minus = zoqo_deltas(codes, j, -8, 7)
+    assert (codes + plus).tolist() == [3, 7, -8, 3] and (codes - minus).tolist() == [-3, 5, -7, 3]
+    zoqo_update_(codes, j, torch.tensor(2), +1.0, -8, 7)
+    assert codes.tolist() == [-2, 5, -6, 3]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zoqo_codes_stay_in_range_and_values_on_grid(symmetric):
+    qm = _coded(bits=2, symmetric=symmetric)
+    data = load_digits()
+    step = qzo_fx.train_step(qm, ce, qzo_fx.ZOQO(lr=1.0, mu=1.0, seed=3), strategy="inplace")
+    for batch in batches(data.x_train, data.y_train, 64, epochs=2):
+        step(batch)
+    for name in ("1_weight", "3_weight"):
+        quantizer = qm.qzo_quant.get_submodule(name)
+        qmin, qmax = quantizer.spec.qrange
+        assert quantizer.codes.min() >= qmin and quantizer.codes.max() <= qmax
+        values = torch.ops.qzo.dequantize.default(quantizer.codes, quantizer.scale, quantizer.zero_point, 0, 0)
+        grid = values / quantizer.scale[:, None] + quantizer.zero_point[:, None]
+        torch.testing.assert_close(grid, grid.round(), rtol=0, atol=1e-4)
+    assert step.stats.backward_passes == 0 and step.stats.forward_passes == 2 * step.stats.steps
+
+
+def test_zoqo_same_seed_same_codes_for_every_strategy():
+    data = load_digits()
+    codes = []
+    for strategy in ("inplace", "sequential", "batched"):
+        qm = _coded()
+        step = qzo_fx.train_step(qm, ce, qzo_fx.ZOQO(seed=7), strategy=strategy)
+        for batch in batches(data.x_train, data.y_train, 64, epochs=1):
+            step(batch)
+        codes.append(qm.qzo_quant.get_submodule("1_weight").codes.clone())
+    assert torch.equal(codes[0], codes[1]) and torch.equal(codes[0], codes[2])
+
+
+def test_zoqo_reduces_training_loss_on_digits():
+    data = load_digits()
+    qm = _coded(bits=8)
+    full = (data.x_train, data.y_train)
+    with torch.no_grad():
+        start = float(ce(qm, full))
+    step = qzo_fx.train_step(qm, ce, qzo_fx.ZOQO(noise="uniform", seed=0), strategy="sequential")
+    for batch in batches(data.x_train, data.y_train, 64, epochs=200):
+        step(batch)
+    with torch.no_grad():
+        end = float(ce(qm, full))
+    assert start > 2.2 and end < 2.0, (start, end)  # chance level is ln 10 = 2.30
+
+
+def test_zoqo_needs_code_mode():
+    qm = qzo_fx.prepare(MLP((8, 4)), qzo_fx.QuantConfig(weight_bits=4))
+    with pytest.raises(qzo_fx.TrainStepError, match="to_integer_codes"):
+        qzo_fx.train_step(qm, ce, qzo_fx.ZOQO())
+
+
+@pytest.mark.parametrize("variant", ["elementwise", "scalar"])
+def test_zo_sign_variants(variant):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(MLP((8, 6, 3)), qzo_fx.QuantConfig(weight_bits=4))
+    batch = (torch.randn(16, 8), torch.randint(0, 3, (16,)))
+    step = qzo_fx.train_step(qm, ce, qzo_fx.ZOSign(n=2, variant=variant, seed=0), strategy="sequential")
+    step(batch)
+    grad = qm.get_parameter("1.weight").grad
+    c = torch.tensor(step.stats.last_branch_losses)
+    if variant == "elementwise":
+        assert set(grad.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    else:  # mean_i sign(c_i) u_i: a combination of the noise, not a sign vector
+        assert len(grad.unique()) > 3 and bool((c[0::2] != c[1::2]).any())
+    assert step.stats.backward_passes == 0
