@@ -1,24 +1,38 @@
-"""Calibrate: initialise activation scales from one forward pass on the example inputs.
+"""Calibrate: initialise activation scales from the example inputs, seen in both modes.
 
-Weight quantizers are initialised when inserted (from the weight itself); activation
-quantizers need data. The pass runs the graph once in eval mode under ``no_grad`` and restores
-every buffer afterwards, so calibration never changes the model's state (BatchNorm statistics).
+Weight quantizers are initialised when inserted (from the weight itself); activation quantizers
+need data. The pass runs the model on the example inputs in eval mode and in train mode, with
+the pending quantizers passing values through unquantized, and sets each scale from what it saw
+in either mode. Both matter: a trained model's eval-mode ranges are what it deploys with, and
+a model at random init often has vanishing eval-mode activations (BatchNorm's running statistics
+are still 0 and 1) while training normalises with batch statistics, so an eval-only range would
+saturate every training step. Each run is under ``no_grad`` with buffers (BatchNorm statistics)
+and the random number generators restored, so calibration changes no state of the model.
+
+A range so small that the scale would fall below :data:`MIN_ACTIVATION_SCALE` (an activation
+that is all zeros on the examples, say) gets that floor and a warning naming the quantizer.
 """
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 
+from qzo_fx.capture.modal import graph_of_mode
+from qzo_fx.capture.tracing import modes_kept
 from qzo_fx.context import QUANT_CONTAINER, QUANTIZER_KEY, PrepareContext
 from qzo_fx.errors import CalibrationError
-from qzo_fx.capture.modes import mode
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.quant.quantizer import Quantizer
 
-__all__ = ["calibrate", "pending_quantizers"]
+__all__ = ["calibrate", "pending_quantizers", "MIN_ACTIVATION_SCALE"]
+
+# The smallest activation step calibration sets: an 8-bit grid then spans at least 2.55e-3.
+MIN_ACTIVATION_SCALE = 1e-5
 
 
 def pending_quantizers(gm: GraphModule) -> dict[str, Quantizer]:
@@ -28,20 +42,22 @@ def pending_quantizers(gm: GraphModule) -> dict[str, Quantizer]:
     return {n: q for n, q in container.named_children() if isinstance(q, Quantizer) and not bool(q.initialized)}
 
 
-class _Calibrator(Interpreter):
-    def __init__(self, gm: GraphModule, pending: dict[str, Quantizer]) -> None:
+class _Observer(Interpreter):
+    """Runs the graph with pending quantizers as identities, keeping what each one is given
+    (only its minimum and maximum where those decide the scale)."""
+
+    def __init__(self, gm: GraphModule, pending: dict[str, Quantizer], seen: dict[str, list[Tensor]]) -> None:
         super().__init__(gm)
-        self.pending = pending
+        self.pending, self.seen = pending, seen
 
     def run_node(self, node: Node) -> Any:
         qname = node.meta.get(QUANTIZER_KEY)
         if qname in self.pending:
-            quantizer = self.pending.pop(qname)
-            quantizer.initialize(self.env[node.args[0]])
-            # The scale was read before initialisation: hand the op the fresh one.
-            self.env[node.args[1]] = quantizer.scale
-            if not quantizer.is_sign:
-                self.env[node.args[2]] = quantizer.zero_point
+            x = self.env[node.args[0]].detach().float()
+            if x.numel():
+                keep = x.aminmax() if self.pending[qname].spec.scale_init == "maxabs" else (x.reshape(-1),)
+                self.seen[qname].extend(t.reshape(-1).clone() for t in keep)
+            return self.env[node.args[0]]
         return super().run_node(node)
 
 
@@ -54,22 +70,51 @@ def _positional(gm: GraphModule, args, kwargs) -> tuple:
     return tuple(bound.arguments.values())
 
 
-def calibrate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
-    pending = pending_quantizers(gm)
-    if not pending:
-        return PassResult(gm, False)
-    if ctx.example_inputs is None:
-        raise CalibrationError(
-            f"Activation quantizers {sorted(pending)} need data to set their scales: pass "
-            "example_inputs=(x,) to prepare(), or set activation=None in the QuantConfig.")
+def _observe(gm: GraphModule, training: bool, inputs, pending: dict[str, Quantizer], seen) -> None:
     buffers = {name: b.clone() for name, b in gm.named_buffers() if not name.startswith(QUANT_CONTAINER + ".")}
+    devices = sorted({b.device for b in gm.buffers()} | {p.device for p in gm.parameters()}, key=str)
     try:
-        with mode(gm, False), torch.no_grad():
-            _Calibrator(gm, dict(pending)).run(*_positional(gm, ctx.example_inputs, ctx.example_kwargs))
+        with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]), torch.no_grad(), \
+                modes_kept(gm, training), graph_of_mode(gm, training):
+            _Observer(gm, pending, seen).run(*_positional(gm, *inputs))
     finally:
         with torch.no_grad():
             for name, value in buffers.items():
                 gm.get_buffer(name).copy_(value)
+
+
+def _initialize(pending: dict[str, Quantizer], seen: dict[str, list[Tensor]]) -> None:
+    floored = []
+    for name, quantizer in pending.items():
+        if not seen[name]:
+            continue
+        values = torch.cat(seen[name])
+        quantizer.initialize(values)
+        if quantizer.role == "activation" and float(quantizer.scale.detach().min()) < MIN_ACTIVATION_SCALE:
+            floored.append(f"{name} (range {float(values.min()):.3g} .. {float(values.max()):.3g})")
+            quantizer.initialize(values, min_scale=MIN_ACTIVATION_SCALE)
+    if floored:
+        warnings.warn(
+            f"{len(floored)} activation quantizer(s) saw almost no range on the example inputs, in train and eval "
+            f"mode, and got the floor scale {MIN_ACTIVATION_SCALE:g}: {', '.join(floored[:8])}"
+            f"{' ...' if len(floored) > 8 else ''}. Calibrate with representative inputs (example_inputs=...), "
+            "or learn the scales (QuantSpec(learn_scale=True)).", RuntimeWarning, stacklevel=4)
+
+
+def calibrate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
+    pending = pending_quantizers(gm)
+    if not pending:
+        return PassResult(gm, False)
+    if ctx.inputs_for(False) is None and ctx.inputs_for(True) is None:
+        raise CalibrationError(
+            f"Activation quantizers {sorted(pending)} need data to set their scales: pass "
+            "example_inputs=(x,) to prepare(), or set activation=None in the QuantConfig.")
+    seen: dict[str, list[Tensor]] = {name: [] for name in pending}
+    for training in (False, True):
+        inputs = ctx.inputs_for(training)
+        if inputs is not None:
+            _observe(gm, training, inputs, pending, seen)
+    _initialize(pending, seen)
     left = pending_quantizers(gm)
     if left:
         raise CalibrationError(f"Activation quantizers {sorted(left)} were not reached by the example inputs.")

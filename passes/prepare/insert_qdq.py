@@ -132,39 +132,59 @@ def _fq_node(gm: GraphModule, before: Node, value: Node, qname: str, quantizer: 
 
 
 class _Inserter:
-    def __init__(self, gm: GraphModule) -> None:
-        self.gm, self.container = gm, _container(gm)
+    """Adds fq nodes to one graph. Quantizers outlive the graph: ``ctx.quantizers`` maps what a
+    quantizer quantizes (a parameter, or an activation site) to its name, so the graph of the
+    other mode reuses the same quantizer for the same tensor."""
+
+    def __init__(self, gm: GraphModule, ctx: PrepareContext) -> None:
+        self.gm, self.container, self.names = gm, _container(gm), ctx.quantizers
         # Activation quantizers live where the model does (a model prepared on a GPU stays there).
         self.device = next(iter(gm.parameters()), next(iter(gm.buffers()), torch.empty(()))).device
-        self.weights: dict[int, Node] = {}  # id(parameter) -> its fq node: tied weights share one
-        self.activations: dict[tuple[Node, QuantSpec], Node] = {}
+        self.nodes: dict[object, Node] = {}  # quantized tensor -> its fq node in this graph
+        self.seen: dict[tuple, int] = {}      # activation site -> times met in this graph
 
     def weight(self, op: Node, arg: int, spec: QuantSpec, axis_group: tuple[int, int]) -> None:
         param = op.args[arg]
         target = str(param.target)
-        key = id(self.gm.get_parameter(target))
-        if key not in self.weights:
-            qname = _unique(self.container, target)
-            weight = self.gm.get_parameter(target)
-            quantizer = Quantizer(spec, "weight", target, *axis_group).to(weight.device)
-            quantizer.initialize(weight)
-            self.container.add_module(qname, quantizer)
-            self.weights[key] = _fq_node(self.gm, op, param, qname, quantizer)
-        op.update_arg(arg, self.weights[key])
+        weight = self.gm.get_parameter(target)
+        key = ("weight", id(weight))  # tied weights are one parameter: one quantizer
+        if key not in self.nodes:
+            if key not in self.names:
+                qname = _unique(self.container, target)
+                quantizer = Quantizer(spec, "weight", target, *axis_group).to(weight.device)
+                quantizer.initialize(weight)
+                self.container.add_module(qname, quantizer)
+                self.names[key] = qname
+            qname = self.names[key]
+            self.nodes[key] = _fq_node(self.gm, op, param, qname, self.container.get_submodule(qname))
+        op.update_arg(arg, self.nodes[key])
 
-    def activation(self, op: Node, arg: int, spec: QuantSpec, module_name: str) -> None:
+    def activation(self, op: Node, arg: int, spec: QuantSpec, site: tuple) -> None:
         value = op.args[arg]
-        key = (value, spec)
-        if key not in self.activations:
-            qname = _unique(self.container, f"{module_name or op.name}_input")
-            quantizer = Quantizer(spec, "activation", value.name).to(self.device)
-            self.container.add_module(qname, quantizer)
-            self.activations[key] = _fq_node(self.gm, op, value, qname, quantizer)
-        op.update_arg(arg, self.activations[key])
+        if (value, spec) not in self.nodes:
+            count = self.seen.get(site, 0)
+            self.seen[site] = count + 1
+            key = ("activation", *site, count)
+            if key not in self.names:
+                qname = _unique(self.container, f"{site[0]}_input")
+                self.container.add_module(qname, Quantizer(spec, "activation", value.name).to(self.device))
+                self.names[key] = qname
+            qname = self.names[key]
+            self.nodes[(value, spec)] = _fq_node(self.gm, op, value, qname, self.container.get_submodule(qname))
+        op.update_arg(arg, self.nodes[(value, spec)])
+
+
+def _site(node: Node, annotation, arg: int) -> tuple:
+    """What identifies an activation quantizer in both modes' graphs: the module (or, for
+    functional pooling, the function) and the argument, counted in graph order. Node names do
+    not serve: a train-only op before it renumbers them."""
+    owner = annotation.module_name if node.op == "call_module" or annotation.signature.kind != "pool" \
+        else getattr(node.target, "__name__", str(node.target))
+    return (owner or node.name, annotation.signature.kind, arg)
 
 
 def insert_qdq(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
-    inserter, modified = _Inserter(gm), False
+    inserter, modified = _Inserter(gm, ctx), False
     for node in list(gm.graph.nodes):
         annotation = node.meta.get(ANNOTATION_KEY)
         if annotation is None or node.meta.get(_REALIZED):
@@ -180,7 +200,7 @@ def insert_qdq(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
         if annotation.activation is not None:
             for arg in (sig.input_arg, *sig.extra_input_args):
                 if isinstance(node.args[arg], Node):
-                    inserter.activation(node, arg, annotation.activation, annotation.module_name)
+                    inserter.activation(node, arg, annotation.activation, _site(node, annotation, arg))
         node.meta[_REALIZED] = True
         modified = True
     return PassResult(gm, modified)

@@ -3,8 +3,9 @@
 When neither symbolic tracing nor torch.export captures the model, the smallest untraceable
 submodules become leaves of the trace and are handled on their own, recursively: their traceable
 children are prepared (graph mode) and what remains runs eagerly. If the root's own forward is
-untraceable, the root stays an eager module whose children are prepared one by one. Each child
-is calibrated with the inputs it received in one run of the model on the example inputs.
+untraceable, the root stays an eager module whose children are prepared one by one. Each part is
+traced in both modes, like a whole model, and calibrated with the inputs it received in one run
+of the model on the example inputs in each mode.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch.fx
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from qzo_fx.capture.modes import mode
+from qzo_fx.capture.modal import PreparedModel
+from qzo_fx.capture.tracing import modes_kept
 
 __all__ = ["PartialReport", "prepare_partially", "untraceable_modules"]
 
@@ -67,24 +69,42 @@ def untraceable_modules(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Module, tuple[tuple, dict]]:
-    seen: dict[nn.Module, tuple[tuple, dict]] = {}
+Inputs = dict[bool, tuple[tuple, dict]]  # mode -> (args, kwargs)
 
-    def hook(module, margs, mkwargs):
-        seen.setdefault(module, (tuple(margs), dict(mkwargs)))
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
-    try:
-        with mode(model, False), torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Module, Inputs]:
+    """What each submodule receives in one run of the model in each mode (state restored)."""
+    seen: dict[nn.Module, Inputs] = {}
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    for training in (False, True):
+        def hook(module, margs, mkwargs, training=training):
+            seen.setdefault(module, {}).setdefault(training, (tuple(margs), dict(mkwargs)))
+
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+        try:
+            with modes_kept(model, training), torch.no_grad(), torch.random.fork_rng():
+                model(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
     return seen
 
 
+def _trace_modes(module: nn.Module, leaves: set[nn.Module]) -> PreparedModel:
+    graphs = {}
+    for training in (True, False):
+        with modes_kept(module, training):
+            graphs[training] = _LeafTracer(leaves).trace(module)
+    same = graphs[True].python_code("self").src == graphs[False].python_code("self").src
+    return PreparedModel(module, {True: graphs[True], False: graphs[True] if same else graphs[False]},
+                         type(module).__name__)
+
+
 def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
-                      prepare_graph: Callable[[GraphModule, Optional[tuple], dict], nn.Module]) -> tuple[nn.Module, PartialReport]:
+                      prepare_graph: Callable[[GraphModule, Optional[Inputs]], nn.Module]) -> tuple[nn.Module, PartialReport]:
     """``model`` (already a copy) with every traceable part prepared by ``prepare_graph``.
 
     A module outside ``untraceable`` traces with its untraceable descendants as leaves; it is
@@ -102,15 +122,15 @@ def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
                 if any(True for _ in child.parameters()):
                     setattr(module, child_name, visit(child, f"{name}.{child_name}" if name else child_name))
             return module
-        margs, mkwargs = inputs.get(module, (None, {}))
-        if margs is None and args is not None:
+        seen = inputs.get(module)
+        if seen is None and args is not None:
             report.skipped[name] = "not called with the example inputs"
             return module
-        graph = _LeafTracer(leaves).trace(module)
-        gm = GraphModule(module, graph, class_name=type(module).__name__)
-        inner = [str(n.target) for n in graph.nodes if n.op == "call_module" and gm.get_submodule(str(n.target)) in leaves]
+        gm = _trace_modes(module, leaves)
+        inner = sorted({str(n.target) for graph in gm.qzo_mode_graphs.values() for n in graph.nodes
+                        if n.op == "call_module" and gm.get_submodule(str(n.target)) in leaves})
         report.graph.append(name)
-        prepared = prepare_graph(gm, margs, mkwargs)
+        prepared = prepare_graph(gm, seen)
         for path in inner:
             prepared.set_submodule(path, visit(prepared.get_submodule(path), f"{name}.{path}" if name else path))
         return prepared

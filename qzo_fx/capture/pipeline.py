@@ -8,43 +8,56 @@ from typing import Any, Optional, Sequence
 import torch.nn as nn
 from torch.fx import GraphModule
 
+from qzo_fx.capture.modal import each_mode
+from qzo_fx.capture.partial import prepare_partially
+from qzo_fx.capture.tracing import CaptureReport, DynamicShapes, capture as capture_model
 from qzo_fx.config import QuantConfig
 from qzo_fx.context import QUANT_CONTAINER, PrepareContext
 from qzo_fx.errors import CaptureError, QzoError
-from qzo_fx.capture.partial import prepare_partially
 from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
 from qzo_fx.passes.prepare.annotate import annotate
 from qzo_fx.passes.prepare.calibrate import calibrate
-from qzo_fx.capture.tracing import CaptureReport, capture as capture_model
 from qzo_fx.passes.prepare.cleanup import cleanup
 from qzo_fx.passes.prepare.insert_qdq import insert_qdq
 from qzo_fx.quant.quantizer import Quantizer, QuantizerInfo
 
 __all__ = ["prepare", "PREPARE_PIPELINE", "list_quantizers", "quantizer_containers"]
 
+# Graph passes run on the graph of each mode (train and eval, where they differ); quantizers are
+# shared between the two.
 PREPARE_PIPELINE = (
-    Pass("annotate", annotate, "resolve the config into a spec per quantizable op (policy)"),
-    Pass("insert_qdq", insert_qdq, "realize specs as qzo.fake_quant nodes with their quantizers"),
-    Pass("calibrate", calibrate, "set activation scales from the example inputs"),
-    Pass("cleanup", cleanup, "drop reads that functionalization left unused"),
+    Pass("annotate", each_mode(annotate), "resolve the config into a spec per quantizable op (policy)"),
+    Pass("insert_qdq", each_mode(insert_qdq), "realize specs as qzo.fake_quant nodes with their quantizers"),
+    Pass("calibrate", calibrate, "set activation scales from the example inputs, seen in both modes"),
+    Pass("cleanup", each_mode(cleanup), "drop reads that functionalization left unused"),
 )
 
 
 def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
             example_inputs: Optional[Sequence[Any]] = None, *,
             example_kwargs: Optional[dict[str, Any]] = None, capture: str = "auto",
-            instruments: Sequence[PassInstrument] = ()) -> GraphModule:
+            dynamic_shapes: DynamicShapes = "auto", instruments: Sequence[PassInstrument] = ()) -> GraphModule:
     """Capture ``model`` and insert fake-quantization with straight-through gradients.
 
     The user's model is copied first and never changed. The result is a ``GraphModule`` that
-    trains with any torch optimizer (the STE gives the latent weights their gradients).
+    trains with any torch optimizer (the STE gives the latent weights their gradients) and
+    behaves like the model: ``train()`` / ``eval()`` switch dropout, BatchNorm and every
+    ``if self.training:`` branch (the model is captured in both modes), it takes other batch
+    sizes and sequence lengths, and it starts in the mode the model was in.
 
     Args:
         model: any ``nn.Module``.
         config: what to quantize; default 8-bit per-channel weights, float activations.
         example_inputs: positional inputs; needed for activation calibration and torch.export.
+            Forward arguments that are None here (or left at a None default) are captured as
+            the constant None.
         example_kwargs: keyword inputs for the same.
-        capture: ``"auto"`` (symbolic trace, then torch.export), ``"symbolic"`` or ``"export"``.
+        capture: ``"auto"`` (symbolic trace, then torch.export, then partial capture),
+            ``"symbolic"`` or ``"export"``.
+        dynamic_shapes: for torch.export captures: ``"auto"`` (batch, and the sequence of token
+            inputs and of 2-D float inputs, are dynamic; static if the model cannot have them),
+            ``False`` (the example's shapes only), or a ``torch.export`` ``dynamic_shapes`` spec.
+            Symbolic traces take any shape the code does.
         instruments: pass instruments (e.g. ``PrintAfterPass()``, ``DumpPasses(dir)``).
 
     Example:
@@ -63,24 +76,23 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
     kwargs = dict(example_kwargs or {})
     copied = copy.deepcopy(model)
     try:
-        gm, report = capture_model(copied, args, kwargs, capture)
+        gm, report = capture_model(copied, args, kwargs, capture, dynamic_shapes)
     except CaptureError as error:
         if capture != "auto":
             raise
         # Neither method captures the whole model: quantize the parts that can be traced.
-        partial, parts = prepare_partially(copied, args, kwargs, lambda gm, a, k: _prepare_graph(
-            gm, config, a, k, instruments))
+        partial, parts = prepare_partially(copied, args, kwargs, lambda gm, inputs: _prepare_graph(
+            gm, PrepareContext(config, mode_inputs=inputs), instruments))
         if not parts.graph:
             raise CaptureError(f"{error} No submodule could be traced either:\n{parts}") from error
         partial.qzo_partial = parts
         return partial
     gm.meta["qzo.capture"] = report
-    return _prepare_graph(gm, config, args, kwargs, instruments)
+    return _prepare_graph(gm, PrepareContext(config, args, kwargs), instruments)
 
 
-def _prepare_graph(gm: GraphModule, config: QuantConfig, args, kwargs, instruments) -> GraphModule:
+def _prepare_graph(gm: GraphModule, ctx: PrepareContext, instruments) -> GraphModule:
     gm.meta.setdefault("qzo.capture", CaptureReport("symbolic"))
-    ctx = PrepareContext(config, args, kwargs)
     return PassManager(PREPARE_PIPELINE, instruments).run(gm, ctx).graph_module
 
 

@@ -1,39 +1,160 @@
-"""Capture: turn an ``nn.Module`` into a ``GraphModule``.
+"""Capture: turn an ``nn.Module`` into a :class:`~qzo_fx.capture.modal.PreparedModel` holding one
+graph per mode.
 
-Order: ``torch.fx.symbolic_trace`` (keeps modules and readable code); when that fails and
-example inputs are given, ``torch.export`` (ATen graph, handles data-dependent Python). The
-first step of the pipeline, so it takes a module rather than a graph.
+Order: ``torch.fx.symbolic_trace`` (keeps modules and readable code; every shape stays dynamic),
+then, when that fails and example inputs are given, ``torch.export`` (ATen graph, handles
+data-dependent Python; batch and sequence dimensions exported dynamic). Each method records the
+model in train mode and in eval mode, because both bake ``if self.training:`` at capture.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
+from torch.fx.graph_module import _assign_attr
+from torch.utils._pytree import tree_map
 
+from qzo_fx.capture.modal import PreparedModel
 from qzo_fx.errors import CaptureError
 
-__all__ = ["capture", "CaptureReport", "CAPTURE_METHODS"]
+__all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "modes_kept", "none_arguments"]
 
 CAPTURE_METHODS = ("auto", "symbolic", "export")
+# ``dynamic_shapes``: "auto" (batch and sequence dynamic), False (the example's shapes), or a
+# torch.export dynamic_shapes spec of the user's.
+DynamicShapes = Union[str, bool, Any]
 
 
 @dataclass
 class CaptureReport:
     method: str
     failures: dict[str, str] = field(default_factory=dict)
+    shapes: str = ""                       # which input dimensions are dynamic, in words
+    specialized: dict[str, None] = field(default_factory=dict)  # forward arguments fixed to None
 
 
-def _symbolic(model: nn.Module, args, kwargs) -> GraphModule:
-    return torch.fx.symbolic_trace(model)
+@contextlib.contextmanager
+def modes_kept(model: nn.Module, training: Optional[bool] = None) -> Iterator[None]:
+    """Set every submodule to ``training`` (if given) for a while, then restore each module's own
+    flag: a user's model may hold submodules in another mode than its root."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        if training is not None:
+            model.train(training)
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
-def _export(model: nn.Module, args, kwargs) -> GraphModule:
+def none_arguments(model: nn.Module, args, kwargs) -> dict[str, None]:
+    """Forward arguments that are None in this call (given as None or left at a None default).
+
+    Symbolic tracing would turn them into graph inputs and follow ``if mask is not None:`` as if
+    a tensor were given; they are traced as the constant None instead.
+    """
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind_partial(*(args or ()), **(kwargs or {}))
+    except (TypeError, ValueError):
+        return {}
+    found = {}
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = bound.arguments.get(name, parameter.default)
+        if value is None:
+            found[name] = None
+    return found
+
+
+def _symbolic(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
+    report.specialized = none_arguments(model, args, kwargs)
+    graphs: dict[bool, Graph] = {}
+    for training in (True, False):
+        with modes_kept(model, training):
+            graphs[training] = torch.fx.Tracer().trace(model, concrete_args=report.specialized or None)
+    report.shapes = "all dimensions (symbolic trace)"
+    return PreparedModel(model, _shared_if_same(graphs), type(model).__name__)
+
+
+def _shared_if_same(graphs: dict[bool, Graph]) -> dict[bool, Graph]:
+    """One graph for both modes when the two captures are the same program."""
+    same = graphs[True].python_code("self").src == graphs[False].python_code("self").src
+    return {True: graphs[True], False: graphs[True] if same else graphs[False]}
+
+
+def _auto_dims(value: Any) -> Any:
+    """Dynamic dimensions of one example tensor: the batch, and the sequence of token inputs
+    (integer tensors) and of 2-D float inputs (audio); the rest stay as in the example."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    dims = {0: torch.export.Dim.AUTO}
+    if value.dim() >= 2 and (not value.is_floating_point() or value.dim() == 2):
+        dims[1] = torch.export.Dim.AUTO
+    return dims
+
+
+def _export_spec(model: nn.Module, args, kwargs, dynamic: DynamicShapes):
+    """torch.export's ``dynamic_shapes`` for these inputs (keyed by argument name with kwargs)."""
+    if dynamic is False or dynamic is None:
+        return None
+    if dynamic != "auto":
+        return dynamic
+    if not kwargs:
+        return tree_map(_auto_dims, tuple(args))
+    names = _positional_names(model, len(args))
+    return {**{n: tree_map(_auto_dims, a) for n, a in zip(names, args)},
+            **{k: tree_map(_auto_dims, v) for k, v in kwargs.items()}}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # A failed export logs and prints the partial graph; the reason goes into the report instead.
+    loggers = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._dynamo")]
+    levels = [log.level for log in loggers]
+    try:
+        for log in loggers:
+            log.setLevel(logging.CRITICAL)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def _export_once(model: nn.Module, args, kwargs, spec) -> GraphModule:
+    with _quiet():
+        program = torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), dynamic_shapes=spec, strict=False)
+    # check_guards=False: no guard submodule; the mode methods torch replaces are restored below.
+    module = program.module(check_guards=False)
+    for name in ("train", "eval"):
+        module.__dict__.pop(name, None)
+    return module
+
+
+def _export_modes(model: nn.Module, args, kwargs, spec) -> dict[bool, GraphModule]:
+    modules = {}
+    for training in (True, False):
+        with modes_kept(model, training):
+            modules[training] = _export_once(model, args, kwargs, spec)
+    return modules
+
+
+def _positional_names(model: nn.Module, count: int) -> list[str]:
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names[:count]
+
+
+def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
     if args is None:
         raise CaptureError("torch.export needs example_inputs; pass example_inputs=(x,) to prepare().")
     config = getattr(model, "config", None)
@@ -41,36 +162,72 @@ def _export(model: nn.Module, args, kwargs) -> GraphModule:
         # Hugging Face models: a KV cache object in the output cannot be exported or trained
         # through. The model here is prepare's own copy, so the user's config is untouched.
         config.use_cache = False
-    # A failed export logs and prints the partial graph; the reason goes into the report instead.
-    quiet = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._dynamo")]
-    levels = [log.level for log in quiet]
+    spec = _export_spec(model, args, kwargs, dynamic)
     try:
-        for log in quiet:
-            log.setLevel(logging.CRITICAL)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), strict=False).module()
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
+        modules = _export_modes(model, args, kwargs, spec)
+    except Exception as error:
+        if dynamic != "auto" or spec is None:
+            raise
+        # Some models cannot take other shapes at all: keep the example's, and say so.
+        report.failures["dynamic shapes"] = _reason(error)
+        spec = None
+        modules = _export_modes(model, args, kwargs, None)
+    report.shapes = "static (the example's shapes)" if spec is None else (
+        "batch and sequence dimensions" if dynamic == "auto" else "as given by dynamic_shapes")
+    root = modules[True]
+    _adopt_eval_state(root, modules[False])
+    root.training = model.training
+    return PreparedModel(root, _shared_if_same({True: root.graph, False: modules[False].graph}), type(model).__name__)
+
+
+def _adopt_eval_state(root: GraphModule, other: GraphModule) -> None:
+    """Make the eval-mode graph read the train-mode module's state. Parameters and buffers are
+    the model's own tensors in both exports (same names, same objects); a constant that only the
+    eval export lifted, or lifted under a name the train export used for another tensor, is
+    registered under a name of its own."""
+    for node in other.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        value = other.get_submodule(target) if node.op == "call_module" else _lookup(other, target)
+        if _lookup(root, target) is value:
+            continue
+        fresh = "qzo_eval_" + target.replace(".", "_")
+        _assign_attr(value, root, fresh)
+        node.target = fresh
+
+
+def _lookup(module: nn.Module, target: str) -> Any:
+    for item in target.split("."):
+        module = getattr(module, item, None)
+        if module is None:
+            return None
+    return module
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 _CAPTURERS = {"symbolic": _symbolic, "export": _export}
 
 
 def capture(model: nn.Module, example_inputs: Optional[tuple[Any, ...]] = None,
-            example_kwargs: Optional[dict[str, Any]] = None, method: str = "auto") -> tuple[GraphModule, CaptureReport]:
-    """Capture ``model`` (already a copy: capture may share its submodules)."""
+            example_kwargs: Optional[dict[str, Any]] = None, method: str = "auto",
+            dynamic_shapes: DynamicShapes = "auto") -> tuple[PreparedModel, CaptureReport]:
+    """Capture ``model`` (already a copy: capture shares its submodules) in both modes."""
     if method not in CAPTURE_METHODS:
         raise CaptureError(f"capture={method!r} is invalid: allowed {CAPTURE_METHODS}.")
     order = ["symbolic", "export"] if method == "auto" else [method]
     report = CaptureReport(method="")
     for name in order:
         try:
-            gm = _CAPTURERS[name](model, example_inputs, example_kwargs)
+            with modes_kept(model):
+                gm = _CAPTURERS[name](model, example_inputs, example_kwargs, dynamic_shapes, report)
         except CaptureError as error:
             report.failures[name] = str(error)
         except Exception as error:  # torch raises many types here; keep the reason, try the next
-            report.failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            report.failures[name] = _reason(error)
         else:
             report.method = name
             return gm, report

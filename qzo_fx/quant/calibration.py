@@ -37,20 +37,20 @@ def _fake_quant_last(t: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> T
     return (torch.round(t / s) + z).clamp(qmin, qmax).sub(z).mul(s)
 
 
-def _symmetric(t: Tensor, spec: QuantSpec, amax: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+def _symmetric(t: Tensor, spec: QuantSpec, amax: Callable[[Tensor], Tensor], min_scale: float) -> tuple[Tensor, Tensor]:
     qmin, qmax = spec.qrange
     if spec.bits == 1:
         # The L2-optimal step of scale * sign(x) is mean |x| (XNOR-Net); all inits agree on it.
         scale = t.abs().mean(-1)
-        return scale.clamp_min(_MIN_SCALE), torch.zeros_like(scale)
-    scale = (amax(t.abs()) / qmax).clamp_min(_MIN_SCALE)
+        return scale.clamp_min(min_scale), torch.zeros_like(scale)
+    scale = (amax(t.abs()) / qmax).clamp_min(min_scale)
     zero = torch.zeros_like(scale)
     if spec.scale_init == "mse":
-        scale = _mse_search(t, scale, zero, qmin, qmax)
+        scale = _mse_search(t, scale, zero, qmin, qmax, min_scale)
     return scale, zero
 
 
-def _asymmetric(t: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def _asymmetric(t: Tensor, spec: QuantSpec, min_scale: float) -> tuple[Tensor, Tensor]:
     qmin, qmax = spec.qrange
     if spec.scale_init == "percentile":
         low = _quantile(t, 1.0 - spec.percentile / 100.0)
@@ -58,19 +58,19 @@ def _asymmetric(t: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     else:
         low, high = t.amin(-1), t.amax(-1)
     low, high = low.clamp_max(0.0), high.clamp_min(0.0)  # the grid must hold an exact 0
-    scale = ((high - low) / (qmax - qmin)).clamp_min(_MIN_SCALE)
+    scale = ((high - low) / (qmax - qmin)).clamp_min(min_scale)
     zero = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
     if spec.scale_init == "mse":
-        scale = _mse_search(t, scale, zero, qmin, qmax)
+        scale = _mse_search(t, scale, zero, qmin, qmax, min_scale)
     return scale, zero
 
 
-def _mse_search(t: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+def _mse_search(t: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, min_scale: float) -> Tensor:
     """Shrink each scale entry by the ratio (of a fixed grid) that minimises the squared error."""
     best_err = torch.full_like(scale, float("inf"))
     best = scale.clone()
     for ratio in _MSE_RATIOS.tolist():
-        candidate = (scale * ratio).clamp_min(_MIN_SCALE)
+        candidate = (scale * ratio).clamp_min(min_scale)
         err = (_fake_quant_last(t, candidate.unsqueeze(-1), zero.unsqueeze(-1), qmin, qmax) - t).square().sum(-1)
         better = err < best_err
         best = torch.where(better, candidate, best)
@@ -85,8 +85,9 @@ def _quantile(t: Tensor, q: float) -> Tensor:
 
 
 def init_scale(x: Tensor, spec: QuantSpec, axis: int = 0, group_size: int = 0,
-               name: str = "tensor") -> tuple[Tensor, Tensor]:
-    """Initial ``(scale, zero_point)`` of ``x`` for ``spec``, in the layout of :mod:`qzo_fx.quant.ops`.
+               name: str = "tensor", min_scale: float = _MIN_SCALE) -> tuple[Tensor, Tensor]:
+    """Initial ``(scale, zero_point)`` of ``x`` for ``spec``, in the layout of :mod:`qzo_fx.quant.ops`;
+    no scale entry below ``min_scale``.
 
     Example:
         >>> s, z = init_scale(torch.tensor([[-1.0, 0.5], [2.0, -4.0]]), QuantSpec(bits=8))
@@ -100,7 +101,7 @@ def init_scale(x: Tensor, spec: QuantSpec, axis: int = 0, group_size: int = 0,
     t = _slices(x.detach().float(), axis, group_size, spec.granularity)
     if spec.symmetric:
         amax = (lambda a: _quantile(a, spec.percentile / 100.0)) if spec.scale_init == "percentile" else (lambda a: a.amax(-1))
-        scale, zero = _symmetric(t, spec, amax)
+        scale, zero = _symmetric(t, spec, amax, min_scale)
     else:
-        scale, zero = _asymmetric(t, spec)
+        scale, zero = _asymmetric(t, spec, min_scale)
     return _restore(scale, axis, spec.granularity).contiguous(), _restore(zero, axis, spec.granularity).contiguous()

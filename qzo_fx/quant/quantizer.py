@@ -53,9 +53,11 @@ class Quantizer(nn.Module):
         # Persisted so a loaded state_dict is not re-initialised by calibration.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
-    def initialize(self, x: Tensor) -> None:
-        """Set scale and zero point from ``x`` (weights: the latent tensor; activations: a sample)."""
-        scale, zero = init_scale(x, self.spec, self.axis, self.group_size, name=self.target)
+    def initialize(self, x: Tensor, min_scale: Optional[float] = None) -> None:
+        """Set scale and zero point from ``x`` (weights: the latent tensor; activations: a sample),
+        with no scale entry below ``min_scale`` when given."""
+        floor = {} if min_scale is None else {"min_scale": min_scale}
+        scale, zero = init_scale(x, self.spec, self.axis, self.group_size, name=self.target, **floor)
         with torch.no_grad():
             if isinstance(self.scale, nn.Parameter):
                 self.scale = nn.Parameter(scale.to(self.scale.device))

@@ -1,0 +1,147 @@
+"""A GraphModule with one graph per mode, so ``train()`` / ``eval()`` mean what they mean in torch.
+
+Capture evaluates ``if self.training:`` once: symbolic tracing bakes the branch it took (timm's
+BatchNormAct2d, DropPath), and torch.export also fixes dropout and batch-norm behaviour. Capture
+therefore records the model once in each mode, and :class:`PreparedModel` holds both graphs over
+one set of submodules, parameters, buffers and quantizers: switching the mode switches which graph
+runs. When the two captures are the same program, one graph serves both modes.
+
+Passes see one graph at a time: :func:`each_mode` runs a pass on every distinct graph, with the
+module's ``training`` flags left as they are.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
+
+import torch.nn as nn
+from torch.fx import Graph, GraphModule
+from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, reduce_graph_module
+from torch.package import sys_importer
+
+from qzo_fx.pass_infra import PassResult
+
+__all__ = ["PreparedModel", "each_mode", "graph_of_mode", "distinct_modes"]
+
+
+def _has_target(module: nn.Module, target: str) -> bool:
+    for item in target.split("."):
+        if not hasattr(module, item):
+            return False
+        module = getattr(module, item)
+    return True
+
+
+class PreparedModel(GraphModule):
+    """A prepared model: a GraphModule whose graph follows ``self.training``.
+
+    ``qzo_mode_graphs[True]`` runs in train mode and ``qzo_mode_graphs[False]`` in eval mode;
+    ``graph`` and ``code`` are those of the current mode. Both graphs read the same state, so
+    ``state_dict``, ``parameters()``, ``to()`` and optimizers see one model.
+    """
+
+    def __init__(self, root: nn.Module, graphs: Mapping[bool, Graph], class_name: str = "PreparedModel") -> None:
+        train_graph, eval_graph = graphs[True], graphs[False]
+        super().__init__(root, train_graph, class_name)
+        if eval_graph is not train_graph and not isinstance(root, _CodeOnlyModule):
+            # GraphModule keeps only what its graph reads: add what only the eval graph reads.
+            for node in eval_graph.nodes:
+                if node.op in ("get_attr", "call_module") and not _has_target(self, str(node.target)):
+                    _copy_attr(root, self, str(node.target))
+        self.qzo_mode_graphs = {True: train_graph, False: eval_graph}
+        self.training = root.training
+        self._show(self.training)
+
+    # ------------------------------------------------------------------ mode switching
+    def train(self, mode: bool = True) -> "PreparedModel":
+        super().train(mode)
+        self._show(mode)
+        return self
+
+    def _show(self, training: bool) -> None:
+        """Make the graph of ``training`` the one that runs (recompiled only when it changes)."""
+        graph = self.qzo_mode_graphs[training]
+        if self._graph is not graph:
+            GraphModule.graph.fset(self, graph)
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    @graph.setter
+    def graph(self, g: Graph) -> None:
+        # Replacing the graph replaces it for the current mode (for both if they shared one).
+        graphs = getattr(self, "qzo_mode_graphs", None)
+        if graphs is not None:
+            shared = graphs[True] is graphs[False]
+            for training in ((True, False) if shared else (self.training,)):
+                graphs[training] = g
+        GraphModule.graph.fset(self, g)
+
+    # ------------------------------------------------------------------ copies and pickling
+    def _deepcopy_init(self) -> Callable[..., None]:
+        def init(res: "PreparedModel", fake_mod: nn.Module, graph: Graph) -> None:
+            PreparedModel.__init__(res, fake_mod, fake_mod.__dict__["qzo_mode_graphs"], type(self).__name__)
+        return init
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # GraphModule pickles its code and traces it again on load; do that for each mode.
+        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "qzo_mode_graphs")}
+        codes = {}
+        for training, graph in self.qzo_mode_graphs.items():
+            python_code = graph.python_code(root_module="self")
+            codes[training] = (python_code.src, _format_import_block(python_code.globals, sys_importer))
+        return (_rebuild, (body, codes, self.training, type(self).__name__))
+
+
+def _rebuild(body: dict[str, Any], codes: dict[bool, tuple[str, str]], training: bool, class_name: str) -> PreparedModel:
+    graphs = {mode: reduce_graph_module({**body, "_code": src}, imports).graph for mode, (src, imports) in codes.items()}
+    if codes[True] == codes[False]:
+        graphs[False] = graphs[True]
+    # A code-only root: every submodule, parameter and buffer is kept, not only what a graph reads.
+    model = PreparedModel(_CodeOnlyModule(dict(body, training=training)), graphs, class_name)
+    for key, value in body.items():
+        if not hasattr(model, key):
+            setattr(model, key, value)
+    return model
+
+
+# ---------------------------------------------------------------------- passes over both modes
+def distinct_modes(gm: nn.Module) -> tuple[bool, ...]:
+    """The modes whose graphs differ: ``(True,)`` when one graph serves both (or ``gm`` is a plain
+    GraphModule), else ``(True, False)``."""
+    graphs = getattr(gm, "qzo_mode_graphs", None)
+    return (True,) if graphs is None or graphs[True] is graphs[False] else (True, False)
+
+
+@contextlib.contextmanager
+def graph_of_mode(gm: GraphModule, training: bool) -> Iterator[GraphModule]:
+    """Show the graph of ``training`` on ``gm`` for a while, without changing any module's
+    ``training`` flag (passes edit graphs; the flags are the user's)."""
+    if not isinstance(gm, PreparedModel):
+        yield gm
+        return
+    before = gm.training
+    gm._show(training)
+    try:
+        yield gm
+    finally:
+        gm._show(before)
+
+
+def each_mode(pass_fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
+    """A pass that runs ``pass_fn`` on the graph of every distinct mode."""
+    def run(gm: GraphModule, *, ctx: Any = None) -> PassResult:
+        modified = False
+        for training in distinct_modes(gm):
+            with graph_of_mode(gm, training):
+                result = pass_fn(gm, ctx=ctx)
+                result.graph_module.graph.lint()
+                result.graph_module.recompile()
+                modified |= result.modified
+        return PassResult(gm, modified)
+
+    run.__name__ = run.__qualname__ = getattr(pass_fn, "__name__", "pass")
+    run.__doc__ = pass_fn.__doc__
+    return run
+
