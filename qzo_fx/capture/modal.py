@@ -43,8 +43,14 @@ class PreparedModel(GraphModule):
     def __init__(self, root: nn.Module, graphs: Mapping[bool, Graph], class_name: str = "PreparedModel") -> None:
         train_graph, eval_graph = graphs[True], graphs[False]
         super().__init__(root, train_graph, class_name)
-        if eval_graph is not train_graph and not isinstance(root, _CodeOnlyModule):
-            # GraphModule keeps only what its graph reads: add what only the eval graph reads.
+        if not isinstance(root, _CodeOnlyModule):
+            # GraphModule keeps only what its graph reads; a prepared model keeps the whole
+            # module tree, so its state_dict holds every key of the model's (and what only the
+            # eval graph reads).
+            direct = [*root.named_children(), *root.named_parameters(recurse=False), *root.named_buffers(recurse=False)]
+            for name, _ in direct:
+                if not hasattr(self, name):
+                    _copy_attr(root, self, name)
             for node in eval_graph.nodes:
                 if node.op in ("get_attr", "call_module") and not _has_target(self, str(node.target)):
                     _copy_attr(root, self, str(node.target))

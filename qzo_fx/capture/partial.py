@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from qzo_fx.capture.modal import PreparedModel
-from qzo_fx.capture.tracing import modes_kept
+from qzo_fx.capture.tracing import StateTracer, modes_kept
 
 __all__ = ["PartialReport", "prepare_partially", "untraceable_modules"]
 
@@ -39,7 +39,7 @@ class PartialReport:
         return "\n".join(lines)
 
 
-class _LeafTracer(torch.fx.Tracer):
+class _LeafTracer(StateTracer):
     def __init__(self, leaves: set[nn.Module]) -> None:
         super().__init__()
         self.leaves = leaves

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 from qzo_fx.capture.modal import PreparedModel
 from qzo_fx.errors import CaptureError
 
-__all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "modes_kept", "none_arguments"]
+__all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "StateTracer", "modes_kept", "none_arguments"]
 
 CAPTURE_METHODS = ("auto", "symbolic", "export")
 # ``dynamic_shapes``: "auto" (batch and sequence dynamic), False (the example's shapes), or a
@@ -75,12 +75,20 @@ def none_arguments(model: nn.Module, args, kwargs) -> dict[str, None]:
     return found
 
 
+class StateTracer(torch.fx.Tracer):
+    """``torch.fx.Tracer`` that records buffer reads as graph values: an in-place update of a
+    buffer (BatchNorm's ``num_batches_tracked.add_(1)`` in a module's own forward) then becomes
+    part of the graph instead of running once, at trace time."""
+
+    proxy_buffer_attributes = True
+
+
 def _symbolic(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
     report.specialized = none_arguments(model, args, kwargs)
     graphs: dict[bool, Graph] = {}
     for training in (True, False):
         with modes_kept(model, training):
-            graphs[training] = torch.fx.Tracer().trace(model, concrete_args=report.specialized or None)
+            graphs[training] = StateTracer().trace(model, concrete_args=report.specialized or None)
     report.shapes = "all dimensions (symbolic trace)"
     return PreparedModel(model, _shared_if_same(graphs), type(model).__name__)
 
@@ -157,6 +165,7 @@ def _positional_names(model: nn.Module, count: int) -> list[str]:
 def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
     if args is None:
         raise CaptureError("torch.export needs example_inputs; pass example_inputs=(x,) to prepare().")
+    report.specialized = {}  # torch.export takes None arguments as constants itself
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None):
         # Hugging Face models: a KV cache object in the output cannot be exported or trained

@@ -13,6 +13,7 @@ from torch.fx import GraphModule
 from qzo_fx.config import QuantConfig
 from qzo_fx.errors import CaptureError
 from qzo_fx.quant.op_table import op_signature
+from qzo_fx.capture.mode_diff import mode_differences
 from qzo_fx.capture.partial import untraceable_modules
 from qzo_fx.capture.tracing import capture
 
@@ -24,7 +25,7 @@ _FLOAT_BY_DESIGN = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, 
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str        # "untraceable", "float weight", "capture"
+    kind: str        # "untraceable", "float weight", "capture", "mode-dependent", "shapes"
     where: str       # module or node name
     location: str    # source file:line of the construct
     detail: str      # what is wrong
@@ -73,7 +74,8 @@ def _float_weights(gm: GraphModule, prefix: str) -> list[Finding]:
 
 def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
             example_kwargs: Optional[dict[str, Any]] = None, config: Optional[QuantConfig] = None) -> ExamineReport:
-    """List untraceable constructs, weights that will stay in float, and the capture plan.
+    """List untraceable constructs, weights that will stay in float, what changes between train
+    and eval mode (by module), which input dimensions stay dynamic, and the capture plan.
 
     Works on a copy: the model is not changed.
 
@@ -97,4 +99,22 @@ def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
     findings = [Finding("capture", "", _location(model), f"{name}: {reason}", "use the next capture method")
                 for name, reason in report.failures.items()]
     findings += _float_weights(gm, "")
+    findings += [Finding("mode-dependent", d.where,
+                         _location(model.get_submodule(d.where)) if _has_module(model, d.where) else "",
+                         str(d).partition(": ")[2] or d.how,
+                         "capture it in both modes; train()/eval() switch" if d.how == "captured per mode"
+                         else "keep the module; it follows train()/eval()")
+                 for d in mode_differences(gm)]
+    if report.shapes:
+        findings.append(Finding("shapes", "", "", f"dynamic: {report.shapes}",
+                                "accept other input shapes" if "static" not in report.shapes
+                                else "accept only the example's shapes"))
     return ExamineReport(f"graph mode ({report.method})", quantizable, findings)
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
