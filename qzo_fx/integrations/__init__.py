@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (``qzo_fx.integrations.transformers.QzoTrainer``)."""
