@@ -23,9 +23,7 @@ import torch
 import torch.nn as nn
 from transformers import Trainer
 
-from qzo_fx.errors import TrainStepError
-from qzo_fx.train.estimators import STE, ZOQO
-from qzo_fx.train.step import TrainStep, train_step
+from qzo_fx import STE, ZOQO, TrainStep, TrainStepError, train_step
 
 __all__ = ["QzoTrainer", "STEP_STATE_NAME"]
 
