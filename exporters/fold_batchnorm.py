@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
+from qzo_fx.exporters.lower_bias import constant_value
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["fold_batchnorm"]
@@ -67,7 +68,8 @@ def _fold(gm: GraphModule, bn: nn.Module, producer: Node, weight: Node, k: torch
             gm.get_submodule(z_owner).register_buffer(z_name, zero.expand(k.shape).contiguous())
             weight.update_arg(3, 0)
     bias = producer.args[2] if len(producer.args) > 2 else None
-    b = gm.get_parameter(str(bias.target)).detach() if isinstance(bias, Node) else torch.zeros_like(k)
+    # A float parameter, or an int32 bias already lowered to dequantize(codes): its value either way.
+    b = constant_value(gm, bias).detach() if isinstance(bias, Node) else torch.zeros_like(k)
     shift = bn.bias.detach() if bn.affine else torch.zeros_like(k)
     gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_bias", (b - bn.running_mean) * k + shift)
     with gm.graph.inserting_before(producer):

@@ -1,15 +1,21 @@
 """Target lint: configs that will not run, or will not accelerate, on an ONNX Runtime target."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+from torch.fx import GraphModule
 
-from qzo_fx.errors import ExportError
+from qzo_fx.capture.modes import mode_graph
 from qzo_fx.capture.pipeline import list_quantizers, quantizer_containers
+from qzo_fx.errors import ExportError
+from qzo_fx.quant.quantizer import quantizer_of
 
-__all__ = ["lint_target"]
+__all__ = ["lint_target", "resolve_target", "full_range_int8_weights"]
 
 # Blocked int4 DequantizeLinear with block size 512 produced zeros in ONNX Runtime.
 _BROKEN_BLOCK_SIZES = (512,)
+# Targets whose files meet ONNX Runtime's CPU int8 kernels.
+_INT8_CPU_TARGETS = ("cpu", "portable")
 
 
 def _gpu_providers() -> set[str]:
@@ -20,14 +26,48 @@ def _gpu_providers() -> set[str]:
     return set(onnxruntime.get_available_providers()) & {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 
 
+def resolve_target(target: str) -> str:
+    """``"auto"``: the ONNX Runtime provider this onnxruntime has (TensorRT, CUDA, else CPU)."""
+    if target != "auto":
+        return target
+    gpu = _gpu_providers()
+    return "tensorrt" if "TensorrtExecutionProvider" in gpu else "cuda" if gpu else "cpu"
+
+
 def lint_target(qm: nn.Module, target: str, strict: bool = False) -> list[str]:
     """Findings for ``target``; "auto" applies the rules of the providers this onnxruntime has.
     ``strict`` raises on any finding."""
-    if target == "auto":
-        gpu = _gpu_providers()
-        target = "tensorrt" if "TensorrtExecutionProvider" in gpu else "cuda" if gpu else "cpu"
-        return _lint(qm, target, strict, refuse=False)
-    return _lint(qm, target, strict, refuse=True)
+    resolved = resolve_target(target)
+    return _lint(qm, resolved, strict, refuse=target != "auto")
+
+
+_SATURATION = ("ONNX Runtime's CPU int8 kernels (QLinearConv, QGemm, QLinearMatMul; MLAS U8S8) sum pairs of "
+               "uint8 x int8 products in int16 on x86 CPUs without VNNI and saturate when weights use the "
+               "full int8 range, so the file computes wrong results there")
+
+
+def full_range_int8_weights(qm: nn.Module) -> list[str]:
+    """Weight quantizers on the full signed 8-bit grid that feed an op whose input is also quantized."""
+    found = []
+    for prefix, _ in quantizer_containers(qm):
+        part = qm.get_submodule(prefix) if prefix else qm
+        if not isinstance(part, GraphModule):
+            continue
+        for node in mode_graph(part, False).nodes:
+            hit = quantizer_of(part, node)
+            if hit is None or hit[1].role != "weight" or hit[1].spec.qrange[0] > -128:
+                continue
+            if any(_has_quantized_input(part, user, node) for user in node.users):
+                found.append(f"{prefix}.{hit[0]}" if prefix else hit[0])
+    return sorted(set(found))
+
+
+def _has_quantized_input(gm: GraphModule, op: torch.fx.Node, weight: torch.fx.Node) -> bool:
+    for arg in op.all_input_nodes:
+        hit = quantizer_of(gm, arg) if arg is not weight else None
+        if hit is not None and hit[1].role == "activation" and not hit[1].is_sign:
+            return True
+    return False
 
 
 def _lint(qm: nn.Module, target: str, strict: bool, refuse: bool) -> list[str]:
@@ -46,6 +86,11 @@ def _lint(qm: nn.Module, target: str, strict: bool, refuse: bool) -> list[str]:
     if target == "cpu" and conv_asym:
         findings.append(f"per-channel asymmetric weights {conv_asym} do not fuse to QLinearConv on CPU; "
                         "use symmetric weights for speed.")
+    saturating = full_range_int8_weights(qm) if target in _INT8_CPU_TARGETS else []
+    if saturating:
+        refusals.append(f"weights {saturating} use the full int8 range [-128, 127] beside quantized activations: "
+                        f"{_SATURATION}. Prepare with QuantConfig(target='{target}') (7-bit weights, [-64, 63]; "
+                        "the default) and train with it, or export for target='tensorrt' or 'cuda'.")
     broken = [q.name for q in weights if q.granularity == "per_group" and q.bits <= 4
               and _group_size(qm, q.name) in _BROKEN_BLOCK_SIZES]
     if broken:

@@ -12,16 +12,20 @@ from qzo_fx.capture.pipeline import quantizer_containers
 
 from qzo_fx.pass_infra import Pass, PassManager
 from qzo_fx.passes.prepare.cleanup import cleanup
+from qzo_fx.exporters.contiguous_attention import contiguous_attention
 from qzo_fx.exporters.fold_batchnorm import fold_batchnorm
+from qzo_fx.exporters.lower_bias import lower_bias
 from qzo_fx.exporters.lower_activations import lower_activations
 from qzo_fx.exporters.lower_weights import lower_weights
 
 __all__ = ["LOWERING_PIPELINE", "lower_for_export", "lowered_meta"]
 
 LOWERING_PIPELINE = (
+    Pass("lower_bias", lower_bias, "int32-rounded biases -> int32 codes + DequantizeLinear"),
     Pass("lower_weights", lower_weights, "latent weights -> integer codes + DequantizeLinear (STE gone)"),
     Pass("lower_activations", lower_activations, "activation STE -> Q/DQ with typed zero points"),
     Pass("fold_batchnorm", fold_batchnorm, "BatchNorm into dequantization scales and biases"),
+    Pass("contiguous_attention", contiguous_attention, "attention outputs in standard layout (torch.onnx views)"),
     Pass("cleanup", cleanup, "drop reads that lowering left unused"),
 )
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from qzo_fx.context import QUANTIZER_KEY
+import qzo_fx.exporters.ops  # noqa: F401  (registers qzo.quantize_dequantize)
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.quant.quantizer import quantizer_of

@@ -16,13 +16,17 @@ import torch.nn as nn
 
 from qzo_fx.errors import ConfigError
 
-__all__ = ["QuantSpec", "QuantConfig", "STE_KINDS", "SIGN_ONLY_STE_KINDS"]
+__all__ = ["QuantSpec", "QuantConfig", "STE_KINDS", "SIGN_ONLY_STE_KINDS", "TARGETS"]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 STE_KINDS = ("identity", "clipped", "hardtanh", "tanh", "approxsign", "lsq")
 # Surrogates defined for the sign function only (1-bit); see algorithms.md, STE table.
 SIGN_ONLY_STE_KINDS = ("hardtanh", "tanh", "approxsign")
 SCALE_INITS = ("maxabs", "mse", "percentile")
+# Where the exported file will run: ONNX Runtime CPU, ONNX Runtime CUDA, TensorRT, or any runtime.
+TARGETS = ("cpu", "cuda", "tensorrt", "portable")
+# Targets whose W8A8 files may meet ONNX Runtime's CPU int8 kernels (see QuantConfig.target).
+_REDUCED_RANGE_TARGETS = ("cpu", "portable")
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,15 @@ class QuantSpec:
         scale_init: ``maxabs``, ``mse`` (grid search of the clipping ratio) or ``percentile``.
         percentile: used by ``scale_init="percentile"``.
         learn_scale: make the scale a trainable parameter (implied by ``ste="lsq"``).
+        reduce_range: use one bit less of a signed grid (8 bits: [-64, 63]), what ONNX Runtime
+            calls reduce_range. ``None`` (the default) lets ``QuantConfig.target`` decide; a
+            spec used outside a config reads ``None`` as False.
 
     Example:
         >>> QuantSpec(bits=4, granularity="per_group", group_size=32).qrange
         (-8, 7)
+        >>> QuantSpec(bits=8, reduce_range=True).qrange
+        (-64, 63)
     """
 
     bits: int = 8
@@ -59,6 +68,7 @@ class QuantSpec:
     scale_init: str = "maxabs"
     percentile: float = 99.99
     learn_scale: bool = False
+    reduce_range: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits", self.bits, "an int in 1..8")
@@ -72,6 +82,9 @@ class QuantSpec:
                               f"{self.ste} is a surrogate of sign(); use it with bits=1.")
         if self.bits == 1 and not self.symmetric:
             raise ConfigError("symmetric", False, "True for bits=1", "1-bit quantization is scale * sign(x).")
+        if self.reduce_range and (not self.symmetric or self.bits < 3):
+            raise ConfigError("reduce_range", self.reduce_range, "False or None unless symmetric with bits >= 3",
+                              "Only signed grids of 3 bits or more have a bit to drop.")
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -80,7 +93,7 @@ class QuantSpec:
             return (-1, 1)
         if not self.symmetric:
             return (0, 2**self.bits - 1)
-        half = 2 ** (self.bits - 1)
+        half = 2 ** (self.bits - 2 if self.reduce_range else self.bits - 1)
         return (-half + int(self.narrow_range), half - 1)
 
     @property
@@ -113,11 +126,22 @@ class QuantConfig:
         skip_first, skip_last: keep the first / last quantizable layer in float.
         quantize_pool_inputs: with an activation spec, also quantize the inputs of pooling and
             mean ops (so the conv before them ends in a Q and fuses to QLinearConv in ONNX Runtime).
+        target: where the exported file runs, so that training uses the numerics the file will:
+            ``"cpu"`` (ONNX Runtime CPU, the default), ``"cuda"`` (ONNX Runtime CUDA),
+            ``"tensorrt"`` or ``"portable"`` (any runtime). On ``"cpu"`` and ``"portable"``,
+            8-bit signed weights of ops whose activations are quantized use 7 bits ([-64, 63]):
+            ONNX Runtime's int8 kernels on x86 CPUs without VNNI sum pairs of uint8 x int8
+            products in int16 and saturate with full-range weights. ``"cuda"`` and
+            ``"tensorrt"`` keep the full range. A spec that sets ``reduce_range`` wins.
 
     Example:
         >>> cfg = QuantConfig(weight_bits=2, overrides={"head": {"weight": {"bits": 8}}})
         >>> cfg.weight.bits
         2
+        >>> QuantConfig(weight_bits=8, activation_bits=8).resolve("fc", None)[0].qrange
+        (-64, 63)
+        >>> QuantConfig(weight_bits=8, activation_bits=8, target="tensorrt").resolve("fc", None)[0].qrange
+        (-128, 127)
     """
 
     weight: Optional[QuantSpec] = field(default_factory=QuantSpec)
@@ -129,8 +153,10 @@ class QuantConfig:
     skip_first: bool = False
     skip_last: bool = False
     quantize_pool_inputs: bool = True
+    target: str = "cpu"
 
     def __post_init__(self) -> None:
+        _check(self.target in TARGETS, "target", self.target, f"one of {TARGETS}")
         weight, activation = self.weight, self.activation
         if self.weight_bits is not None:
             weight = (weight or QuantSpec()).replace(bits=_bits("weight_bits", self.weight_bits))
@@ -157,7 +183,16 @@ class QuantConfig:
         for key, rule in name_rules:
             if fnmatch.fnmatchcase(module_name, key):
                 weight, activation = _apply(rule, weight, activation)
-        return weight, activation
+        return _target_preset(weight, activation, self.target), activation
+
+
+def _target_preset(weight: Optional[QuantSpec], activation: Optional[QuantSpec], target: str) -> Optional[QuantSpec]:
+    """The weight spec with ``reduce_range`` resolved for ``target`` (an explicit value is kept)."""
+    if weight is None or weight.reduce_range is not None:
+        return weight
+    # 8-bit signed weights meet uint8 activations in ORT CPU's U8S8 kernels only when both are quantized.
+    reduce = target in _REDUCED_RANGE_TARGETS and activation is not None and weight.bits == 8 and weight.symmetric
+    return weight.replace(reduce_range=reduce)
 
 
 def _apply(rule: Mapping[str, SpecLike], weight: Optional[QuantSpec], activation: Optional[QuantSpec]):

@@ -36,10 +36,13 @@ def test_annotate_golden_and_idempotent(mlp):
 
 def test_insert_qdq_golden_order(mlp):
     qm = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=4, activation_bits=8), example_inputs=(torch.randn(2, 16),))
-    assert _ops(qm) == ["fake_quant.default", "fake_quant.default", "linear", "call_module",
-                           "fake_quant.default", "fake_quant.default", "linear"]
+    # Each linear: weight and input fake_quant, then its bias rounded to int32 at s_x * s_w.
+    bias = ["mul.Tensor", "detach.default", "zeros_like.default", "fake_quant.default"]
+    assert _ops(qm) == ["fake_quant.default", "fake_quant.default", *bias, "linear", "call_module",
+                           "fake_quant.default", "fake_quant.default", *bias, "linear"]
     fq = [n for n in qm.graph.nodes if n.target is FQ]
-    assert [n.args[3:] for n in fq] == [(-8, 7, 0, 0, "identity"), (0, 255, -1, 0, "identity")] * 2
+    assert [n.args[3:] for n in fq] == [(-8, 7, 0, 0, "identity"), (0, 255, -1, 0, "identity"),
+                                        (-2**31 + 128, 2**31 - 128, 0, 0, "identity")] * 2
     # Every pass run again on the prepared graph changes nothing.
     ctx = PrepareContext(qzo_fx.QuantConfig(weight_bits=4, activation_bits=8), (torch.randn(2, 16),))
     for p in (annotate, insert_qdq, calibrate, cleanup):
