@@ -76,7 +76,12 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
         raise QzoError(f"config must be a qzo_fx.QuantConfig, got {type(config).__name__}.")
     args = None if example_inputs is None else tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
-    copied = copy.deepcopy(model)
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as error:  # a module holding an uncopyable object (a lock, a file, a generator)
+        raise CaptureError(f"prepare() works on a copy of {type(model).__name__}, and copy.deepcopy failed: "
+                           f"{type(error).__name__}: {error}. Make the module copyable (e.g. drop the offending "
+                           "attribute or define __deepcopy__).") from error
     try:
         gm, report = capture_model(copied, args, kwargs, capture, dynamic_shapes)
     except CaptureError as error:
