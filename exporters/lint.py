@@ -14,6 +14,7 @@ __all__ = ["lint_target", "resolve_target", "full_range_int8_weights"]
 
 # Blocked int4 DequantizeLinear with block size 512 produced zeros in ONNX Runtime.
 _BROKEN_BLOCK_SIZES = (512,)
+_EXPORT_TARGETS = ("auto", "cpu", "cuda", "tensorrt", "portable")
 # Targets whose files meet ONNX Runtime's CPU int8 kernels.
 _INT8_CPU_TARGETS = ("cpu", "portable")
 
@@ -37,6 +38,8 @@ def resolve_target(target: str) -> str:
 def lint_target(qm: nn.Module, target: str, strict: bool = False) -> list[str]:
     """Findings for ``target``; "auto" applies the rules of the providers this onnxruntime has.
     ``strict`` raises on any finding."""
+    if target not in _EXPORT_TARGETS:
+        raise ExportError(f"target={target!r} is invalid: allowed {_EXPORT_TARGETS}.")
     resolved = resolve_target(target)
     return _lint(qm, resolved, strict, refuse=target != "auto")
 

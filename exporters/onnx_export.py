@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import io
 import logging
 import re
@@ -22,10 +23,11 @@ from torch.fx import GraphModule
 from qzo_fx.errors import ExportError
 from qzo_fx.exporters.emitters import EMITTERS
 from qzo_fx.exporters.export_context import PACKABLE_KEY
-from qzo_fx.exporters.lint import lint_target
+from qzo_fx.exporters.lint import lint_target, resolve_target
 from qzo_fx.exporters.lower import lower_for_export, lowered_meta
 
-__all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram", "strip_debug_info"]
+__all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram", "strip_debug_info", "WEIGHT_FORMATS",
+           "dynamic_shape_spec", "name_dynamic_axes"]
 
 _INT8_OPSET = 18
 _INT4_OPSET = 21  # INT4/UINT4 and blocked (block_size) Q/DQ
@@ -39,6 +41,7 @@ class ExportResult:
     op_types: dict[str, int]
     dynamic_batch: bool
     findings: list[str] = field(default_factory=list)
+    dynamic_axes: dict[str, list[int]] = field(default_factory=dict)  # input name -> its dynamic axes
 
     def __str__(self) -> str:
         ops = ", ".join(f"{k}:{v}" for k, v in sorted(self.op_types.items()))
@@ -93,12 +96,38 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
     model.graph.doc_string = ""
 
 
-def _dynamic_shapes(args: Sequence[Any]):
-    batch = torch.export.Dim("batch", min=1)
-    return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+def dynamic_shape_spec(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], sequence: bool = True) -> dict:
+    """torch.export ``dynamic_shapes`` by forward-argument name: the batch (first axis) of every
+    tensor input and, with ``sequence``, the second axis of integer inputs of 2 or more dims
+    (token ids, attention masks). ``Dim.AUTO`` lets torch.export keep an axis static where the
+    model fixes it, and find which dynamic axes are equal."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    spec: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            spec[name] = None
+            continue
+        axes = {0: torch.export.Dim.AUTO}
+        if sequence and value.dim() >= 2 and not value.is_floating_point():
+            axes[1] = torch.export.Dim.AUTO
+        spec[name] = axes
+    return spec
 
 
-def _translate(lowered: GraphModule, args: tuple, opset: int, dynamic: bool, kwargs: Optional[dict] = None):
+def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> list:
+    """The dynamic_shapes specs to try in order: a user's spec as given; for "auto", batch and
+    sequence, then batch only, then static (a model that cannot have them)."""
+    if dynamic_shapes is False or dynamic_shapes is None:
+        return [None]
+    if not isinstance(dynamic_shapes, str):
+        return [dynamic_shapes]
+    if dynamic_shapes != "auto":
+        raise ExportError(f"dynamic_shapes={dynamic_shapes!r} is invalid: allowed 'auto', False, or a "
+                          "torch.export dynamic_shapes spec.")
+    return [dynamic_shape_spec(module, args, kwargs), dynamic_shape_spec(module, args, kwargs, sequence=False), None]
+
+
+def _translate(lowered: GraphModule, args: tuple, opset: int, shapes: Any, kwargs: Optional[dict] = None):
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -107,10 +136,28 @@ def _translate(lowered: GraphModule, args: tuple, opset: int, dynamic: bool, kwa
             warnings.simplefilter("ignore")
             program = torch.onnx.export(lowered, args, kwargs=kwargs or None, dynamo=True,
                                         custom_translation_table=EMITTERS, opset_version=opset, optimize=True,
-                                        verbose=False, dynamic_shapes=_dynamic_shapes(args) if dynamic else None)
+                                        verbose=False, dynamic_shapes=shapes)
     finally:
         quiet.setLevel(level)
     return program.model_proto
+
+
+def name_dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Name the symbolic first axis of the inputs "batch" and the second axis of integer inputs
+    "sequence" (everywhere the symbol appears); returns the dynamic axes of each input."""
+    names, found = {}, {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        found[value.name] = [i for i, d in enumerate(dims) if d.dim_param]
+        integer = value.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+        for i, label in ((0, "batch"), (1, "sequence")):
+            if len(dims) > i and dims[i].dim_param and (i == 0 or integer):
+                names.setdefault(dims[i].dim_param, label)
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+    return found
 
 
 _CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)')
@@ -134,26 +181,58 @@ def _export_failure(qm: nn.Module, error: Exception) -> ExportError:
     return ExportError(f"torch.onnx could not export {type(qm).__name__}{where}: {hint}.\n\n{text}")
 
 
+WEIGHT_FORMATS = ("auto", "qdq", "matmulnbits")
+# Targets of ONNX Runtime, whose MatMulNBits runs blocked low-bit weights without dequantizing them.
+_NBITS_TARGETS = ("cpu", "cuda")
+
+
+def _uses_ort_kernels(weight_format: str, target: str) -> bool:
+    if weight_format not in WEIGHT_FORMATS:
+        raise ExportError(f"weight_format={weight_format!r} is invalid: allowed {WEIGHT_FORMATS}.")
+    if weight_format == "auto":
+        return resolve_target(target) in _NBITS_TARGETS
+    return weight_format == "matmulnbits"
+
+
+def _export_model(qm: nn.Module, lowered: GraphModule, args: tuple, kwargs: dict, opset: int, dynamic_shapes: Any):
+    candidates = _shape_candidates(lowered, args, kwargs, dynamic_shapes)
+    for i, shapes in enumerate(candidates):
+        try:
+            return _translate(lowered, args, opset, shapes, kwargs)
+        except Exception as error:
+            if i == len(candidates) - 1:
+                raise _export_failure(qm, error) from error
+    raise AssertionError("unreachable")
+
+
 def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str, Path], *, target: str = "auto",
-                opset: Optional[int] = None, fold_batchnorm: bool = True, dynamic_batch: bool = True,
-                strict: bool = False, keep_debug_info: bool = False,
+                weight_format: str = "auto", opset: Optional[int] = None, fold_batchnorm: bool = True,
+                dynamic_shapes: Any = "auto", strict: bool = False, keep_debug_info: bool = False,
                 example_kwargs: Optional[dict[str, Any]] = None) -> ExportResult:
     """Export a prepared model to ONNX with integer weights and Q/DQ activations.
 
     Weights become integer initializers (int8/uint8; <= 4 bits as true INT4/UINT4 at opset 21)
-    feeding DequantizeLinear (per channel, or blocked per group); activations become
-    QuantizeLinear -> (Clip) -> DequantizeLinear; BatchNorm is folded into the dequantization
-    scales. The file passes ``onnx.checker.check_model(full_check=True)``.
+    feeding DequantizeLinear (per channel, or blocked per group), or ONNX Runtime's MatMulNBits
+    for blocked weights of linears and matmuls; activations become QuantizeLinear -> (Clip) ->
+    DequantizeLinear; BatchNorm is folded into the dequantization scales. The file passes
+    ``onnx.checker.check_model(full_check=True)``.
 
     Args:
         qm: a prepared model (it is not changed: lowering works on a copy).
         example_inputs: positional inputs for tracing (batch >= 2 keeps the batch dynamic).
         path: where to write the ``.onnx`` file.
-        target: "auto", "cpu", "cuda" or "tensorrt": the lint warns about configs that will not
-            run or not accelerate there; with ``strict=True`` such findings raise.
+        target: "auto" (the ONNX Runtime providers here), "cpu", "cuda", "tensorrt" or
+            "portable" (any runtime): the lint refuses what would compute wrong results there
+            and warns about what will not accelerate; ``strict=True`` raises on warnings too.
+        weight_format: "qdq" (standard DequantizeLinear, any runtime), "matmulnbits" (blocked
+            2/4/8-bit weights of linears and matmuls as ORT's com.microsoft MatMulNBits, which
+            computes from the packed weights) or "auto": MatMulNBits for ORT targets ("cpu",
+            "cuda"), Q/DQ for "tensorrt" and "portable".
         opset: default: 21 when any weight is <= 4 bits or blocked, else 18.
         fold_batchnorm: fold eval-mode BatchNorm into the preceding conv/linear.
-        dynamic_batch: export the first dimension of every input as dynamic.
+        dynamic_shapes: "auto" (the batch of every input and the sequence of integer inputs
+            are dynamic where the model allows; static otherwise), False (the example's shapes),
+            or a torch.export ``dynamic_shapes`` spec.
         keep_debug_info: keep torch.onnx's per-node stack traces and module paths.
         example_kwargs: keyword inputs (tensors become ONNX inputs after the positional ones;
             other values are fixed at export).
@@ -167,25 +246,16 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     findings = lint_target(qm, target, strict=strict)
     for finding in findings:
         warnings.warn(finding, UserWarning, stacklevel=2)
-    lowered = lower_for_export(qm, fold_bn=fold_batchnorm)
+    lowered = lower_for_export(qm, fold_bn=fold_batchnorm, ort_contrib_ops=_uses_ort_kernels(weight_format, target))
     needs_int4 = _needs_int4_opset(lowered)
     chosen = opset or (_INT4_OPSET if needs_int4 else _INT8_OPSET)
     if chosen < _INT4_OPSET and needs_int4:
         raise ExportError(f"opset={opset}: int4 or blocked weights need opset >= {_INT4_OPSET}; leave opset unset.")
-    args = tuple(example_inputs)
-    kwargs = dict(example_kwargs or {})
-    # A dynamic batch first where asked for; a model that cannot have one is exported static.
-    attempts = (True, False) if dynamic_batch and not kwargs else (False,)
-    for dynamic in attempts:
-        try:
-            model = _translate(lowered, args, chosen, dynamic, kwargs)
-            break
-        except Exception as error:
-            if dynamic == attempts[-1]:
-                raise _export_failure(qm, error) from error
+    model = _export_model(qm, lowered, tuple(example_inputs), dict(example_kwargs or {}), chosen, dynamic_shapes)
     pack_low_bit_weights(model, lowered_meta(lowered).get(PACKABLE_KEY, {}))
     if not keep_debug_info:
         strip_debug_info(model)
+    axes = name_dynamic_axes(model)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:
@@ -193,4 +263,5 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
-    return ExportResult(path, chosen, path.stat().st_size, op_histogram(model), dynamic, findings)
+    dynamic_batch = bool(axes) and all(0 in dims for dims in axes.values() if dims is not None)
+    return ExportResult(path, chosen, path.stat().st_size, op_histogram(model), dynamic_batch, findings, axes)

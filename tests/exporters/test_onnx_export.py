@@ -48,7 +48,7 @@ def _export(model, x, cfg, tmp_path, **kwargs):
 # kernels in ORT's default session (QGemm/QLinearConv, int32 biases as trained): after following
 # rounding ties, equal up to float rounding too. DequantizeLinear: weights, int32 biases, activations.
 @pytest.mark.parametrize("name,factory,x,cfg,ops,bound", [
-    ("mlp-w4", MLP, IMAGES, W4, {"DequantizeLinear": 2, "Gemm": 2, "Relu": 1, "Reshape": 1}, 0.01),
+    ("mlp-w4", MLP, IMAGES, W4, {"MatMulNBits": 2, "Add": 2, "Relu": 1, "Reshape": 1}, 0.01),
     ("mlp-w8a8", MLP, IMAGES, W8A8, {"DequantizeLinear": 6, "QuantizeLinear": 2, "Gemm": 2, "Relu": 1,
                                      "Reshape": 1}, 0.01),
     ("cnn-bn-w8a8", SmallCNN, IMAGES, W8A8, {"Conv": 3, "DequantizeLinear": 10, "QuantizeLinear": 5, "Gemm": 1,
@@ -69,9 +69,11 @@ VIT_OPS = {"Add": 13, "Concat": 4, "Conv": 1, "DequantizeLinear": 31, "Gather": 
            "LayerNormalization": 5, "MatMul": 12, "Mul": 4, "QuantizeLinear": 11, "ReduceMean": 1, "Reshape": 9,
            "Shape": 2, "Slice": 6, "Softmax": 2, "Transpose": 15}
 # Dynamic batch and sequence: the causal mask is built from the input's shape (Shape, Trilu, Where).
-LLAMA_OPS = {"Add": 18, "Concat": 6, "DequantizeLinear": 28, "Div": 2, "Equal": 2, "Erf": 2, "Expand": 2,
-             "Gather": 1, "LayerNormalization": 5, "MatMul": 13, "Mul": 8, "QuantizeLinear": 9, "Reshape": 8,
-             "Shape": 4, "Slice": 14, "Softmax": 2, "Squeeze": 6, "Transpose": 15, "Trilu": 2, "Where": 2}
+# The embedding gathers its int8 rows and dequantizes only those (Gather x3, Cast, Sub, Mul, Reshape).
+LLAMA_OPS = {"Add": 18, "Cast": 2, "Concat": 9, "DequantizeLinear": 27, "Div": 2, "Equal": 2, "Erf": 2, "Expand": 2,
+             "Gather": 3, "LayerNormalization": 5, "MatMul": 13, "Mul": 9, "QuantizeLinear": 9, "Reshape": 10,
+             "Shape": 8, "Slice": 15, "Softmax": 2, "Squeeze": 6, "Sub": 1, "Transpose": 15, "Trilu": 2,
+             "Unsqueeze": 2, "Where": 2}
 
 
 def test_tiny_vit_op_types_and_parity(tmp_path):
@@ -90,7 +92,7 @@ def test_tiny_llama_captured_with_torch_export_op_types_and_parity(tmp_path):
 
 
 def test_int4_weights_are_true_int4_and_small(tmp_path):
-    qm, result, model = _export(MLP(), IMAGES, W4, tmp_path)
+    qm, result, model = _export(MLP(), IMAGES, W4, tmp_path, weight_format="qdq")
     kinds = {init.name: init.data_type for init in model.graph.initializer}
     assert sorted(t for n, t in kinds.items() if n.endswith("codes")) == [onnx.TensorProto.INT4] * 2
     assert result.opset == 21
@@ -100,7 +102,7 @@ def test_int4_weights_are_true_int4_and_small(tmp_path):
 
 def test_blocked_int4_layout(tmp_path):
     cfg = qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=4, granularity="per_group", group_size=16))
-    qm, result, model = _export(MLP(), IMAGES, cfg, tmp_path)
+    qm, result, model = _export(MLP(), IMAGES, cfg, tmp_path, weight_format="qdq")
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq[0].attribute}
     assert attrs == {"axis": 1, "block_size": 16}
