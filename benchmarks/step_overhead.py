@@ -1,38 +1,89 @@
-"""Wall time of a training step per estimator and branch strategy, as ratios measured in one run.
+"""Wall time of a training step on realistic models, as ratios measured in one run.
 
-    python benchmarks/step_overhead.py [--quick] [--models mlp,cnn,vit,llama] [--device cuda]
+    python benchmarks/step_overhead.py [--quick] [--models resnet18,deit_tiny,llama] [--device cuda]
 
-Ratios: STE QAT step / float step; FOGZO (two-sided, one-sided) / STE; n-SPSA K=2n branches,
-batched vs sequential throughput. Each ratio is the median over rounds of the ratio within a
-round (the two callables timed seconds apart), so the VM's slow drift cancels. Targets: FOGZO two-sided <= 1.70x STE, one-sided <= 1.40x.
+Models (random init, timm / transformers configs): ResNet-18 at 16x3x128x128, DeiT-tiny at
+128 px (batch 16), a LLaMA (hidden 256, 4 layers, 4 heads, vocabulary 2048) at 8x128 tokens.
+Every step includes the optimizer step (AdamW). Ratios: STE W8A8 step / float step; FOGZO
+(two-sided, one-sided; n = 1, 2-bit weights, at the start of the schedule and at beta_min)
+/ STE W2 step; on ``--device cuda`` also batched / sequential n-SPSA throughput at K = 64.
+Each ratio is the median over rounds of the ratio within a round (the callables timed
+round-robin, seconds apart), with its min-max over rounds. Targets: FOGZO two-sided <= 1.70x
+(1.75x on a GPU), one-sided <= 1.40x, STE W8A8 <= 1.10x float.
+
+What each speed trick saves: ``python benchmarks/step_phases.py --ab`` (docs/performance.md).
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 
 import torch
+import torch.nn.functional as F
 
 import qzo_fx
-from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT, classification_loss as ce, next_token_loss
-from timing import interleaved_rounds, medians, paired_ratio
+from timing import interleaved_rounds, medians
 
-BLOCK = 3  # steps per turn, the first dropped: steady state, as in a training loop
+BLOCK = 2  # steps per turn, the first dropped: steady state, as in a training loop
 
 
-def reference_models(device="cpu"):
-    """name -> (model factory, batch, loss_fn)."""
-    images = lambda n: (torch.randn(n, 1, 28, 28, device=device), torch.randint(0, 10, (n,), device=device))
-    text = (torch.randint(0, 128, (16, 64), device=device), torch.randint(0, 128, (16, 64), device=device))
-    return {
-        "mlp": (MLP, images(256), ce),
-        "cnn": (SmallCNN, images(64), ce),
-        "vit": (TinyViT, images(64), ce),
-        "llama": (TinyLlama, text, next_token_loss),
-    }
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out["logits"] if isinstance(out, dict) else out[0]
+
+
+def image_loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def token_loss(model, batch):
+    return F.cross_entropy(_logits(model(batch[0])).flatten(0, 1), batch[1].flatten())
+
+
+@functools.cache
+def torchvision_shim() -> None:
+    """torchvision 0.28 beside the CPU torch needs its two compiled-op schemas defined before import
+    (docs/environment.md); the ops themselves stay unavailable. Benchmark support, not the library."""
+    try:
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        torchvision_shim.lib = lib  # keep the registration alive
+    except RuntimeError:
+        pass  # already defined in this process
+
+
+def resnet18(device):
+    torchvision_shim()
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=100)
+    return model, (torch.randn(16, 3, 128, 128, device=device), torch.randint(0, 100, (16,), device=device)), image_loss
+
+
+def deit_tiny(device):
+    torchvision_shim()
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=100, img_size=128)
+    return model, (torch.randn(16, 3, 128, 128, device=device), torch.randint(0, 100, (16,), device=device)), image_loss
+
+
+def llama(device):
+    torchvision_shim()  # transformers imports torchvision when it is installed
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                      use_cache=False)
+    ids = torch.randint(0, 2048, (8, 128), device=device)
+    return transformers.LlamaForCausalLM(config), (ids, torch.roll(ids, -1, 1)), token_loss
+
+
+MODELS = {"resnet18": resnet18, "deit_tiny": deit_tiny, "llama": llama}
 
 
 def _synchronized(fn, device):
-    """``fn`` that returns once its GPU work is done (a CUDA call returns at launch)."""
     if torch.device(device).type != "cuda":
         return fn
 
@@ -42,83 +93,96 @@ def _synchronized(fn, device):
     return go
 
 
-def step_fns(factory, batch, loss_fn, device="cpu"):
-    """The callables compared for one model: float, STE (W8A8 and W2), FOGZO per strategy."""
+def trained(model, step, device, lr=1e-5):
+    """One training step as a user runs it: zero_grad, the step, AdamW."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def go():
+        opt.zero_grad(set_to_none=True)
+        step()
+        opt.step()
+    return _synchronized(go, device)
+
+
+def prepared(name, device, config):
     torch.manual_seed(0)
-    model = factory().to(device)
-    w8a8 = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(batch[0],))
-    w2 = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=2), example_inputs=(batch[0],))
+    model, batch, loss_fn = MODELS[name](device)
+    model = model.to(device)
+    qm = qzo_fx.prepare(model, config, example_inputs=(batch[0],))
+    qm.train()
+    return model, qm, batch, loss_fn
 
-    def run(step, m):
-        def go():
-            m.zero_grad(set_to_none=True)
-            step(batch)
-        return _synchronized(go, device)
 
-    fns = {"float": run(lambda b: loss_fn(model, b).backward(), model),
-           "ste-w8a8": run(qzo_fx.train_step(w8a8, loss_fn, qzo_fx.STE()), w8a8),
-           "ste-w2": run(qzo_fx.train_step(w2, loss_fn, qzo_fx.STE()), w2)}
+def step_fns(name, device):
+    """The callables compared for one model: float, STE (W8A8 and W2), FOGZO per setting."""
+    model, w8a8, batch, loss_fn = prepared(name, device, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8))
+    _, w2, _, _ = prepared(name, device, qzo_fx.QuantConfig(weight_bits=2))
+    model.train()
+    fns = {"float": trained(model, lambda: loss_fn(model, batch).backward(), device)}
+    ste8 = qzo_fx.train_step(w8a8, loss_fn, qzo_fx.STE())
+    fns["ste-w8a8"] = trained(w8a8, lambda: ste8(batch), device)
+    ste2 = qzo_fx.train_step(w2, loss_fn, qzo_fx.STE())
+    fns["ste-w2"] = trained(w2, lambda: ste2(batch), device)
     steps = {}
-    for strategy in ("inplace", "sequential", "batched", "auto"):
-        for two_sided in (True, False):
-            est = qzo_fx.FOGZO(total_steps=10**6, seed=0, two_sided=two_sided)
-            key = f"fogzo-{'2s' if two_sided else '1s'}-{strategy}"
-            steps[key] = qzo_fx.train_step(w2, loss_fn, est, strategy=strategy)
-            fns[key] = run(steps[key], w2)
-            while steps[key].runner.strategy == "auto":  # time what auto settles on, not its trials
-                fns[key]()
-    # The runs above sit at the start of the schedule (beta ~ 1). At its end (beta = beta_min)
-    # the noise part is largest, and so is the share of weights whose code a branch changes.
-    for two_sided in (True, False):
-        est = qzo_fx.FOGZO(beta_min=0.999, schedule="constant", seed=0, two_sided=two_sided)
-        key = f"fogzo-{'2s' if two_sided else '1s'}-sequential@beta_min"
-        steps[key] = qzo_fx.train_step(w2, loss_fn, est, strategy="sequential")
-        fns[key] = run(steps[key], w2)
+    for label, settings in (("2s", {}), ("1s", dict(two_sided=False)),
+                            ("2s@beta_min", dict(beta_min=0.999, schedule="constant")),
+                            ("1s@beta_min", dict(beta_min=0.999, schedule="constant", two_sided=False))):
+        est = qzo_fx.FOGZO(**{"total_steps": 10**6, "seed": 0, **settings})
+        step = steps[label] = qzo_fx.train_step(w2, loss_fn, est, strategy="auto")
+        fns[f"fogzo-{label}"] = trained(w2, (lambda s: lambda: s(batch))(step), device)
+        while step.strategy.chosen == "auto":  # time what auto settles on, not its trials
+            fns[f"fogzo-{label}"]()
     return fns, steps
 
 
-def nspsa_throughput(factory, batch, loss_fn, ks, rounds, device="cpu"):
-    torch.manual_seed(0)
-    qm = qzo_fx.prepare(factory(), qzo_fx.QuantConfig(weight_bits=2)).to(device)
+def ratio(samples, name, base):
+    """(median, min, max) over rounds of the within-round ratio of mean times."""
+    values = [statistics.fmean(a) / statistics.fmean(b) for a, b in zip(samples[name], samples[base])]
+    return statistics.median(values), min(values), max(values)
+
+
+def _fmt(r):
+    return f"{r[0]:.3f}x [{r[1]:.2f}-{r[2]:.2f}]"
+
+
+def report(name, samples, steps):
+    t = medians(samples)
+    print(f"\n== {name}: float {t['float']*1e3:.1f} ms | STE W8A8 {t['ste-w8a8']*1e3:.1f} ms "
+          f"= {_fmt(ratio(samples, 'ste-w8a8', 'float'))} float | STE W2 {t['ste-w2']*1e3:.1f} ms", flush=True)
+    for key in [k for k in t if k.startswith("fogzo")]:
+        label = key[len("fogzo-"):]
+        print(f"   FOGZO {label:12s} {t[key]*1e3:8.1f} ms  {_fmt(ratio(samples, key, 'ste-w2'))} STE "
+              f"(auto: {steps[label].strategy.chosen})", flush=True)
+
+
+def nspsa_throughput(device, rounds, k=64):
+    """Batched vs sequential n-SPSA at K = k branches on the DeiT (the GPU target)."""
+    _, qm, batch, loss_fn = prepared("deit_tiny", device, qzo_fx.QuantConfig(weight_bits=2))
     fns = {}
-    for k in ks:
-        for strategy in ("sequential", "batched"):
-            step = qzo_fx.train_step(qm, loss_fn, qzo_fx.NSPSA(n=k // 2, seed=0), strategy=strategy)
-            fns[(k, strategy)] = _synchronized((lambda s: lambda: s(batch))(step), device)
-    return interleaved_rounds(fns, rounds, warmup=1, block=BLOCK)
+    for strategy in ("sequential", "batched"):
+        step = qzo_fx.train_step(qm, loss_fn, qzo_fx.NSPSA(n=k // 2, seed=0), strategy=strategy, max_chunk=16)
+        fns[strategy] = _synchronized((lambda s: lambda: s(batch))(step), device)
+    samples = interleaved_rounds(fns, rounds, warmup=1, block=1)
+    r = ratio(samples, "sequential", "batched")
+    print(f"\n== n-SPSA K={k} on deit_tiny: batched throughput / sequential = {_fmt(r)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds; n-SPSA at K <= 8 only")
-    parser.add_argument("--models", default="mlp,cnn,vit,llama")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--models", default="resnet18,deit_tiny,llama")
     parser.add_argument("--device", default="cpu", help="cpu (the targets' reference) or cuda")
+    parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
-    rounds = 7 if args.quick else 40
+    rounds = args.rounds or (5 if args.quick else 15)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {args.device} ({where}); {rounds} interleaved rounds of {BLOCK} "
-          "back-to-back steps (first dropped): median ms, and the median over rounds of each round's ratio")
-    table = reference_models(args.device)
+    print(f"torch {torch.__version__}, {args.device} ({where}); {rounds} interleaved rounds of {BLOCK} back-to-back "
+          "steps (first dropped); ratios: median [min-max] over rounds of each round's ratio", flush=True)
     for name in args.models.split(","):
-        factory, batch, loss_fn = table[name]
-        fns, steps = step_fns(factory, batch, loss_fn, args.device)
-        samples = interleaved_rounds(fns, rounds, block=BLOCK)
-        t = medians(samples)
-        print(f"\n== {name}: float {t['float']*1e3:.2f} ms | STE W8A8 {t['ste-w8a8']*1e3:.2f} ms "
-              f"= {paired_ratio(samples, 'ste-w8a8', 'float'):.2f}x float | STE W2 {t['ste-w2']*1e3:.2f} ms")
-        for key, value in t.items():
-            if key.startswith("fogzo"):
-                print(f"   {key:31s} {value*1e3:7.2f} ms  {paired_ratio(samples, key, 'ste-w2'):5.2f}x STE")
-        print(f"   auto chose: {steps['fogzo-2s-auto'].runner.strategy} (2s), {steps['fogzo-1s-auto'].runner.strategy} (1s)")
-    ks = (2, 8) if args.quick else (2, 8, 32, 64)
-    factory, batch, loss_fn = table["mlp"]
-    samples = nspsa_throughput(factory, batch, loss_fn, ks, 3 if args.quick else 7, args.device)
-    thr = medians(samples)
-    print("\n== n-SPSA on the MLP (K = 2n branches): ms per step; batched throughput / sequential")
-    for k in ks:
-        seq, bat = thr[(k, "sequential")], thr[(k, "batched")]
-        speedup = paired_ratio(samples, (k, "sequential"), (k, "batched"))
-        print(f"   K={k:3d}  sequential {seq*1e3:8.2f} ms  batched {bat*1e3:8.2f} ms  speed-up {speedup:4.2f}x")
+        fns, steps = step_fns(name, args.device)
+        report(name, interleaved_rounds(fns, rounds, warmup=1, block=BLOCK), steps)
+    if torch.device(args.device).type == "cuda":
+        nspsa_throughput(args.device, rounds)
 
 
 if __name__ == "__main__":

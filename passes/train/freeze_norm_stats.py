@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
 
 __all__ = ["freeze_norm_stats"]
 
@@ -24,7 +25,9 @@ _NORMS = {
 }
 
 
-def freeze_norm_stats(gm: GraphModule, *, ctx: object = None) -> PassResult:
+def freeze_norm_stats(gm: GraphModule, *, ctx: BranchContext) -> PassResult:
+    if ctx.kind == "base":
+        return PassResult(gm, False)  # the base pass updates the running statistics
     modified = False
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _NORMS:

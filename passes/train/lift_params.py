@@ -8,19 +8,14 @@ branches run as one batched computation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
 
-__all__ = ["LiftContext", "lift_params", "placeholder_name"]
-
-
-@dataclass(frozen=True)
-class LiftContext:
-    names: tuple[str, ...]  # parameter names, in the order of the new inputs
+__all__ = ["lift_params", "owned_reads", "call_with", "placeholder_name"]
 
 
 class _FlatInputsCodeGen(_PyTreeCodeGen):
@@ -37,10 +32,38 @@ def placeholder_name(param: str) -> str:
     return "theta_" + param.replace(".", "_")
 
 
-def lift_params(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
+def owned_reads(gm: GraphModule, names: tuple[str, ...]) -> list[tuple[Node, dict[str, str]]]:
+    """Module calls whose module itself holds perturbed parameters (a BatchNorm or LayerNorm the
+    graph calls as a module): ``(node, {name in the module: full name})``."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        prefix = node.target + "."
+        held = {name[len(prefix):]: name for name in names
+                if name.startswith(prefix) and "." not in name[len(prefix):]}
+        if held:
+            found.append((node, held))
+    return found
+
+
+def call_with(gm: GraphModule, node: Node, values: dict[str, Node]) -> Node:
+    """Replace the module call ``node`` by ``functional_call(module, values, args, kwargs)``."""
+    with gm.graph.inserting_before(node):
+        module = gm.graph.get_attr(node.target)
+        new = gm.graph.call_function(torch.func.functional_call, (module, values, tuple(node.args), dict(node.kwargs)))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def lift_params(gm: GraphModule, *, ctx: BranchContext) -> PassResult:
+    if ctx.kind in ("streamed", "base"):
+        return PassResult(gm, False)  # lean graphs read the parameters through the perturber; the base pass its own
     graph = gm.graph
     reads = [n for n in graph.nodes if n.op == "get_attr" and n.target in ctx.names]
-    if not reads:
+    owned = owned_reads(gm, ctx.names)
+    if not reads and not owned:
         return PassResult(gm, False)
     # A torch.export module flattens its inputs with a pytree spec that would not know the new
     # leading inputs: the branch graph takes flat positional tensors instead, and still returns
@@ -58,4 +81,6 @@ def lift_params(gm: GraphModule, *, ctx: LiftContext) -> PassResult:
     for node in reads:
         node.replace_all_uses_with(lifted[node.target])
         graph.erase_node(node)
+    for node, held in owned:  # the module runs with the lifted values in place of its own
+        call_with(gm, node, {local: lifted[full] for local, full in held.items()})
     return PassResult(gm, True)

@@ -11,6 +11,7 @@ from torch.fx import GraphModule
 
 from qzo_fx.quant.ops import dequantize_kernel, fake_quant_kernel, fake_sign_kernel
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
 
 __all__ = ["lower_qdq"]
 
@@ -21,7 +22,9 @@ _KERNELS = {
 }
 
 
-def lower_qdq(gm: GraphModule, *, ctx: object = None) -> PassResult:
+def lower_qdq(gm: GraphModule, *, ctx: BranchContext) -> PassResult:
+    if ctx.kind == "base":
+        return PassResult(gm, False)  # the base pass differentiates
     modified = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _KERNELS:

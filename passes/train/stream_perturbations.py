@@ -7,23 +7,20 @@ extra memory is about the largest perturbed tensor, not the model, and theta is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch.fx import GraphModule
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
+from qzo_fx.passes.train.lift_params import call_with, owned_reads
 
-__all__ = ["StreamContext", "stream_perturbations", "PERTURBER"]
+__all__ = ["stream_perturbations", "PERTURBER"]
 
-PERTURBER = "qzo_perturber"
-
-
-@dataclass(frozen=True)
-class StreamContext:
-    names: tuple[str, ...]  # perturbed parameters; a read of names[i] becomes qzo_perturber(theta, i)
+PERTURBER = "qzo_perturber"  # the graph's submodule; a read of names[i] becomes qzo_perturber(theta, i)
 
 
-def stream_perturbations(gm: GraphModule, *, ctx: StreamContext) -> PassResult:
+def stream_perturbations(gm: GraphModule, *, ctx: BranchContext) -> PassResult:
+    if ctx.kind != "streamed" or not hasattr(gm, PERTURBER):
+        return PassResult(gm, False)
     modified = False
     index = {name: i for i, name in enumerate(ctx.names)}
     for node in list(gm.graph.nodes):
@@ -34,5 +31,12 @@ def stream_perturbations(gm: GraphModule, *, ctx: StreamContext) -> PassResult:
         with gm.graph.inserting_after(node):
             perturbed = gm.graph.call_module(PERTURBER, (node, index[node.target]))
         node.replace_all_uses_with(perturbed, delete_user_cb=lambda user: user is not perturbed)
+        modified = True
+    for node, held in owned_reads(gm, ctx.names):  # parameters a module reads itself
+        values = {}
+        with gm.graph.inserting_before(node):
+            for local, full in held.items():
+                values[local] = gm.graph.call_module(PERTURBER, (gm.graph.get_attr(full), index[full]))
+        call_with(gm, node, values)
         modified = True
     return PassResult(gm, modified)

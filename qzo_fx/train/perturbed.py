@@ -2,6 +2,7 @@
 integer-code buffers that ZOQO moves on the grid."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,13 +10,30 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qzo_fx.train import zo_math
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import TrainStepError
 from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.quant.quantizer import Quantizer
 
-__all__ = ["PerturbedParam", "perturbed_params", "code_tensors"]
+__all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "PerturbedParam", "perturbed_params", "code_tensors"]
+
+# eps_bar and unit-variance noise law of each STE: the STE is the exact gradient of the
+# quantizer smoothed by eps_bar * u, u ~ law (units of one quantization step; algorithms.md).
+EPS_BAR = {
+    "round": 1.0 / (2.0 * math.sqrt(3.0)),
+    "hardtanh": 1.0 / math.sqrt(3.0),
+    "tanh": math.pi / math.sqrt(12.0),
+    "approxsign": 1.0 / math.sqrt(6.0),
+}
+NOISE_LAW = {"round": "uniform", "hardtanh": "uniform", "tanh": "logistic", "approxsign": "triangular"}
+
+
+def smoothing_of(ste: str, bits: int) -> str:
+    """Which row of the STE table a quantizer uses: ``round`` for b >= 2, else its sign surrogate."""
+    if bits >= 2:
+        return "round"
+    # Identity, clipped and LSQ on sign() all pass the gradient within one step: hardtanh's row.
+    return ste if ste in ("tanh", "approxsign") else "hardtanh"
 
 
 @dataclass(frozen=True)
@@ -30,7 +48,7 @@ class PerturbedParam:
     def eps(self, param: Tensor, eps_float: float) -> Tensor:
         """Per-coordinate perturbation size, in a shape that broadcasts against ``param``."""
         if self.quantizer is None:
-            return torch.tensor(eps_float, dtype=param.dtype, device=param.device)
+            return torch.full((), eps_float, dtype=param.dtype, device=param.device)  # a fill: no host copy
         return self.quantizer.step_size(param) * self.eps_bar
 
 
@@ -43,9 +61,8 @@ def perturbed_params(model: nn.Module, perturb: str) -> list[PerturbedParam]:
             if isinstance(quantizer, Quantizer) and quantizer.role == "weight":
                 name = f"{prefix}.{quantizer.target}" if prefix else quantizer.target
                 param = model.get_parameter(name)
-                row = zo_math.smoothing_of(quantizer.spec.ste, quantizer.spec.bits)
-                chosen.setdefault(id(param), PerturbedParam(name, quantizer, zo_math.EPS_BAR[row],
-                                                            zo_math.NOISE_LAW[row]))
+                row = smoothing_of(quantizer.spec.ste, quantizer.spec.bits)
+                chosen.setdefault(id(param), PerturbedParam(name, quantizer, EPS_BAR[row], NOISE_LAW[row]))
     if perturb == "all":
         for name, param in model.named_parameters():
             if param.requires_grad and not name.startswith(QUANT_CONTAINER + ".") and id(param) not in chosen:

@@ -7,40 +7,48 @@ The step writes its gradient estimate into ``.grad``; any torch optimizer then s
         opt.zero_grad(set_to_none=True)
         loss = step(batch)
         opt.step()
+
+:class:`TrainStep` is the estimators' context: it runs the base pass, the branches (through a
+strategy) and the finiteness check, and holds the step's seed, noise, eps and statistics. The
+estimator (:mod:`qzo_fx.train.estimators`) owns the step's math.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.fx import GraphModule
-from torch.utils._pytree import tree_leaves
 
-from qzo_fx.train import distributed
-
-from qzo_fx.train import zo_math
-from qzo_fx.train.base_reuse import TAPS, BaseTaps
-from qzo_fx.train.branches import STRATEGIES, BranchRunner, BranchModel, base_graph
-from qzo_fx.errors import BatchError, NonFiniteLossError, TrainStepError
-from qzo_fx.train.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
-from qzo_fx.train.perturbed import PerturbedParam, code_tensors, perturbed_params
 from qzo_fx.capture.pipeline import quantizer_containers
+from qzo_fx.errors import NonFiniteLossError, TrainStepError
+from qzo_fx.train import distributed
+from qzo_fx.train.checks import FiniteCheck
+from qzo_fx.train.directions import Directions
+from qzo_fx.train.estimators import STE, Estimator
+from qzo_fx.train.graphs import BranchGraphs
+from qzo_fx.train.noise import Noise
+from qzo_fx.train.perturbed import PerturbedParam, code_tensors, perturbed_params
+from qzo_fx.train.batches import BatchSignature
+from qzo_fx.train.reuse import TAPS, BaseTaps
 from qzo_fx.train.rng import RngState
+from qzo_fx.train.strategies import (STRATEGIES, Auto, BranchModel, Branches, Strategy, StrategyContext, build,
+                                     masks_differ)
 from qzo_fx.train.workspace import Workspace
 
 __all__ = ["train_step", "TrainStep", "StepStats"]
 
+NONFINITE = ("raise", "skip", "unchecked")
+
 
 @dataclass
 class StepStats:
-    """Compute accounting (fwd = 1, bwd = 2 forward-pass equivalents) and branch timing."""
+    """Compute accounting (fwd = 1, bwd = 2 forward-pass equivalents), timing and faults."""
 
     steps: int = 0
     forward_passes: int = 0
@@ -58,18 +66,6 @@ class StepStats:
         return self.forward_passes + 2 * self.backward_passes
 
 
-def _graph_strategy_or_inplace(model: nn.Module, strategy: str) -> str:
-    """Graph strategies need every quantizer in the root graph; a partially captured model (eager
-    root, prepared parts) runs its branches in place."""
-    whole = isinstance(model, GraphModule) and all(prefix == "" for prefix, _ in quantizer_containers(model))
-    if whole:
-        return strategy
-    if strategy not in ("auto", "inplace"):
-        raise TrainStepError(f"strategy={strategy!r} needs a model captured as one graph; this one was prepared "
-                             "partially (see model.qzo_partial): use strategy='inplace' or 'auto'.")
-    return "inplace"
-
-
 def _describe(estimator: Any) -> str:
     """The estimator's settings without its seed (a checkpoint restores the seed itself)."""
     fields = dataclasses.fields(estimator) if dataclasses.is_dataclass(estimator) else ()
@@ -79,187 +75,121 @@ def _describe(estimator: Any) -> str:
 class TrainStep:
     """A callable training step; see :func:`train_step`."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Any,
-                 strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Estimator,
+                 strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64,
+                 noise: str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TrainStepError(f"train_step takes the prepared model (an nn.Module), got {type(model).__name__}.")
-        if not isinstance(estimator, (STE, FOGZO, NSPSA, ZOSign, ZOQO)):
+        if not isinstance(estimator, Estimator):
             raise TrainStepError("estimator must be qzo_fx.STE(), FOGZO(...), NSPSA(...), ZOSign(...) or "
                                  f"ZOQO(...), got {estimator!r}.")
-        if on_nonfinite not in ("raise", "skip"):
-            raise TrainStepError(f"on_nonfinite={on_nonfinite!r} is invalid: allowed 'raise' or 'skip'.")
+        if on_nonfinite not in NONFINITE:
+            raise TrainStepError(f"on_nonfinite={on_nonfinite!r} is invalid: allowed {NONFINITE}.")
         if strategy not in STRATEGIES:
             raise TrainStepError(f"strategy={strategy!r} is invalid: allowed {STRATEGIES}.")
         # Under DDP the base pass goes through the wrapper (its backward all-reduces the STE
         # gradient); branches, parameters and quantizers live on the wrapped module.
-        self.wrapper, model = model, distributed.unwrap(model)
-        self.model, self.loss_fn, self.estimator = model, loss_fn, estimator
-        self.on_nonfinite, self.stats, self.step_index = on_nonfinite, StepStats(), 0
+        self.wrapper, self.model = model, distributed.unwrap(model)
+        self.loss_fn, self.estimator, self.requested_strategy = loss_fn, estimator, strategy
+        self.on_nonfinite, self.max_chunk = on_nonfinite, max_chunk
+        self.stats, self.step_index = StepStats(), 0
+        self.noise, self.workspace = Noise(noise), Workspace()
+        self.check = FiniteCheck(enabled=False)
         self.perturbed: list[PerturbedParam] = []
-        self.runner: Optional[BranchRunner] = None
-        self.workspace = Workspace()  # noise, deltas and branch values: allocated once
-        self._materialized: Optional[list] = None  # this step's directions, unless streamed
-        self._base: Optional[GraphModule] = None  # the base pass with first layers tapped
-        self._eps_cache: Optional[tuple] = None  # (scale tensors, their versions, eps tensors)
-        if isinstance(estimator, ZOQO):
-            self.codes = code_tensors(model)
-            self.runner = BranchRunner(model, loss_fn, [name for name, _ in self.codes], strategy, max_chunk,
-                                       self.workspace)
-        elif not isinstance(estimator, STE):
-            strategy = _graph_strategy_or_inplace(model, strategy)
-            self.perturbed = perturbed_params(model, estimator.perturb)
-            if not self.perturbed:
-                raise TrainStepError(f"{type(estimator).__name__}: the model has no parameter to perturb; "
-                                     "prepare it with a weight spec, or use perturb='all'.")
-            names = [p.name for p in self.perturbed]
-            self._base = self._tapped_base(model, names, strategy)
-            self.runner = BranchRunner(model, loss_fn, names, strategy, max_chunk, self.workspace,
-                                       taps=None if self._base is None else self._base.get_submodule(TAPS))
+        self.names: tuple[str, ...] = ()
+        self.params: list[Tensor] = []
+        self.laws: list[str] = []
+        self.code_quantizers: list = []
+        self.strategy: Optional[Strategy] = None
+        self.graphs: Optional[BranchGraphs] = None
+        self._eps_cache: Optional[tuple] = None
+        self._batches = BatchSignature()
+        estimator.setup(self)
         base_seed = getattr(estimator, "seed", None)
         drawn = int(torch.randint(0, 2**31 - 1, ()).item()) if base_seed is None else base_seed
         self.base_seed = distributed.broadcast_int(drawn)  # one seed, hence one s and u, on every rank
-        self._batch_signature: Optional[list[tuple]] = None
 
-    def _tapped_base(self, model: nn.Module, names: list[str], strategy: str) -> Optional[GraphModule]:
-        """The base-pass graph whose first layers sequential branches reuse (see
-        :mod:`qzo_fx.train.base_reuse`); None where it cannot serve: DDP (the base pass must go through
-        the wrapper), strategies other than sequential/auto, models without a first layer."""
-        if self.wrapper is not model or strategy not in ("sequential", "auto") or not isinstance(self.estimator, FOGZO):
-            return None
-        return base_graph(model, names, BaseTaps())
+    # ------------------------------------------------------------------ what is perturbed
+    def use_perturbed(self, perturb: str, reuse_base: bool = False) -> None:
+        """Perturb the latent weights feeding quantizers (``"quantized"``) or every trainable
+        parameter; ``reuse_base``: sequential branches may reuse the base pass (:mod:`qzo_fx.train.reuse`)."""
+        self.perturbed = perturbed_params(self.model, perturb)
+        if not self.perturbed:
+            raise TrainStepError(f"{type(self.estimator).__name__}: the model has no parameter to perturb; "
+                                 "prepare it with a weight spec, or use perturb='all'.")
+        self.laws = [p.law for p in self.perturbed]
+        self._use([p.name for p in self.perturbed], reuse_base)
+
+    def use_codes(self) -> None:
+        """Perturb the integer-code buffers of a model switched with ``to_integer_codes`` (ZOQO)."""
+        codes = code_tensors(self.model)
+        self.code_quantizers = [q for _, q in codes]
+        self._use([name for name, _ in codes])
+
+    def _use(self, names: Sequence[str], reuse_base: bool = False) -> None:
+        whole = isinstance(self.model, GraphModule) and all(p == "" for p, _ in quantizer_containers(self.model))
+        strategy = self.requested_strategy
+        if not whole:  # an eager root with prepared parts: only the parameters can be perturbed in place
+            if strategy not in ("auto", "inplace"):
+                raise TrainStepError(f"strategy={strategy!r} needs a model captured as one graph; this one was "
+                                     "prepared partially (see model.qzo_partial): use 'inplace' or 'auto'.")
+            strategy = "inplace"
+        self.names = tuple(names)
+        ctx = StrategyContext(self.model, self.loss_fn, self.names, self.workspace, self.max_chunk)
+        self.params = ctx.params
+        # The base pass is tapped where sequential branches can run: the model's own graph (not
+        # through a DDP wrapper, whose backward all-reduces), on CPU (reuse decides on the host).
+        reuse = (reuse_base and whole and strategy in ("sequential", "auto") and self.wrapper is self.model
+                 and all(p.device.type == "cpu" for p in self.params))
+        self.graphs = BranchGraphs(self.model, self.names, BaseTaps() if reuse else None) if whole else None
+        self.strategy = build(strategy, ctx, None if self.graphs is None else self.graphs.getter)
 
     @property
-    def base_graph(self) -> Optional[GraphModule]:
-        """The graph the base pass runs when first layers are tapped for the branches, else None."""
-        return self._base
+    def perturbed_numel(self) -> int:
+        return sum(p.numel() for p in self.params)
 
     @property
-    def branch_graph(self):
+    def step_seed(self) -> int:
+        return self.base_seed + self.step_index
+
+    @property
+    def branch_graph(self) -> Optional[GraphModule]:
         """The branch graph (perturbed parameters lifted to inputs); None for the STE."""
-        return None if self.runner is None else self.runner.graph
+        return None if self.graphs is None else self.graphs.get("lifted")
 
-    def __call__(self, batch: Any) -> Tensor:
-        start = time.perf_counter()
-        self._check_batch(batch)
-        estimator = self.estimator
-        if isinstance(estimator, (NSPSA, ZOSign)):
-            loss = self._nspsa(batch)
-        elif isinstance(estimator, ZOQO):
-            loss = self._zoqo(batch)
-        elif isinstance(estimator, FOGZO) and self.step_index >= estimator.ste_steps:
-            loss = self._fogzo(batch)
-        else:
-            loss, _, _ = self._ste(batch)
-        self.step_index += 1
-        self.stats.steps += 1
-        self.stats.step_seconds += time.perf_counter() - start
-        if self.runner is not None:
-            self.stats.strategy = self.runner.strategy
-        return loss
-
-    # ------------------------------------------------------------------ estimators
-    def _ste(self, batch: Any) -> tuple[Tensor, Tensor, bool]:
-        """Base forward + backward; returns (loss, RNG state before the forward, finite?)."""
+    # ------------------------------------------------------------------ services for estimators
+    def base_pass(self, batch: Any) -> tuple[Tensor, RngState]:
+        """Forward + backward through the model (or its DDP wrapper): ``(loss, RNG state before)``."""
         rng_state = RngState.capture()
-        model = self.wrapper
-        if self._base is not None:
-            self.runner.taps.clear()  # values of this step only
-            model = BranchModel(self._base, self.model, ())
-        loss = self.loss_fn(model, batch)
+        loss = self.loss_fn(self._base_model(), batch)
         self.stats.forward_passes += 1
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TrainStepError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
-        if not self._check_finite([loss.item()], "base"):
-            return loss.detach(), rng_state, False
         loss.backward()
         self.stats.backward_passes += 1
-        return loss.detach(), rng_state, True
+        self.check.add("base loss", loss.detach())
+        return loss.detach(), rng_state
 
-    def _fogzo(self, batch: Any) -> Tensor:
-        est: FOGZO = self.estimator
-        loss, rng_state, finite = self._ste(batch)
-        if not finite:
-            return loss
-        beta = est.beta(self.step_index)
-        self.stats.beta = beta
-        params, eps = self.runner.params, self._eps(est.eps_float)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        directions = zo_math.Directions(self.base_seed + self.step_index, params, [p.law for p in self.perturbed],
-                                        est.n, grads=grads, eps=eps, beta=beta, normalize=est.normalize,
-                                        noise=est.noise)
-        if not directions.valid:
-            self.stats.zero_gradient_fallbacks += 1
-            return loss
-        if not est.two_sided and self.runner.strategy == "batched" and self.runner.batched_masks_differ():
-            raise TrainStepError("one-sided FOGZO differences each branch against the base loss, but with "
-                                 "strategy='batched' on CUDA the branches' dropout masks are not the base pass's "
-                                 "(see qzo_fx.train.random_ops): use strategy='sequential', 'inplace' or 'auto'.")
-        losses = self._branch_losses(directions, eps, batch, rng_state, est.two_sided)
-        if losses is None:
-            return loss
-        values = losses.tolist()  # n floats: plain arithmetic, no tensor ops
-        if est.two_sided:
-            coefficients = [(plus - minus) / 2 for plus, minus in zip(values[0::2], values[1::2])]
-        else:
-            base = float(loss)
-            coefficients = [value - base for value in values]
-        self._write(params, coefficients, directions, eps)
-        return loss
+    def _base_model(self) -> Any:
+        """The wrapper, or (training, first convolutions tapped) a stand-in calling the base graph."""
+        taps = None if self.graphs is None else self.graphs.taps
+        if taps is None:
+            return self.wrapper
+        taps.clear()  # values of this step only
+        base = self.graphs.get("base") if self.model.training else None
+        return BranchModel(base, self.model, ()) if base is not None and hasattr(base, TAPS) else self.wrapper
 
-    def _nspsa(self, batch: Any) -> Tensor:
-        """n-SPSA, and ZO-sign (the same branches, a sign taken afterwards)."""
-        est = self.estimator
-        rng_state = RngState.capture()
-        params = self.runner.params
-        if est.eps is not None:
-            eps = [torch.tensor(est.eps, dtype=p.dtype, device=p.device) for p in params]
-        else:
-            eps = self._eps(est.eps_float)
-        laws = ["gaussian" if est.noise == "gaussian" else p.law for p in self.perturbed]
-        directions = zo_math.Directions(self.base_seed + self.step_index, params, laws, est.n)
-        losses = self._branch_losses(directions, eps, batch, rng_state, two_sided=True)
-        if losses is None:
-            return torch.tensor(float("nan"))
-        coefficients = ((losses[0::2] - losses[1::2]) / 2).tolist()
-        if isinstance(est, ZOSign) and est.variant == "scalar":
-            # "ZO-SGD-Sign": mean_i sign(c_i) u_i -- no division by eps.
-            self._write(params, [math.copysign(1.0, c) if c else 0.0 for c in coefficients], directions,
-                        [torch.ones((), dtype=p.dtype, device=p.device) for p in params])
-        else:
-            self._write(params, coefficients, directions, eps)
-        if isinstance(est, ZOSign) and est.variant == "elementwise":
-            for p in params:
-                p.grad.sign_()  # ZO-SignSGD: element-wise sign of the averaged estimate
-        return losses.mean()
+    @property
+    def base_graph(self) -> Optional[GraphModule]:
+        """The graph the base pass runs where its first convolutions are tapped, else None."""
+        taps = None if self.graphs is None else self.graphs.taps
+        base = None if taps is None else self.graphs.get("base")
+        return base if base is not None and hasattr(base, TAPS) else None
 
-    def _zoqo(self, batch: Any) -> Tensor:
-        """Two queries on the grid, then a whole-step move of every code (no autograd)."""
-        est: ZOQO = self.estimator
-        rng_state = RngState.capture()
-        stream = zo_math.NoiseStream(self.base_seed + self.step_index)
-        steps = [quantizer.step_size(quantizer.codes.float()) for _, quantizer in self.codes]
-        noise, plus, minus = [], [], []
-        for (_, quantizer), step in zip(self.codes, steps):
-            m = torch.clamp_min(torch.floor(est.mu / step), 1)
-            j = zo_math.zoqo_noise(stream, m, quantizer.codes, est.noise)
-            d_plus, d_minus = zo_math.zoqo_deltas(quantizer.codes, j, *quantizer.spec.qrange)
-            noise.append(j), plus.append(d_plus), minus.append(d_minus)
-        losses = self._run_branches([(plus, 1.0), (minus, -1.0)], batch, rng_state)
-        if losses is None:
-            return torch.tensor(float("nan"))
-        direction = float(torch.sign(losses[0] - losses[1]))
-        with torch.no_grad():
-            for (_, quantizer), j, step in zip(self.codes, noise, steps):
-                moves = torch.clamp_min(torch.floor(est.lr / step), 1)
-                zo_math.zoqo_update_(quantizer.codes, j, moves, direction, *quantizer.spec.qrange)
-        return losses.mean()
-
-    # ------------------------------------------------------------------ helpers
-    def _eps(self, eps_float: float) -> list[Tensor]:
-        """Per-coordinate perturbation sizes of this step. Scales may be learned or re-calibrated:
-        the sizes are recomputed whenever a scale tensor is replaced or changed in place (its
-        version counter moves), and reused otherwise."""
+    def eps(self, eps_float: float) -> list[Tensor]:
+        """Per-coordinate perturbation sizes, recomputed whenever a scale tensor is replaced or
+        changed in place (its version counter moves), reused otherwise."""
         scales = [None if pp.quantizer is None else pp.quantizer.scale for pp in self.perturbed]
         versions = (eps_float, [None if t is None else t._version for t in scales])
         cached = self._eps_cache
@@ -267,39 +197,100 @@ class TrainStep:
         # reused by a new scale once the old one is freed.
         if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], scales)):
             self._eps_cache = cached = (scales, versions,
-                                        [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.runner.params)])
+                                        [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.params)])
         return cached[2]
 
-    def _branch_losses(self, directions: zo_math.Directions, eps, batch, rng_state, two_sided: bool) -> Optional[Tensor]:
-        pattern = [(k, sign) for k in range(directions.n) for sign in ((1.0, -1.0) if two_sided else (1.0,))]
-        if self.runner.strategy == "lean":
-            self._materialized = None
-            return self._run_branches(None, batch, rng_state, lambda: self.runner.streamed_losses(
-                directions, eps, pattern, batch, rng_state))
-        self._materialized = directions.materialize(self.workspace)
-        # Each branch applies eps * v_k as one multiply-add: no delta tensors.
-        deltas = [list(zip(v, eps)) for v in self._materialized]
-        return self._run_branches([(deltas[k], sign) for k, sign in pattern], batch, rng_state)
+    def branches(self, directions: Directions, pattern: list[tuple[int, float]], eps: list[Tensor]) -> Branches:
+        return Branches(pattern, directions.tensor, eps, lambda: directions.materialize(self.workspace))
 
-    def _run_branches(self, branches, batch, rng_state, streamed=None) -> Optional[Tensor]:
+    def explicit_branches(self, deltas: list[list[Tensor]], pattern: list[tuple[int, float]]) -> Branches:
+        """Branches adding given tensors (integer steps): ``theta + sign * deltas[k]``."""
+        return Branches(pattern, lambda k, i: deltas[k][i], None, lambda: deltas)
+
+    def branch_losses(self, branches: Branches, batch: Any, rng_state: RngState) -> Tensor:
+        """Every branch's loss (averaged over ranks before any differencing), shape [K]."""
         start = time.perf_counter()
-        raw = streamed() if streamed is not None else self.runner.losses(branches, batch, rng_state)
-        # Averaged over ranks before any differencing: every rank then writes the same estimate.
-        losses = distributed.all_reduce_mean(raw)
-        self.stats.last_branch_losses = losses.tolist()  # before the clock stops: on a GPU this waits for the branches
+        losses = distributed.all_reduce_mean(self.strategy.losses(branches, batch, rng_state))
         self.stats.branch_seconds += time.perf_counter() - start
-        self.stats.forward_passes += len(losses)
-        return losses if self._check_finite(self.stats.last_branch_losses, "branch") else None
+        self.stats.forward_passes += len(branches.pattern)
+        self.check.add("branch losses", losses)
+        self.check.watch("branch losses", losses)
+        return losses
 
-    # ------------------------------------------------------------------ state and checks
+    def mean_over_ranks(self, value: Tensor) -> Tensor:
+        return distributed.all_reduce_mean(value.reshape(1))[0]
+
+    def write_estimate(self, directions: Directions, branches: Branches, coefficients: Tensor,
+                       keep: Optional[Tensor] = None, divide_by_eps: bool = True, then_sign: bool = False) -> None:
+        """``G = (1/n) sum_k c_k v_k / eps`` into the existing ``.grad`` tensors (fresh ones where a
+        parameter has none); ``keep``: a device flag, 0 leaves zeros (the STE gradient of a zero guide)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+        grads = [p.grad for p in self.params]
+        directions.write_estimate(grads, coefficients, branches.materialized, divide_by_eps)
+        if then_sign:
+            torch._foreach_sign_(grads)
+        if keep is not None:
+            torch._foreach_mul_(grads, keep.to(grads[0].dtype))
+        self.check.add_norms("estimate", grads, self.names)
+
+    def check_other_gradients(self) -> None:
+        """Register the STE gradients of the parameters outside the perturbed set (they stay)."""
+        ids = {id(p) for p in self.params}
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None and id(p) not in ids]
+        self.check.add_norms("STE gradient", [p.grad for _, p in named], [n for n, _ in named])
+
+    def watch(self, name: str, value: Tensor) -> None:
+        self.check.watch(name, value)
+
+    def refuse_batched_masks(self, why: str) -> None:
+        if self.strategy is not None and self.strategy.chosen == "batched" and masks_differ(self.strategy.ctx):
+            raise TrainStepError(f"{why}, but with strategy='batched' on CUDA the branches' dropout masks are not "
+                                 "the base pass's (see qzo_fx.train.random_ops): use strategy='sequential', "
+                                 "'inplace' or 'auto'.")
+
+    # ------------------------------------------------------------------ the step
+    def __call__(self, batch: Any) -> Tensor:
+        start = time.perf_counter()
+        self._batches.check(batch, self.step_index)
+        self.check = FiniteCheck(enabled=self.on_nonfinite != "unchecked")
+        loss = self.estimator.run(self, batch)
+        failures = self.check.failures()  # the step's one host read (none when unchecked)
+        self.stats.last_branch_losses = self.check.watched.get("branch losses", [])
+        if any(self.check.watched.get("zero guide", [])):
+            self.stats.zero_gradient_fallbacks += 1
+        if failures:
+            self._nonfinite(failures)
+        self.step_index += 1
+        self.stats.steps += 1
+        self.stats.step_seconds += time.perf_counter() - start
+        if self.strategy is not None:
+            self.stats.strategy = self.strategy.chosen
+        return loss
+
+    def _nonfinite(self, failures: list[str]) -> None:
+        self.stats.nonfinite_skips += 1
+        for p in self.model.parameters():
+            p.grad = None  # no NaN or inf is left for an optimizer to apply
+        message = (f"step {self.step_index}: non-finite {'; '.join(failures)}. Lower the learning rate, check the "
+                   "data and the quantizer scales (a scale near 0 gives infinite STE gradients), or pass "
+                   "on_nonfinite='skip' to skip such steps.")
+        if self.on_nonfinite == "raise":
+            self.step_index += 1
+            self.stats.steps += 1
+            raise NonFiniteLossError(message + " Gradients were cleared.")
+        warnings.warn(message + " Step skipped (gradients cleared).", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Schedule position, seed, counters, the chosen strategy and the torch RNG state: saved
         with the model and optimizer, a resumed run follows the same trajectory bit for bit."""
+        auto = self.strategy if isinstance(self.strategy, Auto) else None
         return {"step_index": self.step_index, "base_seed": self.base_seed, "stats": dataclasses.asdict(self.stats),
                 "estimator": _describe(self.estimator), "torch_rng": torch.get_rng_state(),
-                "strategy": None if self.runner is None else self.runner.strategy,
-                "timings": None if self.runner is None else self.runner.timings,
-                "batch_signature": self._batch_signature}
+                "strategy": None if self.strategy is None else self.strategy.chosen,
+                "timings": None if auto is None else auto.timings, "batch_signature": self._batches.signature}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("estimator") != _describe(self.estimator):
@@ -307,67 +298,32 @@ class TrainStep:
                                  f"{_describe(self.estimator)}; build the step with the same estimator to resume.")
         self.step_index, self.base_seed = state["step_index"], state["base_seed"]
         self.stats = StepStats(**state["stats"])
-        self._batch_signature = state.get("batch_signature")
+        self._batches.signature = state.get("batch_signature")
         torch.set_rng_state(state["torch_rng"])
-        if self.runner is not None and state.get("strategy"):
-            self.runner.strategy, self.runner.timings = state["strategy"], state["timings"]
-
-    def _check_batch(self, batch: Any) -> None:
-        """Every batch must have the structure, dtypes and trailing shapes of the first one:
-        a wrong batch fails here, before any parameter or buffer changes."""
-        # Float inputs keep their trailing shape; integer tensors (tokens, labels) may vary in length.
-        signature = [(i, t.dtype, tuple(t.shape[1:]) if t.is_floating_point() else ("ndim", t.dim()))
-                     for i, t in enumerate(tree_leaves(batch)) if isinstance(t, Tensor)]
-        if self._batch_signature is None:
-            self._batch_signature = signature
-            return
-        if signature != self._batch_signature:
-            expected = ", ".join(f"#{i} {d} {s}" for i, d, s in self._batch_signature)
-            got = ", ".join(f"#{i} {d} {s}" for i, d, s in signature)
-            raise BatchError(f"step {self.step_index}: batch tensors do not match the first batch "
-                             f"(expected {expected}; got {got}). Nothing was changed; fix the data pipeline.")
-
-    def _check_finite(self, losses: list[float], where: str) -> bool:
-        if all(math.isfinite(value) for value in losses):
-            return True
-        self.stats.nonfinite_skips += 1
-        message = (f"step {self.step_index}: non-finite {where} loss {losses}; lower the learning rate "
-                   "or check the data, or pass on_nonfinite='skip' to skip such steps.")
-        if self.on_nonfinite == "raise":
-            raise NonFiniteLossError(message)
-        warnings.warn(message + " Step skipped (gradients cleared).", RuntimeWarning, stacklevel=3)
-        for p in self.model.parameters():
-            p.grad = None
-        return False
-
-    def _write(self, params, coefficients, directions: zo_math.Directions, eps) -> None:
-        """G replaces the STE gradient: written into the existing ``.grad`` tensors (no new
-        allocation), or fresh ones where a parameter has none (n-SPSA has no backward). With
-        streamed (lean) directions each tensor's estimate is regenerated on its own."""
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-        if self._materialized is not None:
-            zo_math.combine(coefficients, self._materialized, eps, out=[p.grad for p in params])
-            return
-        for i, p in enumerate(params):
-            p.grad.copy_(directions.estimate(i, coefficients, eps[i]))
+        if isinstance(self.strategy, Auto) and state.get("timings") is not None:
+            self.strategy.timings = {k: list(v) for k, v in state["timings"].items() if k in self.strategy.candidates}
+            self.strategy.settled = state["strategy"] if state["strategy"] in self.strategy.candidates else None
 
 
-def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Any = None, *,
-               strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64) -> TrainStep:
+def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Optional[Estimator] = None, *,
+               strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64,
+               noise: str = "auto") -> TrainStep:
     """Build the training step of ``model`` for ``estimator``.
 
     Args:
-        model: a prepared model (:func:`qzo_fx.prepare`).
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``. In perturbation branches (and in
-            FOGZO's base pass with "sequential"/"auto", which taps first layers for the branches)
-            it receives a stand-in that calls the graph and resolves attributes on the model; it
-            must not depend on global state it changes.
-        estimator: ``STE()`` (default), ``FOGZO(...)`` or ``NSPSA(...)``.
+        model: a prepared model (:func:`qzo_fx.prepare`), or its DDP wrapper.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``. In perturbation branches it
+            receives a stand-in that calls the branch graph and resolves attributes on the
+            model; it must not depend on global state it changes.
+        estimator: ``STE()`` (default), ``FOGZO(...)``, ``NSPSA(...)``, ``ZOSign(...)`` or ``ZOQO(...)``.
         strategy: how branches run: "auto", "inplace", "sequential", "batched" or "lean".
-        on_nonfinite: "raise" (NonFiniteLossError) or "skip" (warn, clear gradients, count).
+        on_nonfinite: a NaN or inf in a loss, STE gradient or estimate: "raise"
+            (NonFiniteLossError naming it) or "skip" (warn, clear gradients, count in
+            ``stats.nonfinite_skips``); both read the step's values once at its end.
+            "unchecked" never reads them (no host sync on a GPU; statistics stay empty).
         max_chunk: at most this many branches per batched call (memory bound).
+        noise: "auto" (the compiled counter stream on CPU where numba is installed, else torch
+            generators on the parameters' device), "torch" or "compiled".
 
     Example:
         >>> import torch, qzo_fx
@@ -376,4 +332,5 @@ def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimato
         >>> float(step(torch.randn(8, 4))) > 0
         True
     """
-    return TrainStep(model, loss_fn, STE() if estimator is None else estimator, strategy, on_nonfinite, max_chunk)
+    return TrainStep(model, loss_fn, STE() if estimator is None else estimator, strategy, on_nonfinite, max_chunk,
+                     noise)

@@ -132,7 +132,7 @@ def test_partial_capture_quantizes_traceable_parts_and_trains_in_place():
     loss_fn = lambda m, b: m(b).square().mean()
     step = qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(seed=0))
     step(x)
-    assert step.runner.strategy == "inplace" and qm.fc.get_parameter("weight").grad is not None
+    assert step.strategy.chosen == "inplace" and qm.fc.get_parameter("weight").grad is not None
     with pytest.raises(qzo_fx.TrainStepError, match="partially"):
         qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(), strategy="batched")
 

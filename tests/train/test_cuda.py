@@ -1,7 +1,9 @@
 """Training and export of a model that lives on a CUDA GPU (skipped where there is none).
 
-The same estimators, strategies and branch semantics as on CPU: the noise is drawn on the host
-from the same streams, so a GPU step must give the CPU step's estimate up to float rounding.
+The same estimators, strategies and branch semantics as on CPU. The noise is drawn on the GPU
+(torch's Philox generator), so a GPU step is compared with the reference on the GPU, and with
+the CPU step through the same torch streams only statistically; no host-to-device copy may run
+inside a step (torch.profiler).
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qzo_fx
-from qzo_fx.train.branches import AUTO_ROUNDS, BranchRunner
 from qzo_fx.models import MLP, SmallCNN
 from qzo_fx.train.rng import RngState
-from tests.train.test_train import DropNet, ce
+from qzo_fx.train.strategies import AUTO_ROUNDS
+from tests.train.test_train import DropNet, Runner, ce
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]
@@ -48,12 +50,12 @@ def test_branches_replay_the_cuda_dropout_mask():
             if isinstance(m, nn.BatchNorm1d):
                 m.running_mean.zero_(), m.running_var.fill_(1), m.num_batches_tracked.zero_()
     for strategy in ("inplace", "sequential"):
-        losses = BranchRunner(qm, ce, ["fc1.weight"], strategy).losses(zero, batch, rng)
+        losses = Runner(qm, ce, ["fc1.weight"], strategy).losses(zero, batch, rng)
         torch.testing.assert_close(losses, torch.stack([base, base]), rtol=1e-5, atol=1e-6, msg=strategy)
     # vmap draws dropout with bernoulli_, CUDA's eager dropout with a fused kernel: batched
     # branches share one mask with each other, not with the base pass, and say so.
     with pytest.warns(RuntimeWarning, match="fused dropout"):
-        losses = BranchRunner(qm, ce, ["fc1.weight"], "batched").losses(zero, batch, rng)
+        losses = Runner(qm, ce, ["fc1.weight"], "batched").losses(zero, batch, rng)
     assert losses[0] == losses[1]
 
 
@@ -68,18 +70,19 @@ def test_one_sided_fogzo_refuses_batched_dropout_on_cuda_and_auto_avoids_it():
     for _ in range(8):
         qm.zero_grad(set_to_none=True)
         step(batch)
-    assert "batched" not in step.runner.timings and step.runner.strategy in ("inplace", "sequential")
+    assert "batched" not in step.strategy.timings and step.strategy.chosen in ("inplace", "sequential")
 
 
 @pytest.mark.parametrize("factory", [MLP, SmallCNN])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_fogzo_estimate_on_cuda_matches_cpu(factory, strategy):
+def test_fogzo_estimate_on_cuda_matches_the_cpu_step_in_direction(factory, strategy):
     torch.manual_seed(0)
     cpu = qzo_fx.prepare(factory(), qzo_fx.QuantConfig(weight_bits=2), example_inputs=(_images()[0],))
     gpu = copy.deepcopy(cpu).to(CUDA)
     grads = {}
     for name, model, device in (("cpu", cpu, "cpu"), ("cuda", gpu, CUDA)):
-        step = qzo_fx.train_step(model, ce, qzo_fx.FOGZO(total_steps=100, seed=3), strategy=strategy)
+        # beta = 1: the direction is the STE gradient's, whatever noise each device draws.
+        step = qzo_fx.train_step(model, ce, qzo_fx.FOGZO(beta_min=1.0, seed=3), strategy=strategy, noise="torch")
         model.zero_grad(set_to_none=True)
         loss = step(_images(device=device))
         assert torch.isfinite(loss) and step.stats.forward_passes == 3
@@ -87,9 +90,27 @@ def test_fogzo_estimate_on_cuda_matches_cpu(factory, strategy):
         assert all(p.grad.device.type == torch.device(device).type for p in model.parameters() if p.grad is not None)
     assert grads["cpu"].keys() == grads["cuda"].keys()
     for name in grads["cpu"]:
-        # Same host noise, so the same estimate; GEMM rounding differs between the devices and
-        # moves a few weights across a 2-bit rounding boundary, hence a cosine, not equality.
-        assert _cosine(grads["cpu"][name], grads["cuda"][name]) > 0.999, name
+        # GEMM rounding differs between the devices and moves a few weights across a 2-bit
+        # rounding boundary, hence a cosine, not equality.
+        assert abs(_cosine(grads["cpu"][name], grads["cuda"][name])) > 0.99, name
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_cuda_step_copies_nothing_from_the_host(strategy):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(SmallCNN(), qzo_fx.QuantConfig(weight_bits=2), example_inputs=(_images()[0],)).to(CUDA)
+    step = qzo_fx.train_step(qm, ce, qzo_fx.FOGZO(total_steps=100, seed=3), strategy=strategy,
+                             on_nonfinite="unchecked")
+    batch = _images(device=CUDA)
+    for _ in range(2):
+        qm.zero_grad(set_to_none=True)
+        step(batch)  # warm: graphs built, buffers allocated
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        qm.zero_grad(set_to_none=True)
+        step(batch)
+        torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "Memcpy HtoD" in e.name or "memcpy HtoD" in e.name.lower()]
+    assert not copies, copies
 
 
 @pytest.mark.parametrize("estimator", [qzo_fx.STE(), qzo_fx.FOGZO(total_steps=10, two_sided=False, seed=0),
@@ -124,8 +145,8 @@ def test_auto_times_the_strategies_on_cuda():
     for _ in range(3 * AUTO_ROUNDS + 1):
         qm.zero_grad(set_to_none=True)
         step(batch)
-    assert step.runner.strategy in ("inplace", "sequential", "batched")
-    assert all(len(t) == AUTO_ROUNDS or t == [float("inf")] for t in step.runner.timings.values())
+    assert step.strategy.chosen in ("inplace", "sequential", "batched")
+    assert all(len(t) == AUTO_ROUNDS for t in step.strategy.timings.values())
 
 
 def test_a_model_trained_on_cuda_exports_and_matches_onnx_runtime(tmp_path):

@@ -1,0 +1,70 @@
+"""One finiteness check per step: every loss, gradient and estimate the step produced.
+
+The estimators register device tensors as they go (a loss, per-tensor norms of the STE
+gradients or of the estimate: a norm is finite exactly when every entry is); the step reads them
+all in one host transfer at its end and raises or skips naming what was not finite, before any
+optimizer sees the gradients. With ``on_nonfinite="unchecked"`` nothing is registered and the
+step never waits for the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["FiniteCheck"]
+
+
+@dataclass(frozen=True)
+class _Item:
+    what: str                      # e.g. "base loss", "STE gradient", "estimate"
+    values: Tensor                 # flat, on any device
+    names: Optional[tuple[str, ...]]  # one per value (parameter names), or None
+
+
+class FiniteCheck:
+    """Collects the values of one step to be checked together."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._items: list[_Item] = []
+        self._watched: dict[str, Tensor] = {}
+        self.watched: dict[str, list[float]] = {}  # values read along for the statistics
+
+    def add(self, what: str, values: Tensor, names: Optional[Sequence[str]] = None) -> None:
+        if self.enabled:
+            self._items.append(_Item(what, values.detach().reshape(-1), None if names is None else tuple(names)))
+
+    def watch(self, name: str, values: Tensor) -> None:
+        """Read ``values`` along with the check (statistics: branch losses, zero guides)."""
+        if self.enabled:
+            self._watched[name] = values.detach().reshape(-1)
+
+    def add_norms(self, what: str, tensors: Sequence[Tensor], names: Sequence[str]) -> None:
+        """Register the norms of ``tensors`` (one foreach reduction): finite iff every entry is."""
+        if self.enabled and tensors:
+            self.add(what, torch.stack([n.float() for n in torch._foreach_norm(list(tensors))]), names)
+
+    def failures(self) -> list[str]:
+        """What was not finite, named (one host transfer for everything registered)."""
+        watched = list(self._watched.items())
+        parts = [item.values for item in self._items] + [values for _, values in watched]
+        if not parts:
+            return []
+        flat = torch.cat([t.float().to(parts[0].device) for t in parts]).tolist()
+        found, at = [], 0
+        for item in self._items:
+            chunk, at = flat[at:at + item.values.numel()], at + item.values.numel()
+            bad = [i for i, value in enumerate(chunk) if not math.isfinite(value)]
+            if not bad:
+                continue
+            if item.names is None:
+                found.append(f"{item.what} {chunk}")
+            else:
+                found.append(f"{item.what} of {', '.join(item.names[i] for i in bad)}")
+        for name, values in watched:
+            self.watched[name], at = flat[at:at + values.numel()], at + values.numel()
+        return found

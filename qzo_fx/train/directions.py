@@ -1,0 +1,110 @@
+"""The directions of one zeroth-order step and the estimate built from them (the fast path of
+:mod:`qzo_fx.train.reference`).
+
+``v_k = sqrt(beta) s_k g_hat + sqrt(1 - beta) u_k`` in z-space (``g_hat`` the unit vector of
+``eps * g``; n-SPSA: ``v_k = u_k``), and ``G = (1/n) sum_k c_k v_k / eps``. Every scalar that
+depends on tensor values (the guide norm, the losses) stays a device tensor, so nothing here
+waits for the device. Each ``v_ki`` is reproducible on its own from tensor i's stream, so the
+directions can be materialized for all tensors at once or regenerated one tensor at a time (the
+lean strategy) with identical values.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from qzo_fx.train.noise import Noise, noise_key, signs
+from qzo_fx.train.workspace import Workspace
+
+__all__ = ["Directions"]
+
+Tensors = list[Tensor]
+
+
+class Directions:
+    """The n directions of one step as a function ``tensor(k, i)``.
+
+    Args:
+        step_seed: the step's seed (base seed + step index).
+        like: the perturbed tensors (shapes, devices, dtypes of the directions).
+        laws: each tensor's noise law.
+        n: directions.
+        noise: where the noise is drawn (:class:`~qzo_fx.train.noise.Noise`).
+        grads, eps, beta, normalize, noise_form: FOGZO's guide; ``grads=None`` gives ``v = u``.
+    """
+
+    def __init__(self, step_seed: int, like: Sequence[Tensor], laws: Sequence[str], n: int, noise: Noise, *,
+                 grads: Optional[Sequence[Tensor]] = None, eps: Optional[Sequence[Tensor]] = None,
+                 beta: float = 0.0, normalize: str = "global", noise_form: str = "per_coordinate") -> None:
+        self.step_seed, self.like, self.laws, self.n, self.noise = step_seed, list(like), list(laws), n, noise
+        self.grads, self.eps = (None if grads is None else list(grads)), (None if eps is None else list(eps))
+        self.a = math.sqrt(beta) if grads is not None else 0.0
+        self.b = math.sqrt(max(1.0 - beta, 0.0)) if grads is not None else 1.0
+        self.signs = signs(step_seed, n)
+        self.guide_norms: Optional[Tensor] = None  # per tensor, ||eps_i * g_i|| (device)
+        self._coefficients: Optional[Tensor] = None  # [n, tensors]: a s_k / ||g_z||, 0 for a zero guide
+        if self.a > 0:
+            self.guide_norms = torch.stack([torch.linalg.vector_norm(torch.mul(g, e)).float()
+                                            for g, e in zip(self.grads, self.eps)])
+            norms = self.guide_norms if normalize == "per_tensor" else self.guide_norms.square().sum().sqrt().expand(
+                len(self.like))
+            # A zero guide (every eps * g exactly 0) has no direction: its part is dropped
+            # (the step then writes the STE gradient, zero there; see the estimators).
+            inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+            self._coefficients = torch.stack([inverse * (self.a * s) for s in self.signs])  # no host-to-device copy
+        self._noise_scale: Optional[list[Tensor]] = None  # unit-norm noise: b / ||u_k|| (device)
+        if noise_form == "unit_norm" and self.b > 0:
+            self._noise_scale = [self.b / self._noise_norm(k) for k in range(n)]
+
+    @property
+    def zero_guide(self) -> Optional[Tensor]:
+        """A device flag: the guide is zero (FOGZO then keeps the STE gradient); None without a guide."""
+        return None if self.guide_norms is None else (self.guide_norms.square().sum() == 0)
+
+    def _noise_norm(self, k: int) -> Tensor:
+        total = sum(self._raw(k, i, torch.empty_like(t), 1.0).float().square().sum() for i, t in enumerate(self.like))
+        return torch.sqrt(total)
+
+    def _raw(self, k: int, i: int, out: Tensor, scale: float) -> Tensor:
+        return self.noise.fill(out, self.laws[i], noise_key(self.step_seed, k, i), scale)
+
+    def tensor(self, k: int, i: int, out: Optional[Tensor] = None) -> Tensor:
+        """``v_k`` on tensor i (into ``out`` when given)."""
+        out = torch.empty_like(self.like[i]) if out is None else out
+        if self.b == 0:
+            out.zero_()
+        elif self._noise_scale is None:
+            self._raw(k, i, out, self.b)
+        else:
+            self._raw(k, i, out, 1.0).mul_(self._noise_scale[k].to(out.dtype))
+        if self._coefficients is not None:
+            out.addcmul_(self.grads[i], self.eps[i] * self._coefficients[k, i].to(out.dtype))
+        return out
+
+    def materialize(self, workspace: Workspace) -> list[Tensors]:
+        """All n directions on all tensors, in workspace buffers reused from step to step."""
+        return [[self.tensor(k, i, buf) for i, buf in enumerate(workspace.like(("v", k), self.like))]
+                for k in range(self.n)]
+
+    def write_estimate(self, out: Tensors, coefficients: Tensor, directions: Optional[list[Tensors]] = None,
+                       divide_by_eps: bool = True) -> None:
+        """``out_i = (1/n) sum_k c_k v_ki / eps_i`` (``c`` a device tensor of n values), one pass
+        per direction: the weights ``c_k / (n eps_i)`` are eps-sized. ``directions``: the
+        materialized ones, else each ``v_ki`` is regenerated (the lean strategy)."""
+        weights = coefficients.to(torch.float32) / self.n
+        for i, target in enumerate(out):
+            scale = (1.0 / self.eps[i]) if divide_by_eps else torch.ones((), device=target.device)
+            # Regenerated directions read the STE gradient (which ``out`` may be): sum apart first.
+            acc = target if directions is not None else torch.empty_like(target)
+            for k in range(self.n):
+                v = directions[k][i] if directions is not None else self.tensor(k, i)
+                w = (weights[k].to(target.dtype) * scale).to(target.dtype)
+                if k == 0:
+                    torch.mul(v, w, out=acc)
+                else:
+                    acc.addcmul_(v, w)
+            if acc is not target:
+                target.copy_(acc)
