@@ -25,7 +25,7 @@ from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, expo
 from qzo_fx.exporters.matmul_nbits import pack_rows, unpack_rows
 from qzo_fx.pass_infra import PassResult
 
-__all__ = ["lower_quantized_gather", "gather_block_quantized", "gather_rows_dequantize"]
+__all__ = ["lower_quantized_gather", "gather_layout", "gather_block_quantized", "gather_rows_dequantize"]
 
 aten = torch.ops.aten
 _BLOCK_BITS = (4, 8)  # the widths GatherBlockQuantized takes in uint8 storage
@@ -93,12 +93,11 @@ def _blocked_buffers(codes: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Te
     return pack_rows(unsigned, bits), pack_rows(padded, bits)
 
 
-def _replacement(gm: GraphModule, dq: Node, bits: Optional[int], contrib: bool):
-    """``(op, buffers, attributes)`` for the lookup, or None where the table stays a DequantizeLinear
-    (<= 4-bit blocked codes for a portable file: standard Gather takes no INT4, and an int8
-    container would double the table's size)."""
-    codes, scale, zero = (_read(gm, a) for a in dq.args[:3])
-    axis, block_size = dq.args[3], dq.args[4]
+def gather_layout(codes: Tensor, scale: Tensor, zero: Tensor, axis: int, block_size: int, bits: Optional[int],
+                  contrib: bool):
+    """``(op, buffers, attributes)`` computing ``embedding(ids, dequantize(codes))`` from the
+    codes, or None where the table stays a DequantizeLinear (<= 4-bit blocked codes for a
+    portable file: standard Gather takes no INT4, and an int8 container doubles the table)."""
     blocked = block_size > 0 and axis == 1
     if contrib and blocked and bits in _BLOCK_BITS and block_size >= 16 and not block_size & (block_size - 1):
         data, zero_points = _blocked_buffers(codes, zero, bits)
@@ -120,7 +119,8 @@ def lower_quantized_gather(gm: GraphModule, *, ctx: object = None) -> PassResult
             continue
         indices, dq = found
         bits = bits_of.get(str(dq.args[0].target).split(".")[1])
-        replacement = _replacement(gm, dq, bits, getattr(ctx, "ort_contrib_ops", False))
+        codes, scale, zero = (_read(gm, a) for a in dq.args[:3])
+        replacement = gather_layout(codes, scale, zero, dq.args[3], dq.args[4], bits, getattr(ctx, "ort_contrib_ops", False))
         if replacement is None:
             continue
         target, buffers, attributes = replacement

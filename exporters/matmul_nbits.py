@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
 from qzo_fx.pass_infra import PassResult
 
-__all__ = ["lower_matmul_nbits", "pack_rows", "unpack_rows", "matmul_nbits", "NBITS"]
+__all__ = ["lower_matmul_nbits", "pack_rows", "unpack_rows", "matmul_nbits", "nbits_layout", "nbits_block", "NBITS"]
 
 aten = torch.ops.aten
 NBITS = (2, 4, 8)  # the bit widths ORT's CPU MatMulNBits kernel takes
@@ -104,13 +104,10 @@ def _weight_operand(gm: GraphModule, node: Node) -> Optional[tuple[Node, bool, i
         return None
     axis, block_size = weight.args[3], weight.args[4]
     k_axis = 0 if transposed else 1
-    if block_size > 0:
-        ok = axis == k_axis and block_size >= 16 and not block_size & (block_size - 1)
-        return (weight, transposed, block_size) if ok else None
     x = node.args[0]
-    if axis == k_axis or (isinstance(x, Node) and x.target is torch.ops.qzo.quantize_dequantize.default):
-        return None
-    block = _row_block(_read(gm, weight.args[0]).shape[k_axis])
+    if block_size == 0 and isinstance(x, Node) and x.target is torch.ops.qzo.quantize_dequantize.default:
+        return None  # per-row weights beside quantized inputs: the integer kernels (QGemm) serve
+    block = nbits_block(_read(gm, weight.args[0]).shape[k_axis], axis == k_axis, block_size)
     return (weight, transposed, block) if block else None
 
 
@@ -119,18 +116,26 @@ def _read(gm: GraphModule, node: Node) -> Tensor:
     return getattr(gm.get_submodule(owner), name)
 
 
-def _packed_operands(gm: GraphModule, dq: Node, transposed: bool, bits: int, block_size: int):
-    codes, scale, zero = (_read(gm, a) for a in dq.args[:3])
-    if transposed:  # x @ W[K, N]: MatMulNBits rows are the output channels
-        codes, scale, zero = codes.t(), scale.t(), zero.t()
+def nbits_layout(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, block_size: int):
+    """MatMulNBits buffers of a weight ``[N, K]`` (rows are output channels): integer ``codes``
+    (int8 signed or uint8 unsigned), ``scale``/``zero`` per block ``[N, K / block_size]`` or per
+    row ``[N]`` (repeated over the row's blocks). Returns ``(B, scales, zero_points or None, K, N)``."""
     n, k = codes.shape
-    if dq.args[4] == 0:  # one scale per row, repeated over the row's blocks
+    if scale.dim() == 1:  # one scale per row
         scale, zero = (t.reshape(n, 1).expand(n, k // block_size) for t in (scale, zero))
     signed = codes.dtype == torch.int8
     unsigned = codes.to(torch.int32) + (2 ** (bits - 1) if signed else 0)
     packed = pack_rows(unsigned, bits).reshape(n, k // block_size, block_size * bits // 8)
     zero_points = None if signed else _packed_zero_points(zero.to(torch.int32), bits)
     return packed.contiguous(), scale.contiguous().reshape(-1).clone(), zero_points, k, n
+
+
+def nbits_block(k: int, axis_is_k: bool, block_size: int) -> int:
+    """The MatMulNBits block of a weight blocked along K (``block_size``) or per output row
+    (``block_size`` 0: the largest power of two <= 256 dividing K); 0 where ORT has none."""
+    if block_size > 0:
+        return block_size if axis_is_k and block_size >= 16 and not block_size & (block_size - 1) else 0
+    return 0 if axis_is_k else _row_block(k)
 
 
 def _packed_zero_points(zero: Tensor, bits: int) -> Tensor:
@@ -156,7 +161,10 @@ def lower_matmul_nbits(gm: GraphModule, *, ctx: object = None) -> PassResult:
         bits = bits_of.get(qname)
         if bits not in NBITS:
             continue
-        packed, scales, zero_points, k, n = _packed_operands(gm, dq, transposed, bits, block_size)
+        codes, scale, zero = (_read(gm, a) for a in dq.args[:3])
+        if transposed:  # x @ W[K, N]: MatMulNBits rows are the output channels
+            codes, scale, zero = codes.t(), scale.t() if scale.dim() == 2 else scale, zero.t() if zero.dim() == 2 else zero
+        packed, scales, zero_points, k, n = nbits_layout(codes, scale, zero, bits, block_size)
         holder = nn.Module()
         holder.register_buffer("packed", packed)
         holder.register_buffer("scales", scales)

@@ -27,7 +27,7 @@ from qzo_fx.exporters.lint import lint_target, resolve_target
 from qzo_fx.exporters.lower import lower_for_export, lowered_meta
 
 __all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram", "strip_debug_info", "WEIGHT_FORMATS",
-           "dynamic_shape_spec", "name_dynamic_axes"]
+           "dynamic_shape_spec", "name_dynamic_axes", "uses_ort_kernels"]
 
 _INT8_OPSET = 18
 _INT4_OPSET = 21  # INT4/UINT4 and blocked (block_size) Q/DQ
@@ -142,16 +142,20 @@ def _translate(lowered: GraphModule, args: tuple, opset: int, shapes: Any, kwarg
     return program.model_proto
 
 
+_GENERATED_SYMBOL = re.compile(r"[su]\d+|unk__\d+")  # torch.export's symbols (s0, s17, ...)
+
+
 def name_dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Name the symbolic first axis of the inputs "batch" and the second axis of integer inputs
-    "sequence" (everywhere the symbol appears); returns the dynamic axes of each input."""
+    """Name torch.export's symbol of the first axis of the inputs "batch" and of the second axis
+    of integer inputs "sequence" (everywhere the symbol appears; names given at export are
+    kept); returns the dynamic axes of each input."""
     names, found = {}, {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         found[value.name] = [i for i, d in enumerate(dims) if d.dim_param]
         integer = value.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
         for i, label in ((0, "batch"), (1, "sequence")):
-            if len(dims) > i and dims[i].dim_param and (i == 0 or integer):
+            if len(dims) > i and _GENERATED_SYMBOL.fullmatch(dims[i].dim_param) and (i == 0 or integer):
                 names.setdefault(dims[i].dim_param, label)
     for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
@@ -186,7 +190,7 @@ WEIGHT_FORMATS = ("auto", "qdq", "matmulnbits")
 _NBITS_TARGETS = ("cpu", "cuda")
 
 
-def _uses_ort_kernels(weight_format: str, target: str) -> bool:
+def uses_ort_kernels(weight_format: str, target: str) -> bool:
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"weight_format={weight_format!r} is invalid: allowed {WEIGHT_FORMATS}.")
     if weight_format == "auto":
@@ -246,7 +250,7 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     findings = lint_target(qm, target, strict=strict)
     for finding in findings:
         warnings.warn(finding, UserWarning, stacklevel=2)
-    lowered = lower_for_export(qm, fold_bn=fold_batchnorm, ort_contrib_ops=_uses_ort_kernels(weight_format, target))
+    lowered = lower_for_export(qm, fold_bn=fold_batchnorm, ort_contrib_ops=uses_ort_kernels(weight_format, target))
     needs_int4 = _needs_int4_opset(lowered)
     chosen = opset or (_INT4_OPSET if needs_int4 else _INT8_OPSET)
     if chosen < _INT4_OPSET and needs_int4:
