@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from qzo_fx.capture.modes import mode
 from qzo_fx.errors import ExportError
+from qzo_fx.exporters.openvino_runtime import OpenVinoSession
 from qzo_fx.exporters.runtime import available_targets, onnx_session
 from qzo_fx.exporters.ties import TieCount, probe_model, tie_resolved_outputs
 
@@ -117,9 +118,15 @@ def _compare(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], toleranc
     return rows
 
 
+def _open(model: Union[Path, bytes], target: str):
+    if target == "openvino":
+        return OpenVinoSession(model)
+    return onnx_session(model, target)
+
+
 def _check_provider(qm: nn.Module, path: Path, model: onnx.ModelProto, target: str, inputs, kwargs,
                     expected: list[np.ndarray], tolerance_steps: float, follow_ties: bool) -> ProviderParity:
-    session = onnx_session(path, target)
+    session = _open(path, target)
     tensors = [a for a in list(inputs) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
     feeds = {meta.name: t.detach().cpu().numpy() for meta, t in zip(session.get_inputs(), tensors)}
     got = session.run(None, feeds)
@@ -127,7 +134,7 @@ def _check_provider(qm: nn.Module, path: Path, model: onnx.ModelProto, target: s
     counts, resolved = TieCount(), expected
     if follow_ties and model.ByteSize() < _PROTOBUF_LIMIT:
         probed, probes = probe_model(model)
-        probe_session = onnx_session(probed.SerializeToString(), target)
+        probe_session = _open(probed.SerializeToString(), target)
         resolved, counts = tie_resolved_outputs(qm, probe_session, probes, feeds, inputs, kwargs)
     rows = _compare(resolved, got, tolerance_steps)
     return ProviderParity(session.get_providers()[0], rows, max((o.steps for o in raw), default=0.0), counts)
@@ -135,7 +142,7 @@ def _check_provider(qm: nn.Module, path: Path, model: onnx.ModelProto, target: s
 
 def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *, target: str = "auto",
                 tolerance_steps: float = DEFAULT_TOLERANCE_STEPS, kwargs: Optional[dict[str, Any]] = None,
-                follow_ties: bool = True) -> ParityReport:
+                follow_ties: bool = True, runtime: str = "onnxruntime") -> ParityReport:
     """Run ``path`` in ONNX Runtime's default session and compare with ``qm`` in eval mode.
 
     The session is ``onnxruntime.InferenceSession(path)`` with default options, the one users
@@ -149,6 +156,9 @@ def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *,
     follows ORT's code, so one tie deep in a network is not mistaken for an export error; any
     other differing code fails the check. ``follow_ties=False`` compares the outputs only.
 
+    ``runtime="openvino"``: the same check in OpenVINO's CPU runtime, in f32 arithmetic (see
+    :mod:`qzo_fx.exporters.openvino_runtime`), the second reader a portable file must satisfy.
+
     Example:
         >>> report = qzo_fx.verify_onnx(qm, "model.onnx", (x,))   # doctest: +SKIP
         >>> report.ok                                              # doctest: +SKIP
@@ -159,7 +169,9 @@ def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *,
         expected = [t.cpu().numpy() for t in tree_leaves(qm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
     path = Path(path)
     model = onnx.load(str(path))
-    targets = available_targets() if target == "auto" else [target]
+    if runtime not in ("onnxruntime", "openvino"):
+        raise ExportError(f"runtime={runtime!r} is invalid: allowed 'onnxruntime' or 'openvino'.")
+    targets = ["openvino"] if runtime == "openvino" else available_targets() if target == "auto" else [target]
     runs = [_check_provider(qm, path, model, t, inputs, kwargs, expected, tolerance_steps, follow_ties)
             for t in targets]
     notes = [] if follow_ties and model.ByteSize() < _PROTOBUF_LIMIT or not follow_ties else [
