@@ -1,92 +1,239 @@
-"""ONNX Runtime W8A8 and int4 weight-only vs PyTorch fp32 eager vs the fake-quant model.
+"""Low-bit inference in ONNX Runtime: int4 LLaMA with a KV cache and W8A8 CNN/ViT, against ORT's
+own quantizer, ORT fp32 and torch, measured in one run.
 
-    python benchmarks/onnx_inference.py [--quick]
+    python benchmarks/onnx_inference.py [--quick] [--only llm|vision]
 
-Steady-state latency at batch 1 and 64 (median over interleaved blocks of back-to-back calls) on the MLP and the CNN, and file sizes
-against an fp32 ONNX export of the same model. Targets (CPU): W8A8 >= 3x faster than fp32 eager
-at batch 64; int4 file <= 0.16x the fp32 file.
+LLM: a LLaMA (4 layers, hidden 512, vocabulary 2048) at random init, weight-only int4 per group
+of 32. Files, all with the same KV-cache inputs and outputs: fp32 (the float model), ORT's
+``MatMulNBitsQuantizer`` (block 32, symmetric, 4 bits) applied to that fp32 file, and qzo_fx's
+``export_causal_lm`` of the prepared model (MatMulNBits + GatherBlockQuantized). Latency at the
+prompt shape (128 tokens, empty cache) and the decode shape (one token, 128 cached), greedy
+generation tokens/s, file sizes, parity in ORT and OpenVINO, greedy tokens against torch.
+
+Vision: torchvision ResNet-18 and timm DeiT-tiny (224 x 224) W8A8 (qzo_fx defaults) against the
+fp32 file in ORT and torch eager, at batch 1 and 8.
+
+Every session and torch run on one thread (2 shared cores here; one thread each keeps ORT's
+spinning pool from taking torch's core). Ratios are medians over rounds of per-round ratios
+(candidates interleaved, so drift cancels). Targets (issue 16): qzo_fx int4 <= 1.0x the ORT
+quantizer's latency at both shapes; decode faster than fp32; file no larger than the ORT
+quantizer's; parity <= 1 step in ORT and OpenVINO; greedy tokens identical to torch.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
-import qzo_fx
-from qzo_fx.exporters.onnx_export import strip_debug_info
-from qzo_fx.models import MLP, SmallCNN
-from timing import interleaved
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.zoo's torchvision shim
 
-BLOCK = 10  # calls per turn; the first of each turn is dropped
+import qzo_fx  # noqa: E402
+from qzo_fx.exporters import export_causal_lm, generate  # noqa: E402
+from qzo_fx.exporters.openvino_runtime import OpenVinoSession  # noqa: E402
+from qzo_fx.exporters.onnx_export import strip_debug_info  # noqa: E402
+from timing import interleaved_rounds, medians, paired_ratio  # noqa: E402
+
+BLOCK = 5  # calls per turn; the first of each turn is dropped
+PROMPT, NEW_TOKENS = 128, 32
 
 
-def _median_ms(fns: dict, rounds: int) -> dict:
-    # Steady-state latency: blocks of back-to-back calls, interleaved across the candidates.
-    return {name: seconds * 1e3 for name, seconds in interleaved(fns, rounds, warmup=2, block=BLOCK).items()}
+def _session(path):
+    return qzo_fx.onnx_session(path, "cpu", threads=1)
 
 
-def _fp32_onnx(model, x, path: Path) -> int:
+def _llama():
+    from tests.zoo.models import torchvision_shim
+
+    torchvision_shim()
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _ort_quantizer(fp32: Path, out: Path) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)),
+                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+def _feeds(session, ids: np.ndarray, past: int, values=None) -> dict:
+    """input_ids, a mask over past + new tokens and the cache (zeros, or a run's presents)."""
+    feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], past + ids.shape[1]), np.int64)}
+    for meta in session.get_inputs():
+        if meta.name.startswith("past_key_values."):
+            present = meta.name.replace("past_key_values.", "present.")
+            feeds[meta.name] = values[present] if values else np.zeros((ids.shape[0], meta.shape[1], 0, meta.shape[3]),
+                                                                       np.float32)
+    return feeds
+
+
+def _decode_feeds(session, prompt: np.ndarray) -> dict:
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, _feeds(session, prompt, 0))))
+    return _feeds(session, prompt[:, -1:], prompt.shape[1], values)
+
+
+def _torch_cached(model, prompt: torch.Tensor):
+    """The float model in torch eager with its own cache: prompt and one-token decode calls."""
+    import inspect
+
+    argument = "past_key_values" if "past_key_values" in inspect.signature(model.forward).parameters else "cache"
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+
+    def decode():
+        with torch.no_grad():
+            model(prompt[:, -1:], use_cache=True, **{argument: cache})
+        cache.crop(-1)  # drop the new entry: back to the prompt's 128 for the next call
+
+    def full():
+        with torch.no_grad():
+            model(prompt, use_cache=True)
+    return full, decode
+
+
+def _steps(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / (np.abs(b).max() / 127))
+
+
+def _torch_greedy(qm, prompt: torch.Tensor, steps: int) -> np.ndarray:
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, qm(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[:, prompt.shape[1]:].numpy()
+
+
+def run_llm(rounds: int, out: Path) -> None:
+    model = _llama()
+    cfg = qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=4, granularity="per_group", group_size=32))
+    qm = qzo_fx.prepare(model, cfg, example_inputs=(torch.randint(0, 2048, (2, 16)),)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files = {"fp32": export_causal_lm(None, model, out / "fp32.onnx").path}
+        _ort_quantizer(files["fp32"], out / "ort_int4.onnx")
+        files["ORT MatMulNBitsQuantizer"] = out / "ort_int4.onnx"
+        files["qzo_fx int4"] = export_causal_lm(qm, model, out / "qzo_int4.onnx").path
+    sizes = {name: path.stat().st_size / 2**20 for name, path in files.items()}
+    print("\n== int4 LLaMA (4 layers, hidden 512, vocab 2048, group 32), one thread each")
+    print("   file sizes: " + ", ".join(f"{n} {s:.1f} MiB" for n, s in sizes.items()))
+    prompt = torch.randint(0, 2048, (1, PROMPT))
+    sessions = {name: _session(path) for name, path in files.items()}
+    torch_full, torch_decode = _torch_cached(model, prompt)
+    shapes = {"prompt (128 tokens)": ({n: _feeds(s, prompt.numpy(), 0) for n, s in sessions.items()}, torch_full),
+              "decode (1 token, 128 cached)": ({n: _decode_feeds(s, prompt.numpy()) for n, s in sessions.items()},
+                                               torch_decode)}
+    for shape, (feeds, torch_fn) in shapes.items():
+        fns = {n: (lambda s=s, f=feeds[n]: s.run(None, f)) for n, s in sessions.items()}
+        fns["torch fp32 eager"] = torch_fn
+        samples = interleaved_rounds(fns, rounds, warmup=2, block=BLOCK)
+        ms = {n: t * 1e3 for n, t in medians(samples).items()}
+        print(f"   {shape}: " + ", ".join(f"{n} {t:.2f} ms" for n, t in ms.items()))
+        print("      qzo_fx int4 / ORT quantizer {:.2f}x, / ORT fp32 {:.2f}x, / torch fp32 {:.2f}x".format(
+            *(paired_ratio(samples, "qzo_fx int4", base) for base in
+              ("ORT MatMulNBitsQuantizer", "fp32", "torch fp32 eager"))))
+    _llm_quality(qm, files, sessions, prompt)
+
+
+def _llm_quality(qm, files: dict, sessions: dict, prompt: torch.Tensor) -> None:
+    for name in ("qzo_fx int4", "ORT MatMulNBitsQuantizer", "fp32"):
+        gen = generate(sessions[name], prompt, NEW_TOKENS)
+        print(f"   generation {name}: {gen.tokens_per_second:.1f} tokens/s overall, "
+              f"{gen.decode_tokens_per_second:.1f} tokens/s decoding ({PROMPT}-token prompt, {NEW_TOKENS} new)")
+    ours = generate(sessions["qzo_fx int4"], prompt, NEW_TOKENS).tokens
+    same = np.array_equal(ours, _torch_greedy(qm, prompt, NEW_TOKENS))
+    print(f"   greedy tokens identical to torch on the prepared model: {same}")
+    probe = torch.randint(0, 2048, (2, 48))
+    with torch.no_grad():
+        expected = qm(probe).logits.numpy()
+    for runtime, session in (("ORT", sessions["qzo_fx int4"]), ("OpenVINO", OpenVinoSession(files["qzo_fx int4"]))):
+        logits = session.run(["logits"], _feeds(session, probe.numpy(), 0))[0]
+        print(f"   parity of the qzo_fx file, logits vs the prepared model, {runtime}: {_steps(logits, expected):.4f} steps")
+
+
+def _vision_models():
+    from tests.zoo.models import torchvision_shim
+
+    torchvision_shim()
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    return {"ResNet-18": torchvision.models.resnet18(weights=None).eval(),
+            "DeiT-tiny": timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()}
+
+
+def _fp32_file(model, x, path: Path) -> Path:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (x,), dynamo=True, verbose=False,
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    model_proto = program.model_proto
-    strip_debug_info(model_proto)  # the same treatment as the quantized files: a fair size ratio
-    onnx.save(model_proto, str(path))
-    return path.stat().st_size
+    proto = program.model_proto
+    strip_debug_info(proto)  # the same treatment as the quantized files: a fair size ratio
+    onnx.save(proto, str(path))
+    return path
 
 
-def run(name: str, factory, rounds: int, out: Path) -> None:
-    torch.manual_seed(0)
-    model = factory().eval()
-    calib = torch.randn(64, 1, 28, 28)
-    w8a8 = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(calib,)).eval()
-    w4 = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=4)).eval()
-    # Common deployment practice: the first layer (1 input channel here) stays in float.
-    w8a8_first_float = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8, skip_first=True),
-                                      example_inputs=(calib,)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        f8 = qzo_fx.export_onnx(w8a8, (calib[:2],), out / f"{name}_w8a8.onnx", target="cpu")
-        f4 = qzo_fx.export_onnx(w4, (calib[:2],), out / f"{name}_w4.onnx", target="cpu")
-        f8s = qzo_fx.export_onnx(w8a8_first_float, (calib[:2],), out / f"{name}_w8a8_skip.onnx", target="cpu")
-    fp32_bytes = _fp32_onnx(model, calib[:2], out / f"{name}_fp32.onnx")
-    # ORT on one thread, torch on all: an ORT thread pool keeps spinning after a call and takes
-    # the cores from the torch call timed next (seen: torch's MLP 27x slower). A lower bound for ORT.
-    s8, s4, s8s = (qzo_fx.onnx_session(f.path, "cpu", threads=1) for f in (f8, f4, f8s))
-    s32 = qzo_fx.onnx_session(out / f"{name}_fp32.onnx", "cpu", threads=1)
-    print(f"\n== {name}: files fp32 {fp32_bytes / 1024:.1f} KiB | W8A8 {f8.size_bytes / 1024:.1f} KiB "
-          f"({f8.size_bytes / fp32_bytes:.3f}x) | int4 weight-only {f4.size_bytes / 1024:.1f} KiB "
-          f"({f4.size_bytes / fp32_bytes:.3f}x)")
-    for batch in (1, 64):
-        x = calib[:batch]
-        feed = lambda s: (lambda: s.run(None, {s.get_inputs()[0].name: x.numpy()}))
-        with torch.no_grad():
-            t = _median_ms({"torch fp32 eager": lambda: model(x), "torch fake-quant W8A8": lambda: w8a8(x),
-                            "ORT fp32": feed(s32), "ORT W8A8": feed(s8), "ORT W8A8, 1st layer float": feed(s8s),
-                            "ORT int4 weight-only": feed(s4)}, rounds)
-        base = t["torch fp32 eager"]
-        print(f"   batch {batch}:")
-        for key, ms in t.items():
-            print(f"     {key:26s} {ms:8.3f} ms   {base / ms:5.2f}x vs fp32 eager")
+def run_vision(rounds: int, out: Path) -> None:
+    for name, model in _vision_models().items():
+        calib = torch.randn(8, 3, 224, 224)
+        qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(calib,)).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w8a8 = qzo_fx.export_onnx(qm, (calib[:2],), out / f"{name}_w8a8.onnx")
+        fp32 = _fp32_file(model, calib[:2], out / f"{name}_fp32.onnx")
+        print(f"\n== {name} 224x224 W8A8: files fp32 {fp32.stat().st_size / 2**20:.1f} MiB, "
+              f"W8A8 {w8a8.size_bytes / 2**20:.1f} MiB")
+        s8, s32 = _session(w8a8.path), _session(fp32)
+        report = qzo_fx.verify_onnx(qm, w8a8.path, (calib[:4],), target="cpu")
+        openvino = qzo_fx.verify_onnx(qm, w8a8.path, (calib[:4],), runtime="openvino")
+        print(f"   parity (ties followed): ORT {report.outputs[0].steps:.3f} steps ({'OK' if report.ok else 'FAILED'}), "
+              f"OpenVINO {openvino.outputs[0].steps:.3f} steps ({'OK' if openvino.ok else 'FAILED'})")
+        for batch in (1, 8):
+            x = calib[:batch]
+            feed = {s8.get_inputs()[0].name: x.numpy()}
+            with torch.no_grad():
+                samples = interleaved_rounds({"ORT W8A8": lambda: s8.run(None, feed),
+                                              "ORT fp32": lambda: s32.run(None, {s32.get_inputs()[0].name: x.numpy()}),
+                                              "torch fp32 eager": lambda: model(x)}, rounds, warmup=2, block=BLOCK)
+            ms = {n: t * 1e3 for n, t in medians(samples).items()}
+            print(f"   batch {batch}: " + ", ".join(f"{n} {t:.1f} ms" for n, t in ms.items()) +
+                  f"; W8A8 / ORT fp32 {paired_ratio(samples, 'ORT W8A8', 'ORT fp32'):.2f}x, "
+                  f"/ torch fp32 {paired_ratio(samples, 'ORT W8A8', 'torch fp32 eager'):.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=("llm", "vision"))
     args = parser.parse_args()
-    rounds = 5 if args.quick else 40
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds "
-          f"of {BLOCK} calls (first dropped); ONNX Runtime on 1 thread")
+    rounds = 5 if args.quick else 20
+    torch.set_num_threads(1)
+    import onnxruntime
+
+    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, one thread each; median of {rounds} "
+          f"interleaved rounds of {BLOCK} calls (first dropped)")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, factory in (("mlp", MLP), ("cnn", SmallCNN)):
-            run(name, factory, rounds, Path(tmp))
+        if args.only in (None, "llm"):
+            run_llm(rounds, Path(tmp))
+        if args.only in (None, "vision"):
+            run_vision(rounds, Path(tmp))
 
 
 if __name__ == "__main__":

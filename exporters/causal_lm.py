@@ -24,7 +24,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import onnx
 import torch
@@ -182,7 +182,7 @@ class _DecoderStep(nn.Module):
         cache = DynamicCache(ddp_cache_data=pairs, config=self.lm.config)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                       **{self.cache_argument: cache})
-        present = getattr(out, "past_key_values", None) or out.cache
+        present = getattr(out, "cache", None) or out.past_key_values
         flat = [t for layer in present.layers for t in (layer.keys, layer.values)]
         return (out.logits, *flat)
 
@@ -200,12 +200,13 @@ def _shapes(layout: CacheLayout):
     return ({0: batch, 1: sequence}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in range(2 * layout.layers)))
 
 
-def export_causal_lm(qm: nn.Module, model: nn.Module, path: Union[str, Path], *, target: str = "auto",
+def export_causal_lm(qm: Optional[nn.Module], model: nn.Module, path: Union[str, Path], *, target: str = "auto",
                      weight_format: str = "auto") -> ExportResult:
     """Export a prepared Hugging Face causal LM with a KV cache for generation.
 
     Args:
-        qm: the prepared model (weight-only quantized: ``QuantConfig(weight=..., activation=None)``).
+        qm: the prepared model (weight-only quantized: ``QuantConfig(weight=..., activation=None)``),
+            or None for the float model in the same layout (a baseline to compare with).
         model: the model that was passed to :func:`qzo_fx.prepare` (its class and config; its
             values are replaced by the prepared model's).
         path: where to write the ``.onnx`` file (a ``genai_config.json`` can be written beside it
@@ -217,7 +218,10 @@ def export_causal_lm(qm: nn.Module, model: nn.Module, path: Union[str, Path], *,
         >>> qzo_fx.generate("llm/model.onnx", prompt_ids, max_new_tokens=16)  # doctest: +SKIP
     """
     layout = cache_layout(model.config)
-    lm, packable = quantized_copy(qm, model, uses_ort_kernels(weight_format, target))
+    if qm is None:
+        lm, packable = copy.deepcopy(model).eval(), {}
+    else:
+        lm, packable = quantized_copy(qm, model, uses_ort_kernels(weight_format, target))
     step = _DecoderStep(lm, layout).eval()
     onnx_model = _translate(step, layout)
     pack_low_bit_weights(onnx_model, packable)

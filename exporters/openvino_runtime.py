@@ -29,6 +29,12 @@ EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_S
 @dataclass
 class _Value:
     name: str
+    shape: list  # static sizes as ints, dynamic ones as None (as onnxruntime's NodeArg.shape)
+
+
+def _value(port) -> _Value:
+    dims = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+    return _Value(port.get_any_name(), dims)
 
 
 class OpenVinoSession:
@@ -52,8 +58,8 @@ class OpenVinoSession:
         else:
             read = core.read_model(str(model))
         self.compiled = core.compile_model(read, "CPU", dict(EXACT_CONFIG if config is None else config))
-        self._inputs = [_Value(i.get_any_name()) for i in self.compiled.inputs]
-        self._outputs = [_Value(o.get_any_name()) for o in self.compiled.outputs]
+        self._inputs = [_value(i) for i in self.compiled.inputs]
+        self._outputs = [_value(o) for o in self.compiled.outputs]
 
     def get_inputs(self) -> list[_Value]:
         return self._inputs
