@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import sys
 import tempfile
 import warnings
@@ -69,6 +70,7 @@ def _ort_quantizer(fp32: Path, out: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    logging.getLogger().setLevel(logging.WARNING)  # the quantizer turns the root logger to INFO
 
 
 def _feeds(session, ids: np.ndarray, past: int, values=None) -> dict:

@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 from qzo_fx.errors import ExportError
 from qzo_fx.exporters.emitters import EMITTERS
 from qzo_fx.exporters.export_context import PACKABLE_KEY
+from qzo_fx.exporters.export_errors import OnnxStageError, export_failure
 from qzo_fx.exporters.lint import lint_target, resolve_target
 from qzo_fx.exporters.lower import lower_for_export, lowered_meta
 
@@ -128,15 +129,20 @@ def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shap
 
 
 def _translate(lowered: GraphModule, args: tuple, opset: int, shapes: Any, kwargs: Optional[dict] = None):
+    """torch.export, then torch.onnx on the exported program (kept, so that a failure in the ONNX
+    stage can be traced back to the model's module)."""
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(lowered, args, kwargs=kwargs or None, dynamo=True,
-                                        custom_translation_table=EMITTERS, opset_version=opset, optimize=True,
-                                        verbose=False, dynamic_shapes=shapes)
+            exported = torch.export.export(lowered, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False)
+            try:
+                program = torch.onnx.export(exported, dynamo=True, custom_translation_table=EMITTERS,
+                                            opset_version=opset, optimize=True, verbose=False)
+            except Exception as error:
+                raise OnnxStageError(exported) from error
     finally:
         quiet.setLevel(level)
     return program.model_proto
@@ -164,27 +170,6 @@ def name_dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return found
 
 
-_CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)')
-
-
-def _export_failure(qm: nn.Module, error: Exception) -> ExportError:
-    """An ExportError that leads with the cause, the model line and the way out; torch's text follows."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-    chain, cause = [], error
-    while cause is not None:
-        chain.append(type(cause).__name__)
-        cause = cause.__cause__
-    site = _CALL_SITE.search(text)
-    where = f" at {site[1]}:{site[2]} in {site[3]}: `{site[4].strip()}`" if site else ""
-    if "GuardOnDataDependentSymNode" in chain or "data-dependent" in text:
-        hint = ("the model branches in Python on a tensor's value, and an ONNX graph has no Python branches. "
-                "Rewrite the branch with torch.cond (both sides traced) or torch.where (both computed), "
-                "then export again; training with qzo_fx works as it is")
-    else:
-        hint = "qzo_fx.examine(model, example_inputs) lists the constructs that cannot be captured"
-    return ExportError(f"torch.onnx could not export {type(qm).__name__}{where}: {hint}.\n\n{text}")
-
-
 WEIGHT_FORMATS = ("auto", "qdq", "matmulnbits")
 # Targets of ONNX Runtime, whose MatMulNBits runs blocked low-bit weights without dequantizing them.
 _NBITS_TARGETS = ("cpu", "cuda")
@@ -205,7 +190,7 @@ def _export_model(qm: nn.Module, lowered: GraphModule, args: tuple, kwargs: dict
             return _translate(lowered, args, opset, shapes, kwargs)
         except Exception as error:
             if i == len(candidates) - 1:
-                raise _export_failure(qm, error) from error
+                raise export_failure(qm, lowered, error) from error
     raise AssertionError("unreachable")
 
 

@@ -205,3 +205,18 @@ def test_data_dependent_branch_names_the_line_and_the_way_out(tmp_path):
     first = str(info.value).splitlines()[0]
     assert "test_onnx_export.py" in first and "if h.mean() > 0:" in first and "torch.cond" in first
     assert not (tmp_path / "m.onnx").exists()
+
+
+class Ranker(nn.Module):
+    def forward(self, x):
+        return torch.kthvalue(x, 2, dim=1).values.unsqueeze(1)  # no ONNX translation in torch.onnx
+
+
+def test_op_torch_onnx_cannot_translate_names_the_module_and_op(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), Ranker(), nn.Linear(1, 2))
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8))
+    with pytest.raises(qzo_fx.ExportError) as info:
+        qzo_fx.export_onnx(qm, (torch.randn(3, 8),), tmp_path / "m.onnx")
+    first = str(info.value).splitlines()[0]
+    assert "module '1' (Ranker)" in first and "kthvalue" in first
+    assert not (tmp_path / "m.onnx").exists()
