@@ -2,6 +2,7 @@
 
 Single process:            python examples/accelerate_qat.py
 Two CPU processes (DDP):   accelerate launch --cpu --num_processes 2 examples/accelerate_qat.py
+                           (or torchrun --standalone --nproc_per_node 2 examples/accelerate_qat.py)
 
 Accelerate wraps the prepared model (DistributedDataParallel with several processes), the
 optimizer and the data loader; qzo_fx's step takes the wrapped model as it is: the STE gradient
