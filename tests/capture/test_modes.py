@@ -236,3 +236,16 @@ def test_examine_reports_mode_dependent_parts():
     assert "drop" in where and "norm2" in where  # modules that follow their own mode
     assert any("bernoulli" in detail for detail in where.values())  # drop path, captured per mode
     assert any("batch_norm" in detail for detail in where.values())  # NormAct's Python branch
+
+
+def test_integer_codes_switch_both_modes_and_back():
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(ModeNet(), qzo_fx.QuantConfig(weight_bits=4), example_inputs=(torch.randn(4, 3, 8, 8),))
+    x = torch.randn(2, 3, 8, 8)
+    expected = qm.eval()(x)
+    qzo_fx.to_integer_codes(qm)
+    assert not any(n.target is torch.ops.qzo.fake_quant.default for mode in (True, False)
+                   for n in mode_graph(qm, mode).nodes)
+    assert torch.equal(qm.eval()(x), expected) and qm.train()(x).shape == expected.shape
+    qzo_fx.to_latent_weights(qm)
+    assert torch.equal(qm.eval()(x), expected)
