@@ -177,11 +177,11 @@ class QuantConfig:
         weight, activation = self.weight, self.activation
         type_rules = [(k, v) for k, v in self.overrides.items() if isinstance(k, type)]
         name_rules = [(k, v) for k, v in self.overrides.items() if isinstance(k, str)]
-        for key, rule in type_rules:
-            if module is not None and isinstance(module, key):
+        for module_type, rule in type_rules:
+            if module is not None and isinstance(module, module_type):
                 weight, activation = _apply(rule, weight, activation)
-        for key, rule in name_rules:
-            if fnmatch.fnmatchcase(module_name, key):
+        for pattern, rule in name_rules:
+            if fnmatch.fnmatchcase(module_name, pattern):
                 weight, activation = _apply(rule, weight, activation)
         return _target_preset(weight, activation, self.target), activation
 

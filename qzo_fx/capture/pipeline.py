@@ -38,10 +38,12 @@ PREPARE_PIPELINE = (
 def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
             example_inputs: Optional[Sequence[Any]] = None, *,
             example_kwargs: Optional[dict[str, Any]] = None, capture: str = "auto",
-            dynamic_shapes: DynamicShapes = "auto", instruments: Sequence[PassInstrument] = ()) -> GraphModule:
+            dynamic_shapes: DynamicShapes = "auto", instruments: Sequence[PassInstrument] = ()) -> nn.Module:
     """Capture ``model`` and insert fake-quantization with straight-through gradients.
 
-    The user's model is copied first and never changed. The result is a ``GraphModule`` that
+    The user's model is copied first and never changed. The result is a ``GraphModule`` (a
+    :class:`~qzo_fx.capture.modal.PreparedModel`; where only parts of the model could be
+    captured, the model's own root holding prepared parts, see ``qm.qzo_partial``) that
     trains with any torch optimizer (the STE gives the latent weights their gradients) and
     behaves like the model: ``train()`` / ``eval()`` switch dropout, BatchNorm and every
     ``if self.training:`` branch (the model is captured in both modes), it takes other batch
@@ -92,7 +94,7 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
             gm, PrepareContext(config, mode_inputs=inputs), instruments))
         if not parts.graph:
             raise CaptureError(f"{error} No submodule could be traced either:\n{parts}") from error
-        partial.qzo_partial = parts
+        setattr(partial, "qzo_partial", parts)  # an attribute, not a submodule
         return partial
     gm.meta["qzo.capture"] = report
     return _prepare_graph(gm, PrepareContext(config, args, kwargs), instruments)
