@@ -170,6 +170,18 @@ def name_dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return found
 
 
+_RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
+
+
+def check_no_random_ops(model: onnx.ModelProto, name: str) -> None:
+    """An exported file has eval semantics: the same input gives the same output."""
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in _RANDOM_OPS})
+    if found:
+        raise ExportError(f"the export of {name} holds random ops {found}: its eval-mode graph still draws random "
+                          "numbers (dropout, drop path or noise outside `if self.training:`). Make them depend on "
+                          "self.training (or nn.Dropout), prepare again, then export.")
+
+
 WEIGHT_FORMATS = ("auto", "qdq", "matmulnbits")
 # Targets of ONNX Runtime, whose MatMulNBits runs blocked low-bit weights without dequantizing them.
 _NBITS_TARGETS = ("cpu", "cuda")
@@ -241,6 +253,7 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     if chosen < _INT4_OPSET and needs_int4:
         raise ExportError(f"opset={opset}: int4 or blocked weights need opset >= {_INT4_OPSET}; leave opset unset.")
     model = _export_model(qm, lowered, tuple(example_inputs), dict(example_kwargs or {}), chosen, dynamic_shapes)
+    check_no_random_ops(model, type(qm).__name__)
     pack_low_bit_weights(model, lowered_meta(lowered).get(PACKABLE_KEY, {}))
     if not keep_debug_info:
         strip_debug_info(model)

@@ -52,8 +52,8 @@ def _quantizer(gm: GraphModule, value: object) -> Optional[Quantizer]:
 
 
 def _bias_site(gm: GraphModule, node: Node):
-    """``(bias position, input quantizer, weight quantizer)`` if ``node`` adds a float
-    parameter bias to an integer product, else None."""
+    """``(bias position, input fake_quant node, weight fake_quant node)`` if ``node`` adds a float
+    parameter bias to a product of a quantized input and a quantized weight, else None."""
     annotation = node.meta.get(ANNOTATION_KEY)
     if annotation is None or annotation.weight is None or annotation.activation is None:
         return None

@@ -220,3 +220,19 @@ def test_op_torch_onnx_cannot_translate_names_the_module_and_op(tmp_path):
     first = str(info.value).splitlines()[0]
     assert "module '1' (Ranker)" in first and "kthvalue" in first
     assert not (tmp_path / "m.onnx").exists()
+
+
+class NoisyEval(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x + 0.1 * torch.rand_like(x))  # noise in eval mode too
+
+
+def test_random_ops_in_the_eval_graph_are_refused(tmp_path):
+    qm = qzo_fx.prepare(NoisyEval(), qzo_fx.QuantConfig(weight_bits=8))
+    with pytest.raises(qzo_fx.ExportError, match="random ops.*RandomUniformLike"):
+        qzo_fx.export_onnx(qm, (torch.randn(3, 8),), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
