@@ -36,11 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.zoo's torchvision shim
 
-import qzo_fx  # noqa: E402
 from qzo_fx.exporters import export_causal_lm, generate  # noqa: E402
-from qzo_fx.exporters.openvino_runtime import OpenVinoSession  # noqa: E402
 from qzo_fx.exporters.onnx_export import strip_debug_info  # noqa: E402
+from qzo_fx.exporters.openvino_runtime import OpenVinoSession  # noqa: E402
 from timing import interleaved_rounds, medians, paired_ratio  # noqa: E402
+
+import qzo_fx  # noqa: E402
 
 BLOCK = 5  # calls per turn; the first of each turn is dropped
 PROMPT, NEW_TOKENS = 128, 32
@@ -166,7 +167,8 @@ def _llm_quality(qm, files: dict, sessions: dict, prompt: torch.Tensor) -> None:
         expected = qm(probe).logits.numpy()
     for runtime, session in (("ORT", sessions["qzo_fx int4"]), ("OpenVINO", OpenVinoSession(files["qzo_fx int4"]))):
         logits = session.run(["logits"], _feeds(session, probe.numpy(), 0))[0]
-        print(f"   parity of the qzo_fx file, logits vs the prepared model, {runtime}: {_steps(logits, expected):.4f} steps")
+        print(f"   parity of the qzo_fx file, logits vs the prepared model, {runtime}: "
+              f"{_steps(logits, expected):.4f} steps")
 
 
 def _vision_models():
@@ -192,6 +194,11 @@ def _fp32_file(model, x, path: Path) -> Path:
     return path
 
 
+def _runner(session, x: torch.Tensor):
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
 def run_vision(rounds: int, out: Path) -> None:
     for name, model in _vision_models().items():
         calib = torch.randn(8, 3, 224, 224)
@@ -205,15 +212,15 @@ def run_vision(rounds: int, out: Path) -> None:
         s8, s32 = _session(w8a8.path), _session(fp32)
         report = qzo_fx.verify_onnx(qm, w8a8.path, (calib[:4],), target="cpu")
         openvino = qzo_fx.verify_onnx(qm, w8a8.path, (calib[:4],), runtime="openvino")
-        print(f"   parity (ties followed): ORT {report.outputs[0].steps:.3f} steps ({'OK' if report.ok else 'FAILED'}), "
-              f"OpenVINO {openvino.outputs[0].steps:.3f} steps ({'OK' if openvino.ok else 'FAILED'})")
+        verdict = {True: "OK", False: "FAILED"}
+        print(f"   parity (ties followed): ORT {report.outputs[0].steps:.3f} steps ({verdict[report.ok]}), "
+              f"OpenVINO {openvino.outputs[0].steps:.3f} steps ({verdict[openvino.ok]})")
         for batch in (1, 8):
             x = calib[:batch]
-            feed = {s8.get_inputs()[0].name: x.numpy()}
+            fns = {"ORT W8A8": _runner(s8, x), "ORT fp32": _runner(s32, x),
+                   "torch fp32 eager": lambda m=model, x=x: m(x)}
             with torch.no_grad():
-                samples = interleaved_rounds({"ORT W8A8": lambda: s8.run(None, feed),
-                                              "ORT fp32": lambda: s32.run(None, {s32.get_inputs()[0].name: x.numpy()}),
-                                              "torch fp32 eager": lambda: model(x)}, rounds, warmup=2, block=BLOCK)
+                samples = interleaved_rounds(fns, rounds, warmup=2, block=BLOCK)
             ms = {n: t * 1e3 for n, t in medians(samples).items()}
             print(f"   batch {batch}: " + ", ".join(f"{n} {t:.1f} ms" for n, t in ms.items()) +
                   f"; W8A8 / ORT fp32 {paired_ratio(samples, 'ORT W8A8', 'ORT fp32'):.2f}x, "

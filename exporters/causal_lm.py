@@ -30,16 +30,22 @@ import onnx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from qzo_fx.errors import ExportError
 from qzo_fx.exporters.emitters import EMITTERS
 from qzo_fx.exporters.gather_quantized import gather_layout
 from qzo_fx.exporters.lower_weights import storage_codes
 from qzo_fx.exporters.matmul_nbits import NBITS, nbits_block, nbits_layout
-from qzo_fx.exporters.onnx_export import (ExportResult, name_dynamic_axes, op_histogram, pack_low_bit_weights,
-                                          strip_debug_info, uses_ort_kernels)
-from qzo_fx.capture.pipeline import quantizer_containers
+from qzo_fx.exporters.onnx_export import (
+    ExportResult,
+    name_dynamic_axes,
+    op_histogram,
+    pack_low_bit_weights,
+    strip_debug_info,
+    uses_ort_kernels,
+)
 from qzo_fx.passes.train.integer_codes import integer_codes
+
+from qzo_fx.capture.pipeline import quantizer_containers
+from qzo_fx.errors import ExportError
 from qzo_fx.quant.quantizer import Quantizer
 
 __all__ = ["export_causal_lm", "CacheLayout"]

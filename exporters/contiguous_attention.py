@@ -50,6 +50,6 @@ def contiguous_attention(gm: GraphModule, *, ctx: object = None) -> PassResult:
             continue  # already done (the pass runs twice without change)
         with gm.graph.inserting_after(output):
             copy = gm.graph.call_function(aten.clone.default, (output,), {"memory_format": torch.contiguous_format})
-        output.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+        output.replace_all_uses_with(copy, delete_user_cb=lambda user, copy=copy: user is not copy)
         modified = True
     return PassResult(gm, modified)

@@ -1,24 +1,22 @@
-"""Op -> ONNX emitter registry for the export-form q/dq ops (onnxscript, traced by torch.onnx).
+"""Op -> ONNX emitter registry for the export-form ops (onnxscript, traced by torch.onnx).
 
-Every other op is translated by torch.onnx itself; only these need a rule. Integer storage
-types come from the initializers (codes, zero points), so one emitter serves int8, uint8 and,
-after packing, int4/uint4.
+Every other op is translated by torch.onnx itself; only these need a rule: the q/dq ops (integer
+storage types come from the initializers, so one emitter serves int8, uint8 and, after packing,
+int4/uint4), and the ONNX Runtime kernels MatMulNBits and GatherBlockQuantized (com.microsoft).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import onnx
-import torch
-from onnxscript import opset18 as op
-from onnxscript import opset21 as op21
-from onnx.defs import OpSchema
-from onnxscript.values import Op, Opset
-
 import qzo_fx.exporters.gather_quantized  # noqa: F401  (registers the quantized gathers)
 import qzo_fx.exporters.matmul_nbits  # noqa: F401  (registers qzo.matmul_nbits)
-
-import qzo_fx.exporters.ops  # noqa: F401  (registers the export-form ops)
+import qzo_fx.exporters.ops  # noqa: F401  (registers the export-form q/dq ops)
+import torch
+from onnx.defs import OpSchema
+from onnxscript import opset18 as op
+from onnxscript import opset21 as op21
+from onnxscript.values import Op, Opset
 
 __all__ = ["EMITTERS", "register_emitter"]
 

@@ -12,10 +12,10 @@ import operator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx import GraphModule, Node
-
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.exporters.lower_bias import constant_value
+from torch.fx import GraphModule, Node
+
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["fold_batchnorm"]

@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
+from qzo_fx.exporters.matmul_nbits import pack_rows, unpack_rows
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
-from qzo_fx.exporters.matmul_nbits import pack_rows, unpack_rows
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["lower_quantized_gather", "gather_layout", "gather_block_quantized", "gather_rows_dequantize"]
@@ -35,7 +35,7 @@ _BLOCK_BITS = (4, 8)  # the widths GatherBlockQuantized takes in uint8 storage
 def gather_block_quantized(indices: Tensor, data: Tensor, scales: Tensor, zero_points: Tensor, bits: int,
                            block_size: int) -> Tensor:
     """Rows ``indices`` of the table held as GatherBlockQuantized data (the node's eager reference)."""
-    rows, dim = data.shape[0], data.shape[1] * 8 // bits
+    dim = data.shape[1] * 8 // bits
     codes = unpack_rows(data[indices], bits, dim).to(scales.dtype)
     zero = unpack_rows(zero_points[indices], bits, dim // block_size).to(scales.dtype)
     step = scales[indices]
@@ -120,7 +120,8 @@ def lower_quantized_gather(gm: GraphModule, *, ctx: object = None) -> PassResult
         indices, dq = found
         bits = bits_of.get(str(dq.args[0].target).split(".")[1])
         codes, scale, zero = (_read(gm, a) for a in dq.args[:3])
-        replacement = gather_layout(codes, scale, zero, dq.args[3], dq.args[4], bits, getattr(ctx, "ort_contrib_ops", False))
+        contrib = getattr(ctx, "ort_contrib_ops", False)
+        replacement = gather_layout(codes, scale, zero, dq.args[3], dq.args[4], bits, contrib)
         if replacement is None:
             continue
         target, buffers, attributes = replacement

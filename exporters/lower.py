@@ -5,21 +5,20 @@ import copy
 from dataclasses import dataclass
 
 import torch.nn as nn
+from qzo_fx.exporters.contiguous_attention import contiguous_attention
+from qzo_fx.exporters.export_context import PACKABLE_KEY
+from qzo_fx.exporters.fold_batchnorm import fold_batchnorm
+from qzo_fx.exporters.gather_quantized import lower_quantized_gather
+from qzo_fx.exporters.lower_activations import lower_activations
+from qzo_fx.exporters.lower_bias import lower_bias
+from qzo_fx.exporters.lower_weights import lower_weights
+from qzo_fx.exporters.matmul_nbits import lower_matmul_nbits
+from qzo_fx.passes.prepare.cleanup import cleanup
 from torch.fx import GraphModule
 
-from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.capture.modes import set_mode
 from qzo_fx.capture.pipeline import quantizer_containers
-
 from qzo_fx.pass_infra import Pass, PassManager
-from qzo_fx.passes.prepare.cleanup import cleanup
-from qzo_fx.exporters.contiguous_attention import contiguous_attention
-from qzo_fx.exporters.fold_batchnorm import fold_batchnorm
-from qzo_fx.exporters.lower_bias import lower_bias
-from qzo_fx.exporters.gather_quantized import lower_quantized_gather
-from qzo_fx.exporters.matmul_nbits import lower_matmul_nbits
-from qzo_fx.exporters.lower_activations import lower_activations
-from qzo_fx.exporters.lower_weights import lower_weights
 
 __all__ = ["LOWERING_PIPELINE", "LoweringOptions", "lower_for_export", "lowered_meta"]
 

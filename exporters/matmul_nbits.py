@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["lower_matmul_nbits", "pack_rows", "unpack_rows", "matmul_nbits", "nbits_layout", "nbits_block", "NBITS"]
@@ -163,7 +163,7 @@ def lower_matmul_nbits(gm: GraphModule, *, ctx: object = None) -> PassResult:
             continue
         codes, scale, zero = (_read(gm, a) for a in dq.args[:3])
         if transposed:  # x @ W[K, N]: MatMulNBits rows are the output channels
-            codes, scale, zero = codes.t(), scale.t() if scale.dim() == 2 else scale, zero.t() if zero.dim() == 2 else zero
+            codes, scale, zero = (t.t() if t.dim() == 2 else t for t in (codes, scale, zero))
         packed, scales, zero_points, k, n = nbits_layout(codes, scale, zero, bits, block_size)
         holder = nn.Module()
         holder.register_buffer("packed", packed)

@@ -18,14 +18,14 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
-from torch.fx import GraphModule
-
-from qzo_fx.errors import ExportError
 from qzo_fx.exporters.emitters import EMITTERS
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.export_errors import OnnxStageError, export_failure
 from qzo_fx.exporters.lint import lint_target, resolve_target
 from qzo_fx.exporters.lower import lower_for_export, lowered_meta
+from torch.fx import GraphModule
+
+from qzo_fx.errors import ExportError
 
 __all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram", "strip_debug_info", "WEIGHT_FORMATS",
            "dynamic_shape_spec", "name_dynamic_axes", "uses_ort_kernels"]

@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 from typing import Optional, Union
 
-
 from qzo_fx.errors import ExportError
 
 __all__ = ["onnx_session", "available_targets", "PROVIDER_ORDER", "TARGETS"]

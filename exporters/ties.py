@@ -26,15 +26,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import torch
 import torch.nn as nn
+from onnx import numpy_helper
+from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qzo_fx.capture.modes import mode
-from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE
 
 __all__ = ["TieCount", "probe_model", "quantizer_key", "tie_resolved_outputs", "resolve_codes"]
 
@@ -51,7 +51,8 @@ class TieCount:
 def quantizer_key(scale: Any, zero_point: Any) -> tuple[bytes, int]:
     """What identifies an activation quantizer on both sides: its float32 scale and its zero
     point (names do not serve: the ONNX optimizer merges equal scale initializers)."""
-    return np.float32(np.asarray(scale, dtype=np.float32).reshape(())).tobytes(), int(np.asarray(zero_point).reshape(()))
+    step = np.float32(np.asarray(scale, dtype=np.float32).reshape(()))
+    return step.tobytes(), int(np.asarray(zero_point).reshape(()))
 
 
 def probe_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[tuple[bytes, int], str]]]:
@@ -67,7 +68,8 @@ def probe_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[tup
     # Below 8 bits a Clip follows the QuantizeLinear (QCDQ): the codes are the Clip's output.
     clipped = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "Clip"}
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or not {node.input[1], node.input[2]} <= set(constants):
+        quantizes = node.op_type == "QuantizeLinear" and len(node.input) >= 3
+        if not quantizes or not {node.input[1], node.input[2]} <= set(constants):
             continue
         scale, zero = (numpy_helper.to_array(constants[n]) for n in node.input[1:3])
         if scale.size != 1:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
-import onnx.version_converter
 from onnx.reference import ReferenceEvaluator
 
 import qzo_fx
@@ -49,7 +49,8 @@ def _dq_gemm(low: int, high: int, transpose_matmul: bool) -> onnx.ModelProto:
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0)]
     if transpose_matmul:
-        nodes += [helper.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["xd", "wt"], ["y"])]
+        nodes += [helper.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["xd", "wt"], ["y"])]
     else:
         nodes.append(helper.make_node("Gemm", ["xd", "wd"], ["y"], transB=1))
     nodes += [helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),

@@ -96,7 +96,8 @@ def test_auto_format_follows_the_target(tmp_path):
         _export(cfg, tmp_path, weight_format="int4")
 
 
-@pytest.mark.parametrize("spec,gather", [(_spec(4, True), "GatherBlockQuantized"), (_spec(8, False), "GatherBlockQuantized"),
+@pytest.mark.parametrize("spec,gather", [(_spec(4, True), "GatherBlockQuantized"),
+                                         (_spec(8, False), "GatherBlockQuantized"),
                                          (qzo_fx.QuantSpec(bits=8), "Gather")])
 def test_quantized_embeddings_gather_codes_not_a_dequantized_table(spec, gather, tmp_path):
     qm, result = _export(qzo_fx.QuantConfig(weight=spec), tmp_path)
@@ -118,7 +119,8 @@ def test_int8_per_row_linear_is_exact_as_matmulnbits(tmp_path):
     cfg = qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=8), overrides={"emb": {"weight": None}})
     qm, nbits = _export(cfg, tmp_path)
     assert nbits.op_types.get("MatMulNBits") == 2
-    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in _nodes(nbits.path, "MatMulNBits")]
+    nodes = _nodes(nbits.path, "MatMulNBits")
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
     assert sorted((a["K"], a["block_size"], a["accuracy_level"]) for a in attrs) == [(64, 64, 0), (128, 128, 0)]
     report = qzo_fx.verify_onnx(qm, nbits.path, (torch.randint(0, 96, (3, 9)),))
     assert report.ok and report.outputs[0].steps < 0.01, str(report)
