@@ -28,6 +28,8 @@ _LAZY = {
     "export_onnx": "qzo_fx.exporters.onnx_export", "ExportResult": "qzo_fx.exporters.onnx_export",
     "onnx_session": "qzo_fx.exporters.runtime",
     "verify_onnx": "qzo_fx.exporters.verify", "ParityReport": "qzo_fx.exporters.verify",
+    "export_causal_lm": "qzo_fx.exporters.causal_lm", "generate": "qzo_fx.exporters.generation",
+    "write_genai_config": "qzo_fx.exporters.genai",
 }
 
 
@@ -45,6 +47,7 @@ __all__ = [
     "train_step", "TrainStep", "StepStats", "STE", "FOGZO", "NSPSA", "ZOSign", "ZOQO",
     "to_integer_codes", "to_latent_weights",
     "export_onnx", "ExportResult", "verify_onnx", "ParityReport", "onnx_session",
+    "export_causal_lm", "generate", "write_genai_config",
     "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
     "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",
     "CalibrationError", "TrainStepError", "NonFiniteLossError", "BatchError", "ExportError", "ops",
