@@ -5,6 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.zoo.models import torchvision_shim
+
+# torchvision from PyPI beside the CPU build of torch cannot register its compiled ops, and
+# transformers and timm import it when it is installed: the shim lets every test import them.
+torchvision_shim()
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -5,9 +5,7 @@ import pytest
 import torch
 
 import qzo_fx
-from tests.zoo.models import torchvision_shim
 
-torchvision_shim()  # transformers imports torchvision where it is installed
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
