@@ -1,6 +1,6 @@
 """Wall time of a training step on realistic models, as ratios measured in one run.
 
-    python benchmarks/step_overhead.py [--quick] [--models resnet18,deit_tiny,llama] [--device cuda]
+    python benchmarks/step_overhead.py [--quick] [--models resnet18,deit_tiny,llama] [--device cuda] [--clock cpu]
 
 Models (random init, timm / transformers configs): ResNet-18 at 16x3x128x128, DeiT-tiny at
 128 px (batch 16), a LLaMA (hidden 256, 4 layers, 4 heads, vocabulary 2048) at 8x128 tokens.
@@ -21,9 +21,9 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved_rounds, medians
 
 import qzo_fx
-from timing import interleaved_rounds, medians
 
 BLOCK = 2  # steps per turn, the first dropped: steady state, as in a training loop
 
@@ -173,14 +173,18 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,deit_tiny,llama")
     parser.add_argument("--device", default="cpu", help="cpu (the targets' reference) or cuda")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="cpu: process CPU time, for a machine shared with other jobs (OMP_WAIT_POLICY=PASSIVE)")
     args = parser.parse_args()
     rounds = args.rounds or (5 if args.quick else 15)
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {args.device} ({where}); {rounds} interleaved rounds of {BLOCK} back-to-back "
-          "steps (first dropped); ratios: median [min-max] over rounds of each round's ratio", flush=True)
+          f"steps (first dropped), {args.clock} clock; ratios: median [min-max] over rounds of each round's ratio",
+          flush=True)
     for name in args.models.split(","):
         fns, steps = step_fns(name, args.device)
-        report(name, interleaved_rounds(fns, rounds, warmup=1, block=BLOCK), steps)
+        report(name, interleaved_rounds(fns, rounds, warmup=1, block=BLOCK, clock=args.clock), steps)
     if torch.device(args.device).type == "cuda":
         nspsa_throughput(args.device, rounds)
 

@@ -1,6 +1,6 @@
 """Where a FOGZO step's time goes, and what each speed trick saves (CPU, realistic models).
 
-    python benchmarks/step_phases.py [--models resnet18,deit_tiny,llama] [--rounds 12] [--ab]
+    python benchmarks/step_phases.py [--models resnet18,deit_tiny,llama] [--rounds 12] [--ab] [--clock cpu]
 
 Phases: timers around the base pass, the direction (noise and guide), the branches and the
 estimate of a sequential FOGZO step, alternating with STE steps. ``--ab``: each trick against its
@@ -19,14 +19,13 @@ import argparse
 import statistics
 import time
 
-import torch
+from step_overhead import MODELS, prepared, ratio, trained
+from timing import interleaved_rounds, medians
 
 import qzo_fx
 from qzo_fx.train import compiled, directions
 from qzo_fx.train.graphs import BranchGraphs
 from qzo_fx.train.strategies import Sequential
-from step_overhead import MODELS, prepared, ratio, trained
-from timing import interleaved_rounds, medians
 
 
 def _timed(owner, name: str, label: str, record: dict) -> None:
@@ -89,7 +88,7 @@ def _no_reuse(step) -> None:
     step.graphs._graphs.clear()
 
 
-def run_ab(name: str, device: str, rounds: int) -> None:
+def run_ab(name: str, device: str, rounds: int, clock: str = "wall") -> None:
     _, qm, batch, loss_fn = prepared(name, device, qzo_fx.QuantConfig(weight_bits=2))
 
     def fogzo(strategy="sequential", noise="auto", change=None):
@@ -107,7 +106,7 @@ def run_ab(name: str, device: str, rounds: int) -> None:
              "hoisted q/dq": (fogzo(change=_unhoisted), "without conv reuse"),
              "sequential": (fogzo(strategy="inplace"), "all tricks")}
     fns.update({f"without {k}": fn for k, (fn, _) in pairs.items()})
-    samples = interleaved_rounds(fns, rounds, warmup=1, block=2)
+    samples = interleaved_rounds(fns, rounds, warmup=1, block=2, clock=clock)
     t = medians(samples)
     print(f"\n== A/B on {name}: STE {t['STE']*1e3:.1f} ms; FOGZO with every trick {t['all tricks']*1e3:.1f} ms "
           f"= {ratio(samples, 'all tricks', 'STE')[0]:.3f}x STE", flush=True)
@@ -125,12 +124,14 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,deit_tiny,llama")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--ab", action="store_true")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="cpu: process CPU time, for a machine shared with other jobs (OMP_WAIT_POLICY=PASSIVE)")
     args = parser.parse_args()
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name}: choose from {sorted(MODELS)}")
         if args.ab:
-            run_ab(name, "cpu", args.rounds)
+            run_ab(name, "cpu", args.rounds, args.clock)
         else:
             phases(name, args.rounds)
 

@@ -1,8 +1,9 @@
 """Switch weights between latent floats and integer codes.
 
-Both rewrite the graph of every mode of a prepared model. ``use_integer_codes``: every weight ``fake_quant(W)`` becomes ``dequantize(codes)`` with the codes
-in an int16 buffer of its quantizer; the latent float parameter is deleted (under every name that
-aliases it), so nothing but the grid remains. ``use_latent_weights`` goes back: the parameter is
+Both rewrite the graph of every mode of a prepared model. ``use_integer_codes``: every weight
+``fake_quant(W)`` becomes ``dequantize(codes)`` with the codes in an int16 buffer of its
+quantizer; the latent float parameter is deleted (under every name that aliases it), so nothing
+but the grid remains. ``use_latent_weights`` goes back: the parameter is
 recreated from the dequantized codes (exactly on the grid) and the STE op returns.
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ from torch.fx import GraphModule, Node
 
 from qzo_fx.capture.modal import distinct_modes, graph_of_mode
 from qzo_fx.context import QUANT_CONTAINER
-from qzo_fx.quant.ops import expand_param, grid_codes
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.quant.ops import expand_param, grid_codes
 from qzo_fx.quant.quantizer import Quantizer, quantizer_of, quantizer_read
 
 __all__ = ["use_integer_codes", "use_latent_weights", "integer_codes", "code_quantizer"]

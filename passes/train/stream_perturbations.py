@@ -7,11 +7,11 @@ extra memory is about the largest perturbed tensor, not the model, and theta is 
 """
 from __future__ import annotations
 
+from qzo_fx.passes.train.branch_context import BranchContext
+from qzo_fx.passes.train.lift_params import call_with, owned_reads
 from torch.fx import GraphModule
 
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.passes.train.branch_context import BranchContext
-from qzo_fx.passes.train.lift_params import call_with, owned_reads
 
 __all__ = ["stream_perturbations", "PERTURBER"]
 
@@ -30,7 +30,7 @@ def stream_perturbations(gm: GraphModule, *, ctx: BranchContext) -> PassResult:
             continue  # already streamed
         with gm.graph.inserting_after(node):
             perturbed = gm.graph.call_module(PERTURBER, (node, index[node.target]))
-        node.replace_all_uses_with(perturbed, delete_user_cb=lambda user: user is not perturbed)
+        node.replace_all_uses_with(perturbed, delete_user_cb=lambda user, new=perturbed: user is not new)
         modified = True
     for node, held in owned_reads(gm, ctx.names):  # parameters a module reads itself
         values = {}

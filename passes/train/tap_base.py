@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from qzo_fx.passes.train.branch_context import BranchContext
 from torch.fx import GraphModule, Node
 
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.passes.train.branch_context import BranchContext
 from qzo_fx.quant.ops import fake_quant_kernel
 from qzo_fx.train.reuse import CHANNELWISE_FUNCTIONS, CHANNELWISE_MODULES, TAPS
 
@@ -98,5 +98,5 @@ def tap_base(gm: GraphModule, *, ctx: BranchContext) -> PassResult:
     for c in found:
         with gm.graph.inserting_after(c.end):
             tap = gm.graph.call_module(TAPS, (c.conv.name, c.x, c.weight, c.end))
-        c.end.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
+        c.end.replace_all_uses_with(tap, delete_user_cb=lambda user, new=tap: user is not new)
     return PassResult(gm, True)

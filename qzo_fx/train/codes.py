@@ -27,9 +27,11 @@ def to_integer_codes(qm: GraphModule) -> GraphModule:
     """
     if not isinstance(qm, GraphModule):
         raise QzoError(f"to_integer_codes takes a prepared model (GraphModule), got {type(qm).__name__}.")
-    return PassManager([Pass("use_integer_codes", use_integer_codes, "weights become grid integers")]).run(qm).graph_module
+    switch = Pass("use_integer_codes", use_integer_codes, "weights become grid integers")
+    return PassManager([switch]).run(qm).graph_module
 
 
 def to_latent_weights(qm: GraphModule) -> GraphModule:
     """Switch back (in place): latent float weights, initialised exactly on the grid."""
-    return PassManager([Pass("use_latent_weights", use_latent_weights, "codes become latent weights")]).run(qm).graph_module
+    switch = Pass("use_latent_weights", use_latent_weights, "codes become latent weights")
+    return PassManager([switch]).run(qm).graph_module

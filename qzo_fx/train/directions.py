@@ -19,9 +19,22 @@ from torch import Tensor
 from qzo_fx.train.noise import Noise, noise_key, signs
 from qzo_fx.train.workspace import Workspace
 
-__all__ = ["Directions"]
+__all__ = ["Directions", "scaled_norm"]
 
 Tensors = list[Tensor]
+
+
+def scaled_norm(g: Tensor, e: Tensor) -> Tensor:
+    """``||e * g||`` for ``e`` broadcasting against ``g``, without the product where ``e`` is
+    constant along dimensions (per-tensor or per-channel scales): ``||e * ||g||_those dims||``."""
+    if e.numel() == 1:
+        return torch.linalg.vector_norm(g) * e.reshape(()).abs()
+    shape = (1,) * (g.dim() - e.dim()) + tuple(e.shape)
+    constant = tuple(d for d, (es, gs) in enumerate(zip(shape, g.shape)) if es == 1 and gs > 1)
+    if len(shape) != g.dim() or not constant:
+        return torch.linalg.vector_norm(torch.mul(g, e))
+    rows = torch.linalg.vector_norm(g, dim=constant, keepdim=True)
+    return torch.linalg.vector_norm(rows.mul_(e.reshape(shape)))
 
 
 class Directions:
@@ -47,8 +60,7 @@ class Directions:
         self.guide_norms: Optional[Tensor] = None  # per tensor, ||eps_i * g_i|| (device)
         self._coefficients: Optional[Tensor] = None  # [n, tensors]: a s_k / ||g_z||, 0 for a zero guide
         if self.a > 0:
-            self.guide_norms = torch.stack([torch.linalg.vector_norm(torch.mul(g, e)).float()
-                                            for g, e in zip(self.grads, self.eps)])
+            self.guide_norms = torch.stack([scaled_norm(g, e).float() for g, e in zip(self.grads, self.eps)])
             norms = self.guide_norms if normalize == "per_tensor" else self.guide_norms.square().sum().sqrt().expand(
                 len(self.like))
             # A zero guide (every eps * g exactly 0) has no direction: its part is dropped

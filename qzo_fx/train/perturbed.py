@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import TrainStepError
-from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.quant.quantizer import Quantizer
 
 __all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "PerturbedParam", "perturbed_params", "code_tensors"]

@@ -28,17 +28,25 @@ from torch.fx import GraphModule
 from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.errors import NonFiniteLossError, TrainStepError
 from qzo_fx.train import distributed
+from qzo_fx.train.batches import BatchSignature
 from qzo_fx.train.checks import FiniteCheck
 from qzo_fx.train.directions import Directions
 from qzo_fx.train.estimators import STE, Estimator
 from qzo_fx.train.graphs import BranchGraphs
 from qzo_fx.train.noise import Noise
 from qzo_fx.train.perturbed import PerturbedParam, code_tensors, perturbed_params
-from qzo_fx.train.batches import BatchSignature
 from qzo_fx.train.reuse import TAPS, BaseTaps
 from qzo_fx.train.rng import RngState
-from qzo_fx.train.strategies import (STRATEGIES, Auto, BranchModel, Branches, Strategy, StrategyContext, build,
-                                     masks_differ)
+from qzo_fx.train.strategies import (
+    STRATEGIES,
+    Auto,
+    Branches,
+    BranchModel,
+    Strategy,
+    StrategyContext,
+    build,
+    masks_differ,
+)
 from qzo_fx.train.workspace import Workspace
 
 __all__ = ["train_step", "TrainStep", "StepStats"]

@@ -109,8 +109,8 @@ def test_unit_norm_noise_is_smaller_than_per_coordinate():
     for form in ("per_coordinate", "unit_norm"):
         # The loss is linear in theta along a fixed w: G = (w . eps v) v / eps, so |G| tracks |v|^2.
         w = torch.ones(4000)
-        G = reference.fogzo(lambda v: (w * v[0]).sum(), theta, g, eps, ["uniform"], beta=0.5, n=1, step_seed=1,
-                            noise_form=form)
+        G = reference.fogzo(lambda v, w=w: (w * v[0]).sum(), theta, g, eps, ["uniform"], beta=0.5, n=1,
+                            step_seed=1, noise_form=form)
         c[form] = float(G[0].norm())
     assert c["per_coordinate"] > 20 * c["unit_norm"]
 

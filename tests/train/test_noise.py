@@ -80,7 +80,8 @@ def test_keys_and_signs():
     ones = sum(s > 0 for seed in range(4000) for s in signs(seed, 1))
     assert abs(ones - 2000) < 4 * math.sqrt(4000) / 2  # a fair coin (4 sigma)
     # The signs and the noise are independent streams.
-    first = torch.tensor([float(Noise("torch").fill(torch.empty(1), "uniform", noise_key(s, 0, 0))) for s in range(4000)])
+    source = Noise("torch")
+    first = torch.tensor([float(source.fill(torch.empty(1), "uniform", noise_key(s, 0, 0))) for s in range(4000)])
     sign = torch.tensor([signs(s, 1)[0] for s in range(4000)])
     assert abs(float((sign * first).mean())) < 5 / math.sqrt(4000)
 

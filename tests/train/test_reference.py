@@ -35,7 +35,8 @@ class Net(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc1, self.bn, self.drop, self.fc2 = nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Dropout(0.2), nn.Linear(16, 4)
+        self.fc1, self.bn = nn.Linear(12, 16), nn.BatchNorm1d(16)
+        self.drop, self.fc2 = nn.Dropout(0.2), nn.Linear(16, 4)
 
     def forward(self, x):
         return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))

@@ -20,7 +20,8 @@ class DropNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc1, self.bn, self.drop, self.fc2 = nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 4)
+        self.fc1, self.bn = nn.Linear(12, 16), nn.BatchNorm1d(16)
+        self.drop, self.fc2 = nn.Dropout(0.3), nn.Linear(16, 4)
 
     def forward(self, x):
         return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
@@ -250,7 +251,8 @@ def test_perturbation_sizes_follow_scale_changes():
     """eps = step * eps_bar is cached between steps, but never outlives a scale change: an
     in-place update (a learned scale's optimizer step) or a new scale tensor (re-calibration)."""
     torch.manual_seed(0)
-    qm = qzo_fx.prepare(torch.nn.Linear(6, 3), qzo_fx.QuantConfig(weight=qzo_fx.QuantSpec(bits=2, granularity="per_tensor")))
+    spec = qzo_fx.QuantSpec(bits=2, granularity="per_tensor")
+    qm = qzo_fx.prepare(torch.nn.Linear(6, 3), qzo_fx.QuantConfig(weight=spec))
     step = qzo_fx.train_step(qm, lambda m, b: m(b).square().mean(), qzo_fx.FOGZO(total_steps=10, seed=0))
     quantizer = step.perturbed[0].quantizer
     first = step.eps(1e-3)[0].clone()

@@ -27,6 +27,7 @@ def _kernels():
         return None
     try:
         import numba  # noqa: F401
+
         from qzo_fx.train.compiled import kernels
     except ImportError:
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from qzo_fx.train.strategies.auto import AUTO_ROUNDS, Auto
-from qzo_fx.train.strategies.base import BranchModel, Branches, Strategy, StrategyContext
+from qzo_fx.train.strategies.base import Branches, BranchModel, Strategy, StrategyContext
 from qzo_fx.train.strategies.batched import Batched, masks_differ
 from qzo_fx.train.strategies.inplace import Inplace
 from qzo_fx.train.strategies.lean import Lean

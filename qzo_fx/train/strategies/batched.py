@@ -16,7 +16,7 @@ from torch import Tensor
 
 from qzo_fx.train.random_ops import uses_randomness
 from qzo_fx.train.rng import RngState
-from qzo_fx.train.strategies.base import BranchModel, Branches, Strategy, StrategyContext, apply_delta
+from qzo_fx.train.strategies.base import Branches, BranchModel, Strategy, StrategyContext, apply_delta
 
 __all__ = ["Batched", "masks_differ"]
 
@@ -50,7 +50,8 @@ class Batched(Strategy):
         out, pattern = [], branches.pattern
         for start in range(0, len(pattern), ctx.max_chunk):
             chunk = pattern[start:start + ctx.max_chunk]
-            stacked = [ctx.workspace.buffer(("stacked", i), (len(chunk), *p.shape), p) for i, p in enumerate(ctx.params)]
+            stacked = [ctx.workspace.buffer(("stacked", i), (len(chunk), *p.shape), p)
+                       for i, p in enumerate(ctx.params)]
             for b, (k, sign) in enumerate(chunk):
                 for i, p in enumerate(ctx.params):  # straight into the stacked buffers: no torch.stack copy
                     apply_delta(p, *branches.delta(k, i), sign, out=stacked[i][b])

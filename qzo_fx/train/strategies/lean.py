@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from qzo_fx.train.rng import RngState
-from qzo_fx.train.strategies.base import BranchModel, Branches, Strategy, StrategyContext, apply_delta
+from qzo_fx.train.strategies.base import Branches, BranchModel, Strategy, StrategyContext, apply_delta
 
 __all__ = ["Lean", "Perturber"]
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from qzo_fx.train.prologue import PROLOGUE
 from qzo_fx.train.rng import RngState
-from qzo_fx.train.strategies.base import BranchModel, Branches, Strategy, StrategyContext, apply_delta
+from qzo_fx.train.strategies.base import Branches, BranchModel, Strategy, StrategyContext, apply_delta
 
 __all__ = ["Sequential"]
 
