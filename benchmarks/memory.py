@@ -4,7 +4,8 @@
 
 Each configuration runs in its own process on an MLP width-width-width-10 (2-bit weights,
 batch 64): the figure is the process's peak RSS during 5 steps minus its RSS after one plain
-STE step (model, gradients and optimizer state already allocated). ``lean`` streams the
+STE step (model, gradients and optimizer state already allocated) and one step of the same kind
+on a tiny model (the code it runs loaded: numba's compiled kernels alone take ~100 MiB). ``lean`` streams the
 perturbation tensor by tensor and should stay near the largest tensor; the others hold a few
 model-sized buffers (noise, deltas, branch values, a snapshot for inplace).
 """
@@ -37,8 +38,10 @@ def run(estimator: str, strategy: str, width: int) -> dict:
     opt = torch.optim.SGD(qm.parameters(), lr=1e-3)
     qzo_fx.train_step(qm, ce, qzo_fx.STE())(batch)
     opt.step()
-    base = _rss_mib()
     est = qzo_fx.STE() if estimator == "STE" else qzo_fx.FOGZO(total_steps=10, seed=0)
+    tiny = qzo_fx.prepare(MLP((8, 8, 8, 10)), qzo_fx.QuantConfig(weight_bits=2))
+    qzo_fx.train_step(tiny, ce, est, strategy=strategy or "auto")((torch.randn(4, 8), torch.randint(0, 10, (4,))))
+    base = _rss_mib()
     step = qzo_fx.train_step(qm, ce, est, strategy=strategy or "auto")
     for _ in range(5):
         step(batch)
