@@ -21,7 +21,8 @@ import torch
 from tabulate import tabulate
 
 import qzo_fx
-from qzo_fx.models import MLP, classification_loss as ce
+from qzo_fx.models import MLP
+from qzo_fx.models import classification_loss as ce
 
 CONFIGS = [("STE", None), ("FOGZO", "inplace"), ("FOGZO", "sequential"), ("FOGZO", "batched"), ("FOGZO", "lean")]
 
