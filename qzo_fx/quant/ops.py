@@ -70,11 +70,30 @@ def fake_quant_kernel(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, q
     (no dispatcher or autograd wrapper per call, and vmap batches it natively)."""
     s = expand_param(scale, x, axis, group_size)
     q = torch.div(x, s).round_()
+    if torch._C._functorch.is_batchedtensor(q):
+        return _clamp_batched(q, s, zero_point, qmin, qmax, axis, group_size)
+    # In-place ops with a 0-d tensor operand take a slow path on CPU (several times slower here);
+    # a stride-0 view of x's shape takes the vectorized one, with the same values.
+    s = s.expand(q.shape) if s.dim() == 0 else s
     if qmin < 0:
-        # Signed grids are symmetric: their zero point is 0 (see calibration), skip two passes.
-        return q.clamp_min_(qmin).clamp_max_(qmax).mul_(s)
+        # Signed grids are symmetric: their zero point is 0 (see calibration).
+        return q.clamp_(qmin, qmax).mul_(s)
+    if zero_point.dim() == 0 and q.device.type == "cpu":
+        # The zero point is an integer, so clamp(q + z, qmin, qmax) - z = clamp(q, qmin - z, qmax - z)
+        # exactly in float: four passes over x instead of six (a CPU tensor's value is read for free).
+        z = float(zero_point)
+        return q.clamp_(qmin - z, qmax - z).mul_(s)
     z = expand_param(zero_point, x, axis, group_size)
-    # clamp_min_/clamp_max_ rather than clamp_: vmap has batching rules for these two only.
+    return q.add_(z).clamp_min_(qmin).clamp_max_(qmax).sub_(z).mul_(s)
+
+
+def _clamp_batched(q: Tensor, s: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int,
+                   group_size: int) -> Tensor:
+    """The kernel's clamp and scale under vmap (batched branches): clamp_min_/clamp_max_ have
+    batching rules, clamp_ with two bounds has none. The same values as the unbatched path."""
+    if qmin < 0:
+        return q.clamp_min_(qmin).clamp_max_(qmax).mul_(s)
+    z = expand_param(zero_point, q, axis, group_size)
     return q.add_(z).clamp_min_(qmin).clamp_max_(qmax).sub_(z).mul_(s)
 
 

@@ -151,3 +151,15 @@ def test_ops_trace_with_torch_compile():
     x = torch.randn(16)
     compiled = torch.compile(f, backend="eager", fullgraph=True)  # dynamo traces through the fake kernel
     torch.testing.assert_close(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("qmin, qmax, zero", [(0, 255, 37.0), (-128, 127, 0.0), (0, 15, 3.0)])
+def test_kernel_is_the_same_batched_and_not(qmin, qmax, zero):
+    # The kernel folds the zero point into the clamp outside vmap and adds it inside: same values.
+    from qzo_fx.quant.ops import fake_quant_kernel
+
+    x = torch.randn(3, 40) * 8
+    x[:, :6] = (torch.arange(-3, 3) + 0.5) * 0.1  # exact ties
+    scale, zero_point = torch.tensor(0.1), torch.tensor(zero)
+    batched = torch.func.vmap(lambda t: fake_quant_kernel(t, scale, zero_point, qmin, qmax, -1, 0))(x)
+    assert torch.equal(batched, fake_quant_kernel(x, scale, zero_point, qmin, qmax, -1, 0))
