@@ -4,13 +4,15 @@ The estimators register device tensors as they go (a loss, per-tensor norms of t
 gradients or of the estimate: a norm is finite exactly when every entry is); the step reads them
 all in one host transfer at its end and raises or skips naming what was not finite, before any
 optimizer sees the gradients. With ``on_nonfinite="unchecked"`` nothing is registered and the
-step never waits for the device.
+step never waits for the device. On a sharded model each rank holds parts of the gradients: the
+norms of the parts are summed over the ranks (squared, one all-reduce at the end), so that every
+rank finds the same failures and raises or skips alike.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -23,13 +25,14 @@ class _Item:
     what: str                      # e.g. "base loss", "STE gradient", "estimate"
     values: Tensor                 # flat, on any device
     names: Optional[tuple[str, ...]]  # one per value (parameter names), or None
+    partial: bool = False          # squared norms of this rank's shards, summed over ranks when read
 
 
 class FiniteCheck:
     """Collects the values of one step to be checked together."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, sum_over_ranks: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        self.enabled, self._sum = enabled, sum_over_ranks
         self._items: list[_Item] = []
         self._watched: dict[str, Tensor] = {}
         self.watched: dict[str, list[float]] = {}  # values read along for the statistics
@@ -46,7 +49,12 @@ class FiniteCheck:
     def add_norms(self, what: str, tensors: Sequence[Tensor], names: Sequence[str]) -> None:
         """Register the norms of ``tensors`` (one foreach reduction): finite iff every entry is."""
         if self.enabled and tensors:
-            self.add(what, torch.stack([n.float() for n in torch._foreach_norm(list(tensors))]), names)
+            norms = torch.stack([n.float() for n in torch._foreach_norm(list(tensors))])
+            if self._sum is None:
+                self.add(what, norms, names)
+            else:
+                # float64 squares: a large finite norm must not overflow into a false alarm
+                self._items.append(_Item(what, norms.double().square(), tuple(names), partial=True))
 
     def failures(self) -> list[str]:
         """What was not finite, named (one host transfer for everything registered)."""
@@ -54,6 +62,11 @@ class FiniteCheck:
         parts = [item.values for item in self._items] + [values for _, values in watched]
         if not parts:
             return []
+        partial = [i for i, item in enumerate(self._items) if item.partial]
+        if partial:  # the shards' squared norms, summed over ranks in one all-reduce
+            summed = self._sum(torch.cat([parts[i] for i in partial])).split([parts[i].numel() for i in partial])
+            for i, values in zip(partial, summed):
+                parts[i] = values.sqrt().float()
         flat = torch.cat([t.float().to(parts[0].device) for t in parts]).tolist()
         found, at = [], 0
         for item in self._items:

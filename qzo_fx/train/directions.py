@@ -6,12 +6,14 @@
 depends on tensor values (the guide norm, the losses) stays a device tensor, so nothing here
 waits for the device. Each ``v_ki`` is reproducible on its own from tensor i's stream, so the
 directions can be materialized for all tensors at once or regenerated one tensor at a time (the
-lean strategy) with identical values.
+lean strategy) with identical values. A rank of a sharded model (:mod:`qzo_fx.train.sharding`)
+holds a slice of each tensor: ``offsets`` place it in the tensor's stream and ``sum_over_shards``
+makes the norms those of the whole set, so every rank builds its rows of the same directions.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -47,12 +49,19 @@ class Directions:
         n: directions.
         noise: where the noise is drawn (:class:`~qzo_fx.train.noise.Noise`).
         grads, eps, beta, normalize, noise_form: FOGZO's guide; ``grads=None`` gives ``v = u``.
+        offsets: ``(start, total)`` of each tensor in its stream (a shard); None: whole tensors.
+        sum_over_shards: per-tensor values (``[tensors]``) summed over the ranks holding the
+            other shards; None: nothing is sharded.
     """
 
     def __init__(self, step_seed: int, like: Sequence[Tensor], laws: Sequence[str], n: int, noise: Noise, *,
                  grads: Optional[Sequence[Tensor]] = None, eps: Optional[Sequence[Tensor]] = None,
-                 beta: float = 0.0, normalize: str = "global", noise_form: str = "per_coordinate") -> None:
+                 beta: float = 0.0, normalize: str = "global", noise_form: str = "per_coordinate",
+                 offsets: Optional[Sequence[tuple[int, int]]] = None,
+                 sum_over_shards: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         self.step_seed, self.like, self.laws, self.n, self.noise = step_seed, list(like), list(laws), n, noise
+        self.offsets = list(offsets) if offsets is not None else [(0, t.numel()) for t in self.like]
+        self._sum = sum_over_shards
         self.grads, self.eps = (None if grads is None else list(grads)), (None if eps is None else list(eps))
         self.a = math.sqrt(beta) if grads is not None else 0.0
         self.b = math.sqrt(max(1.0 - beta, 0.0)) if grads is not None else 1.0
@@ -61,6 +70,8 @@ class Directions:
         self._coefficients: Optional[Tensor] = None  # [n, tensors]: a s_k / ||g_z||, 0 for a zero guide
         if self.a > 0:
             self.guide_norms = torch.stack([scaled_norm(g, e).float() for g, e in zip(self.grads, self.eps)])
+            if self._sum is not None:  # the norms of the whole tensors, from every rank's rows
+                self.guide_norms = self._sum(self.guide_norms.square()).sqrt()
             norms = self.guide_norms if normalize == "per_tensor" else self.guide_norms.square().sum().sqrt().expand(
                 len(self.like))
             # A zero guide (every eps * g exactly 0) has no direction: its part is dropped
@@ -77,11 +88,16 @@ class Directions:
         return None if self.guide_norms is None else (self.guide_norms.square().sum() == 0)
 
     def _noise_norm(self, k: int) -> Tensor:
+        if self._sum is not None:
+            squares = torch.stack([self._raw(k, i, torch.empty_like(t), 1.0).float().square().sum()
+                                   for i, t in enumerate(self.like)])
+            return torch.sqrt(self._sum(squares).sum())
         total = sum(self._raw(k, i, torch.empty_like(t), 1.0).float().square().sum() for i, t in enumerate(self.like))
         return torch.sqrt(total)
 
     def _raw(self, k: int, i: int, out: Tensor, scale: float) -> Tensor:
-        return self.noise.fill(out, self.laws[i], noise_key(self.step_seed, k, i), scale)
+        start, total = self.offsets[i]
+        return self.noise.fill(out, self.laws[i], noise_key(self.step_seed, k, i), scale, start=start, total=total)
 
     def tensor(self, k: int, i: int, out: Optional[Tensor] = None) -> Tensor:
         """``v_k`` on tensor i (into ``out`` when given)."""

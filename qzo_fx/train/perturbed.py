@@ -13,7 +13,9 @@ from torch import Tensor
 from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.errors import TrainStepError
+from qzo_fx.quant import ops
 from qzo_fx.quant.quantizer import Quantizer
+from qzo_fx.train import sharding
 
 __all__ = ["EPS_BAR", "NOISE_LAW", "smoothing_of", "PerturbedParam", "perturbed_params", "code_tensors"]
 
@@ -49,7 +51,10 @@ class PerturbedParam:
         """Per-coordinate perturbation size, in a shape that broadcasts against ``param``."""
         if self.quantizer is None:
             return torch.full((), eps_float, dtype=param.dtype, device=param.device)  # a fill: no host copy
-        return self.quantizer.step_size(param) * self.eps_bar
+        q = self.quantizer
+        if sharding.is_dtensor(q.scale):  # a learned scale sharded by FSDP2: the whole scale (a small all-gather)
+            return ops.expand_param(q.scale.detach().full_tensor(), param, q.axis, q.group_size) * self.eps_bar
+        return q.step_size(param) * self.eps_bar
 
 
 def perturbed_params(model: nn.Module, perturb: str) -> list[PerturbedParam]:

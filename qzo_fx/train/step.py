@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 
 from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.errors import NonFiniteLossError, TrainStepError
-from qzo_fx.train import distributed
+from qzo_fx.train import distributed, sharding
 from qzo_fx.train.batches import BatchSignature
 from qzo_fx.train.checks import FiniteCheck
 from qzo_fx.train.directions import Directions
@@ -37,6 +37,7 @@ from qzo_fx.train.noise import Noise
 from qzo_fx.train.perturbed import PerturbedParam, code_tensors, perturbed_params
 from qzo_fx.train.reuse import TAPS, BaseTaps
 from qzo_fx.train.rng import RngState
+from qzo_fx.train.sharding import Shards
 from qzo_fx.train.strategies import (
     STRATEGIES,
     Auto,
@@ -110,6 +111,10 @@ class TrainStep:
         self.code_quantizers: list = []
         self.strategy: Optional[Strategy] = None
         self.graphs: Optional[BranchGraphs] = None
+        self.sharded = sharding.is_sharded(self.model)  # FSDP2: the perturbed tensors are this rank's shards
+        if self.sharded:
+            sharding.check_model(self.model)
+        self.shards: Optional[Shards] = None
         self._eps_cache: Optional[tuple] = None
         self._batches = BatchSignature()
         estimator.setup(self)
@@ -132,29 +137,46 @@ class TrainStep:
         """Perturb the integer-code buffers of a model switched with ``to_integer_codes`` (ZOQO)."""
         codes = code_tensors(self.model)
         self.code_quantizers = [q for _, q in codes]
-        self._use([name for name, _ in codes])
+        self._use([name for name, _ in codes], parameters=False)
 
-    def _use(self, names: Sequence[str], reuse_base: bool = False) -> None:
+    def _use(self, names: Sequence[str], reuse_base: bool = False, parameters: bool = True) -> None:
         whole = isinstance(self.model, GraphModule) and all(p == "" for p, _ in quantizer_containers(self.model))
         strategy = self.requested_strategy
-        if not whole:  # an eager root with prepared parts: only the parameters can be perturbed in place
+        if self.sharded:
+            strategy = self._sharded_strategy(strategy)
+        elif not whole:  # an eager root with prepared parts: only the parameters can be perturbed in place
             if strategy not in ("auto", "inplace"):
                 raise TrainStepError(f"strategy={strategy!r} needs a model captured as one graph; this one was "
                                      "prepared partially (see model.qzo_partial): use 'inplace' or 'auto'.")
             strategy = "inplace"
         self.names = tuple(names)
-        ctx = StrategyContext(self.model, self.loss_fn, self.names, self.workspace, self.max_chunk)
+        if self.sharded and parameters:  # ZOQO's codes are buffers: whole on every rank
+            self.shards = Shards(self.model, self.names)
+        after = (lambda: sharding.reshard(self.model)) if self.sharded else None
+        ctx = StrategyContext(self.model, self.loss_fn, self.names, self.workspace, self.max_chunk,
+                              None if self.shards is None else self.shards.local, after)
         self.params = ctx.params
         # The base pass is tapped where sequential branches can run: the model's own graph (not
         # through a DDP wrapper, whose backward all-reduces), on CPU (reuse decides on the host).
         reuse = (reuse_base and whole and strategy in ("sequential", "auto") and self.wrapper is self.model
-                 and all(p.device.type == "cpu" for p in self.params))
-        self.graphs = BranchGraphs(self.model, self.names, BaseTaps() if reuse else None) if whole else None
+                 and not self.sharded and all(p.device.type == "cpu" for p in self.params))
+        graphs = whole and not self.sharded  # a sharded model's graphs would read shards outside FSDP's hooks
+        self.graphs = BranchGraphs(self.model, self.names, BaseTaps() if reuse else None) if graphs else None
         self.strategy = build(strategy, ctx, None if self.graphs is None else self.graphs.getter)
+
+    def _sharded_strategy(self, strategy: str) -> str:
+        """FSDP2: branches perturb the local shards in place and run the model through its hooks."""
+        if strategy in ("sequential", "batched"):
+            raise TrainStepError(f"strategy={strategy!r} cannot run on a model sharded with fully_shard: its branch "
+                                 "graph reads the parameters outside FSDP's hooks, where each rank holds only its "
+                                 "shard. Use 'inplace' (or 'auto', which picks it) or 'lean' (directions drawn per "
+                                 "tensor, less memory).")
+        return "inplace" if strategy == "auto" else strategy
 
     @property
     def perturbed_numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+        """Coordinates of the whole perturbed set (on a sharded model, every rank's shards)."""
+        return self.shards.numel if self.shards is not None else sum(p.numel() for p in self.params)
 
     @property
     def step_seed(self) -> int:
@@ -204,9 +226,30 @@ class TrainStep:
         # The cache holds the scale tensors themselves (compared by identity): an id() could be
         # reused by a new scale once the old one is freed.
         if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], scales)):
-            self._eps_cache = cached = (scales, versions,
-                                        [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.params)])
+            eps = [pp.eps(p, eps_float) for pp, p in zip(self.perturbed, self.params)]
+            self._eps_cache = cached = (scales, versions, eps if self.shards is None else self.shards.eps(eps))
         return cached[2]
+
+    def directions(self, laws: Sequence[str], n: int, **guide: Any) -> Directions:
+        """The step's n directions on the perturbed tensors (this rank's rows of them when sharded);
+        ``guide``: FOGZO's (grads, eps, beta, normalize, noise_form)."""
+        shards = self.shards
+        return Directions(self.step_seed, self.params, laws, n, self.noise,
+                          offsets=None if shards is None else shards.offsets,
+                          sum_over_shards=None if shards is None else shards.sum, **guide)
+
+    def gradients(self) -> list[Tensor]:
+        """The STE gradient of each perturbed tensor (this rank's rows when sharded), zeros where none."""
+        grads = self.shards.gradients() if self.shards is not None else [p.grad for p in self.params]
+        return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
+
+    def named_gradients(self, others_only: bool = False) -> list[tuple[str, Tensor]]:
+        """``(name, .grad)`` of the parameters that have one (local parts when sharded);
+        ``others_only``: those outside the perturbed set."""
+        perturbed = self.shards.whole if self.shards is not None else self.params
+        skip = {id(p) for p in perturbed} if others_only else set()
+        return [(n, sharding.local(p.grad)) for n, p in self.model.named_parameters()
+                if p.grad is not None and id(p) not in skip]
 
     def branches(self, directions: Directions, pattern: list[tuple[int, float]], eps: list[Tensor]) -> Branches:
         return Branches(pattern, directions.tensor, eps, lambda: directions.materialize(self.workspace))
@@ -232,10 +275,13 @@ class TrainStep:
                        keep: Optional[Tensor] = None, divide_by_eps: bool = True, then_sign: bool = False) -> None:
         """``G = (1/n) sum_k c_k v_k / eps`` into the existing ``.grad`` tensors (fresh ones where a
         parameter has none); ``keep``: a device flag, 0 leaves zeros (the STE gradient of a zero guide)."""
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-        grads = [p.grad for p in self.params]
+        if self.shards is not None:
+            grads = self.shards.gradients_to_write()
+        else:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+            grads = [p.grad for p in self.params]
         directions.write_estimate(grads, coefficients, branches.materialized, divide_by_eps)
         if then_sign:
             torch._foreach_sign_(grads)
@@ -245,9 +291,8 @@ class TrainStep:
 
     def check_other_gradients(self) -> None:
         """Register the STE gradients of the parameters outside the perturbed set (they stay)."""
-        ids = {id(p) for p in self.params}
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None and id(p) not in ids]
-        self.check.add_norms("STE gradient", [p.grad for _, p in named], [n for n, _ in named])
+        named = self.named_gradients(others_only=True)
+        self.check.add_norms("STE gradient", [g for _, g in named], [n for n, _ in named])
 
     def watch(self, name: str, value: Tensor) -> None:
         self.check.watch(name, value)
@@ -262,7 +307,8 @@ class TrainStep:
     def __call__(self, batch: Any) -> Tensor:
         start = time.perf_counter()
         self._batches.check(batch, self.step_index)
-        self.check = FiniteCheck(enabled=self.on_nonfinite != "unchecked")
+        self.check = FiniteCheck(enabled=self.on_nonfinite != "unchecked",
+                                 sum_over_ranks=sharding.sum_over_ranks if self.sharded else None)
         loss = self.estimator.run(self, batch)
         failures = self.check.failures()  # the step's one host read (none when unchecked)
         self.stats.last_branch_losses = self.check.watched.get("branch losses", [])

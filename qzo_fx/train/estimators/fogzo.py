@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from qzo_fx.errors import TrainStepError
-from qzo_fx.train.directions import Directions
 from qzo_fx.train.estimators.base import PERTURB, Estimator, check_setting
 from qzo_fx.train.estimators.ste import ste_step
 
@@ -136,10 +134,9 @@ class FOGZO(Estimator):
         loss, rng_state = step.base_pass(batch)
         beta = self.beta(step.step_index, step.perturbed_numel)
         step.stats.beta = beta
-        params, eps = step.params, step.eps(self.eps_float)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        directions = Directions(step.step_seed, params, step.laws, self.n, step.noise, grads=grads, eps=eps,
-                                beta=beta, normalize=self.normalize, noise_form=self.noise)
+        eps, grads = step.eps(self.eps_float), step.gradients()
+        directions = step.directions(step.laws, self.n, grads=grads, eps=eps, beta=beta, normalize=self.normalize,
+                                     noise_form=self.noise)
         if directions.guide_norms is not None:
             step.check.add("STE gradient", directions.guide_norms, step.names)
         else:

@@ -70,7 +70,7 @@ class NSPSA(Estimator):
         else:
             eps = step.eps(self.eps_float)
         laws = ["gaussian" if self.noise == "gaussian" else law for law in step.laws]
-        directions = Directions(step.step_seed, params, laws, self.n, step.noise, eps=eps)
+        directions = step.directions(laws, self.n, eps=eps)
         branches = step.branches(directions, [(k, s) for k in range(self.n) for s in (1.0, -1.0)], eps)
         losses = step.branch_losses(branches, batch, rng_state)
         self._write(step, directions, branches, (losses[0::2] - losses[1::2]) / 2)

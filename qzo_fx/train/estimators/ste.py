@@ -14,8 +14,8 @@ __all__ = ["STE", "ste_step"]
 def ste_step(step: Any, batch: Any) -> Tensor:
     """Base forward + backward; the STE gradient is left in ``.grad`` and checked."""
     loss, _ = step.base_pass(batch)
-    named = [(n, p) for n, p in step.model.named_parameters() if p.grad is not None]
-    step.check.add_norms("STE gradient", [p.grad for _, p in named], [n for n, _ in named])
+    named = step.named_gradients()
+    step.check.add_norms("STE gradient", [g for _, g in named], [n for n, _ in named])
     return loss
 
 

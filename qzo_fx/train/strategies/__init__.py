@@ -4,7 +4,8 @@
 inplace        write theta + delta into the parameters, run the model, restore from a copy
 sequential     the branch graph once per branch, perturbed values bound as inputs
 batched        the branch graph under vmap, branches stacked on a leading axis
-lean           perturbations streamed tensor by tensor (extra memory about the largest tensor)
+lean           perturbations streamed tensor by tensor (extra memory about the largest tensor);
+               on an FSDP2 model, added to the shards in place one tensor at a time
 auto           the fastest of sequential, inplace and batched, timed on the first steps
 =============  ==================================================================================
 """
@@ -16,14 +17,13 @@ from qzo_fx.train.strategies.auto import AUTO_ROUNDS, Auto
 from qzo_fx.train.strategies.base import Branches, BranchModel, Strategy, StrategyContext
 from qzo_fx.train.strategies.batched import Batched, masks_differ
 from qzo_fx.train.strategies.inplace import Inplace
-from qzo_fx.train.strategies.lean import Lean
+from qzo_fx.train.strategies.lean import Lean, LeanInplace
 from qzo_fx.train.strategies.sequential import Sequential
 
 __all__ = ["AUTO_ROUNDS", "STRATEGIES", "Auto", "Batched", "Branches", "BranchModel", "Inplace", "Lean",
-           "Sequential", "Strategy", "StrategyContext", "build", "masks_differ"]
+           "LeanInplace", "Sequential", "Strategy", "StrategyContext", "build", "masks_differ"]
 
 STRATEGIES = ("auto", "inplace", "sequential", "batched", "lean")
-
 
 
 def build(name: str, ctx: StrategyContext, graph: Optional[Callable[[str], Callable]]) -> Strategy:
@@ -33,7 +33,8 @@ def build(name: str, ctx: StrategyContext, graph: Optional[Callable[[str], Calla
         "inplace": lambda: Inplace(ctx),
         "sequential": lambda: Sequential(ctx, graph("sequential")),
         "batched": lambda: Batched(ctx, graph("lifted")),
-        "lean": lambda: Lean(ctx, graph("streamed")),
+        # No graph (an FSDP2 model): the lean idea in place, one tensor's direction at a time.
+        "lean": lambda: LeanInplace(ctx) if graph is None else Lean(ctx, graph("streamed")),
     }
     if name != "auto":
         return makers[name]()

@@ -84,10 +84,13 @@ class StrategyContext:
     """The model, loss and perturbed tensors the strategies of one step share, and the branch mode."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, names: Sequence[str], workspace: Workspace,
-                 max_chunk: int = 64) -> None:
+                 max_chunk: int = 64, tensors: Optional[Sequence[Tensor]] = None,
+                 after_branch: Optional[Callable[[], None]] = None) -> None:
         self.model, self.loss_fn, self.names = model, loss_fn, tuple(names)
-        # Parameters, or integer-code buffers (ZOQO): any tensor attribute, by dotted name.
-        self.params = [operator.attrgetter(n)(model) for n in self.names]
+        # Parameters, or integer-code buffers (ZOQO): any tensor attribute, by dotted name; or the
+        # tensors given (a sharded model's local shards, perturbed in place).
+        self.params = list(tensors) if tensors is not None else [operator.attrgetter(n)(model) for n in self.names]
+        self._after_branch = after_branch  # e.g. reshard an FSDP model after each branch's forward
         self.workspace, self.max_chunk = workspace, max_chunk
         norms = {name: m for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
@@ -124,7 +127,11 @@ class StrategyContext:
     def loss(self, model: Any, batch: Any, rng_state: RngState) -> Tensor:
         """One branch's loss with the base pass's random state replayed."""
         rng_state.restore()
-        return self.loss_fn(model, batch).detach().reshape(())
+        try:
+            return self.loss_fn(model, batch).detach().reshape(())
+        finally:  # also when the branch raises: no stale gathered parameters for the next forward
+            if self._after_branch is not None:
+                self._after_branch()
 
 
 class Strategy:

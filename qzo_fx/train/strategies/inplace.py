@@ -6,7 +6,7 @@ raises (Ctrl-C included).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -29,8 +29,12 @@ class Inplace(Strategy):
             for k, sign in branches.pattern:
                 torch._foreach_copy_(params, snapshot)
                 for i, p in enumerate(params):
-                    apply_delta(p, *branches.delta(k, i), sign)
+                    apply_delta(p, *self.delta(branches, k, i), sign)
                 out.append(self.ctx.loss(self.ctx.model, batch, rng_state))
         finally:
             torch._foreach_copy_(params, snapshot)
         return torch.stack(out)
+
+    def delta(self, branches: Branches, k: int, i: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Direction k on tensor i and its eps (the materialized directions)."""
+        return branches.delta(k, i)

@@ -3,6 +3,11 @@ which computes ``theta_i + sign * eps_i * v_ki`` from tensor i's own stream righ
 layer needs it. The perturbed copy lives until its layer has used it, so the extra memory is
 about the largest perturbed tensor; the price is drawing the noise again per branch (and for
 the estimate). theta is never written.
+
+Where there is no graph to stream through -- a model sharded with FSDP2, whose branches must run
+through its hooks -- :class:`LeanInplace` adds each tensor's direction, drawn alone, to the
+parameter (a shard) in place: the extra memory is the snapshot that restores theta exactly plus
+about the largest tensor.
 """
 from __future__ import annotations
 
@@ -14,8 +19,9 @@ from torch import Tensor
 
 from qzo_fx.train.rng import RngState
 from qzo_fx.train.strategies.base import Branches, BranchModel, Strategy, StrategyContext, apply_delta
+from qzo_fx.train.strategies.inplace import Inplace
 
-__all__ = ["Lean", "Perturber"]
+__all__ = ["Lean", "LeanInplace", "Perturber"]
 
 
 class Perturber(nn.Module):
@@ -52,3 +58,12 @@ class Lean(Strategy):
         finally:
             perturber.branches = None  # hold no step's tensors between steps
         return torch.stack(out)
+
+
+class LeanInplace(Inplace):
+    """``inplace`` with each direction drawn for one tensor at a time (none materialized)."""
+
+    name = "lean"
+
+    def delta(self, branches: Branches, k: int, i: int) -> tuple[Tensor, Optional[Tensor]]:
+        return branches.delta(k, i, direction=branches.tensor(k, i))
