@@ -21,6 +21,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _assign_attr
 from torch.utils._pytree import tree_map
 
+from qzo_fx.capture.hf import export_helpers
 from qzo_fx.capture.modal import PreparedModel
 from qzo_fx.errors import CaptureError
 
@@ -139,7 +140,7 @@ def _quiet() -> Iterator[None]:
 
 
 def _export_once(model: nn.Module, args, kwargs, spec) -> GraphModule:
-    with _quiet():
+    with _quiet(), export_helpers(model):
         program = torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), dynamic_shapes=spec, strict=False)
     # check_guards=False: no guard submodule; the mode methods torch replaces are restored below.
     module = program.module(check_guards=False)
@@ -166,27 +167,37 @@ def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Capt
     if args is None:
         raise CaptureError("torch.export needs example_inputs; pass example_inputs=(x,) to prepare().")
     report.specialized = {}  # torch.export takes None arguments as constants itself
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None):
-        # Hugging Face models: a KV cache object in the output cannot be exported or trained
-        # through. The model here is prepare's own copy, so the user's config is untouched.
-        config.use_cache = False
     spec = _export_spec(model, args, kwargs, dynamic)
     try:
         modules = _export_modes(model, args, kwargs, spec)
     except Exception as error:
-        if dynamic != "auto" or spec is None:
-            raise
-        # Some models cannot take other shapes at all: keep the example's, and say so.
-        report.failures["dynamic shapes"] = _reason(error)
-        spec = None
-        modules = _export_modes(model, args, kwargs, None)
+        modules, spec = _export_fallback(model, args, kwargs, dynamic, spec, error, report)
     report.shapes = "static (the example's shapes)" if spec is None else (
         "batch and sequence dimensions" if dynamic == "auto" else "as given by dynamic_shapes")
     root = modules[True]
     _adopt_eval_state(root, modules[False])
     root.training = model.training
     return PreparedModel(root, _shared_if_same({True: root.graph, False: modules[False].graph}), type(model).__name__)
+
+
+def _export_fallback(model: nn.Module, args, kwargs, dynamic: DynamicShapes, spec, error: Exception,
+                     report: CaptureReport) -> tuple[dict[bool, GraphModule], Any]:
+    """What to give up when the model as given does not export: first the KV cache a Hugging
+    Face model returns by default (training never reads it), then the dynamic shapes."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        # prepare's own copy: the user's config is untouched.
+        report.failures["cache output"] = _reason(error)
+        config.use_cache = False
+        try:
+            return _export_modes(model, args, kwargs, spec), spec
+        except Exception as retry:
+            error = retry
+    if dynamic != "auto" or spec is None:
+        raise error
+    # Some models cannot take other shapes at all: keep the example's, and say so.
+    report.failures["dynamic shapes"] = _reason(error)
+    return _export_modes(model, args, kwargs, None), None
 
 
 def _adopt_eval_state(root: GraphModule, other: GraphModule) -> None:
