@@ -2,8 +2,10 @@
 
 transformers (5.2x) ships what torch.export needs for its models: pytree registrations for its
 cache classes (so a model that returns a ``DynamicCache`` exports and keeps returning it) and
-reversible, export-safe patches of patterns torch.export cannot follow. Capture uses them for
-every ``PreTrainedModel``; with an older transformers, or for other models, nothing changes.
+reversible patches of patterns torch.export cannot follow. Capture registers the pytrees for
+every ``PreTrainedModel`` and applies the patches only when the model does not export without
+them: they are export-safe, not always the same computation (a sliding-window cache keeps only
+its window). With an older transformers, or for other models, nothing changes.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ def is_hf_model(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def export_helpers(model: nn.Module) -> Iterator[None]:
-    """Cache pytrees registered and transformers' export patches applied while ``model`` is exported."""
+def export_helpers(model: nn.Module, patched: bool = False) -> Iterator[None]:
+    """Cache pytrees registered (and, if ``patched``, transformers' export patches applied) while
+    ``model`` is exported."""
     if not is_hf_model(model):
         yield
         return
@@ -34,5 +37,5 @@ def export_helpers(model: nn.Module) -> Iterator[None]:
         yield
         return
     register_cache_pytrees_for_model(model)
-    with apply_patches("dynamo"), reset_model_state(model):
+    with apply_patches("dynamo") if patched else contextlib.nullcontext(), reset_model_state(model):
         yield

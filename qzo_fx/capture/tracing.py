@@ -21,7 +21,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _assign_attr
 from torch.utils._pytree import tree_map
 
-from qzo_fx.capture.hf import export_helpers
+from qzo_fx.capture.hf import export_helpers, is_hf_model
 from qzo_fx.capture.modal import PreparedModel
 from qzo_fx.errors import CaptureError
 
@@ -139,8 +139,8 @@ def _quiet() -> Iterator[None]:
             log.setLevel(level)
 
 
-def _export_once(model: nn.Module, args, kwargs, spec) -> GraphModule:
-    with _quiet(), export_helpers(model):
+def _export_once(model: nn.Module, args, kwargs, spec, patched: bool = False) -> GraphModule:
+    with _quiet(), export_helpers(model, patched):
         program = torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), dynamic_shapes=spec, strict=False)
     # check_guards=False: no guard submodule; the mode methods torch replaces are restored below.
     module = program.module(check_guards=False)
@@ -149,11 +149,11 @@ def _export_once(model: nn.Module, args, kwargs, spec) -> GraphModule:
     return module
 
 
-def _export_modes(model: nn.Module, args, kwargs, spec) -> dict[bool, GraphModule]:
+def _export_modes(model: nn.Module, args, kwargs, spec, patched: bool = False) -> dict[bool, GraphModule]:
     modules = {}
     for training in (True, False):
         with modes_kept(model, training):
-            modules[training] = _export_once(model, args, kwargs, spec)
+            modules[training] = _export_once(model, args, kwargs, spec, patched)
     return modules
 
 
@@ -182,22 +182,29 @@ def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Capt
 
 def _export_fallback(model: nn.Module, args, kwargs, dynamic: DynamicShapes, spec, error: Exception,
                      report: CaptureReport) -> tuple[dict[bool, GraphModule], Any]:
-    """What to give up when the model as given does not export: first the KV cache a Hugging
-    Face model returns by default (training never reads it), then the dynamic shapes."""
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None):
-        # prepare's own copy: the user's config is untouched.
-        report.failures["cache output"] = _reason(error)
-        config.use_cache = False
+    """What to give up when the model as given does not export, in order: transformers' export
+    patches applied (Hugging Face models), then the KV cache it returns by default (training
+    never reads it), then the dynamic shapes. Each step gives up what the one before did too."""
+    is_hf, config = is_hf_model(model), getattr(model, "config", None)
+    steps = [("exact model", lambda: _export_modes(model, args, kwargs, spec, patched=True), is_hf),
+             ("cache output", lambda: _without_cache(model, args, kwargs, spec, is_hf),
+              bool(getattr(config, "use_cache", None))),
+             ("dynamic shapes", lambda: _export_modes(model, args, kwargs, None, patched=is_hf),
+              dynamic == "auto" and spec is not None)]
+    for what, attempt, applies in steps:
+        if not applies:
+            continue
+        report.failures[what] = _reason(error)
         try:
-            return _export_modes(model, args, kwargs, spec), spec
+            return attempt(), None if what == "dynamic shapes" else spec
         except Exception as retry:
             error = retry
-    if dynamic != "auto" or spec is None:
-        raise error
-    # Some models cannot take other shapes at all: keep the example's, and say so.
-    report.failures["dynamic shapes"] = _reason(error)
-    return _export_modes(model, args, kwargs, None), None
+    raise error
+
+
+def _without_cache(model: nn.Module, args, kwargs, spec, patched: bool) -> dict[bool, GraphModule]:
+    model.config.use_cache = False  # prepare's own copy: the user's config is untouched
+    return _export_modes(model, args, kwargs, spec, patched)
 
 
 def _adopt_eval_state(root: GraphModule, other: GraphModule) -> None:

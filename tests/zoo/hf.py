@@ -23,7 +23,14 @@ def _build(config_name: str, model_name: str, config: dict[str, Any]):
     torchvision_shim()  # transformers imports torchvision when it is installed
     import transformers
 
-    return getattr(transformers, model_name)(getattr(transformers, config_name)(**config))
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config))
+    try:  # transformers' own pytree registration of its cache classes: outputs flatten as torch.export sees them
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+
+        register_cache_pytrees_for_model(model)
+    except ImportError:
+        pass
+    return model
 
 
 def decoder(config_name: str, model_name: str, **config) -> Entry:

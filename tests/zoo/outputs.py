@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 Leaf = tuple[str, Any]  # (path, tensor or plain value)
 
@@ -33,6 +34,12 @@ def flatten(obj: Any, path: str = "out") -> list[Leaf]:
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
             leaves += flatten(value, f"{path}[{i}]")
+    elif type(obj) in pytree.SUPPORTED_NODES:  # a registered container (transformers' caches): its children
+        children, _ = pytree.SUPPORTED_NODES[type(obj)].flatten_fn(obj)
+        for i, value in enumerate(children):
+            # A number inside (a sliding-window layer's length) is a graph output once exported.
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            leaves += flatten(torch.as_tensor(value) if number else value, f"{path}<{i}>")
     elif isinstance(getattr(obj, "layers", None), list):  # transformers Cache: layers of keys/values
         for i, layer in enumerate(obj.layers):
             for key in ("keys", "values"):
