@@ -8,11 +8,17 @@ STE step (model, gradients and optimizer state already allocated) and one step o
 on a tiny model (the code it runs loaded: numba's compiled kernels alone take ~100 MiB). ``lean`` streams the
 perturbation tensor by tensor and should stay near the largest tensor; the others hold a few
 model-sized buffers (noise, deltas, branch values, a snapshot for inplace).
+
+The processes run with ``MALLOC_MMAP_THRESHOLD_=65536`` (each allocation from 64 KiB up its own
+mapping, returned to the system when freed), so that RSS follows the live tensors: with glibc's
+default, freed large blocks raise the threshold and later ones are served from a heap that RSS
+keeps, which moved a step's peak by tens of MiB depending on allocation order.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -41,7 +47,11 @@ def run(estimator: str, strategy: str, width: int) -> dict:
     opt.step()
     est = qzo_fx.STE() if estimator == "STE" else qzo_fx.FOGZO(total_steps=10, seed=0)
     tiny = qzo_fx.prepare(MLP((8, 8, 8, 10)), qzo_fx.QuantConfig(weight_bits=2))
-    qzo_fx.train_step(tiny, ce, est, strategy=strategy or "auto")((torch.randn(4, 8), torch.randint(0, 10, (4,))))
+    tiny_step = qzo_fx.train_step(tiny, ce, est, strategy=strategy or "auto")
+    tiny_step((torch.randn(4, 8), torch.randint(0, 10, (4,))))
+    # FOGZO's first step has beta = 1 and draws no noise: a second one loads the noise kernel
+    # (numba is imported on the first fill, ~55 MiB of code that is no step's memory).
+    tiny_step((torch.randn(4, 8), torch.randint(0, 10, (4,))))
     base = _rss_mib()
     step = qzo_fx.train_step(qm, ce, est, strategy=strategy or "auto")
     for _ in range(5):
@@ -68,7 +78,8 @@ def main() -> None:
     rows = []
     for estimator, strategy in CONFIGS:
         out = subprocess.run([sys.executable, __file__, "--width", str(args.width), "--one", estimator,
-                              strategy or "-"], capture_output=True, text=True, check=True)
+                              strategy or "-"], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(tabulate(rows, headers="keys", floatfmt=".1f"))
 
