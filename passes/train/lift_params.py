@@ -8,6 +8,8 @@ branches run as one batched computation.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from qzo_fx.passes.train.branch_context import BranchContext
 from torch.fx import GraphModule, Node
@@ -29,7 +31,9 @@ class _FlatInputsCodeGen(_PyTreeCodeGen):
 
 
 def placeholder_name(param: str) -> str:
-    return "theta_" + param.replace(".", "_")
+    """A Python identifier for the graph input of ``param`` (module names such as torchvision's
+    ``block1-0`` hold characters an identifier cannot)."""
+    return "theta_" + re.sub(r"\W", "_", param)
 
 
 def owned_reads(gm: GraphModule, names: tuple[str, ...]) -> list[tuple[Node, dict[str, str]]]:
