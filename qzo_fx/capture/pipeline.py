@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch.nn as nn
 from torch.fx import GraphModule
 
+from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.modal import each_mode
 from qzo_fx.capture.partial import prepare_partially
 from qzo_fx.capture.tracing import CaptureReport, DynamicShapes, capture as capture_model
@@ -102,7 +104,19 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
 
 def _prepare_graph(gm: GraphModule, ctx: PrepareContext, instruments) -> GraphModule:
     gm.meta.setdefault("qzo.capture", CaptureReport("symbolic"))
-    return PassManager(PREPARE_PIPELINE, instruments).run(gm, ctx).graph_module
+    prepared = PassManager(PREPARE_PIPELINE, instruments).run(gm, ctx).graph_module
+    if ctx.config.weight is not None:
+        _warn_float_weights(prepared)
+    return prepared
+
+
+def _warn_float_weights(gm: GraphModule) -> None:
+    left = unquantized_weights(gm)
+    if left:
+        names = ", ".join(f"{w.name} ({w.op})" for w in left[:6]) + (" ..." if len(left) > 6 else "")
+        warnings.warn(f"{len(left)} weight(s) stay in float: no quantization rule covers the op that reads them: "
+                      f"{names}. qzo_fx.examine(model, example_inputs) lists them with their source.",
+                      UserWarning, stacklevel=3)
 
 
 def quantizer_containers(model: nn.Module) -> list[tuple[str, nn.Module]]:

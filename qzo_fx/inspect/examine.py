@@ -13,14 +13,13 @@ from torch.fx import GraphModule
 from qzo_fx.config import QuantConfig
 from qzo_fx.errors import CaptureError
 from qzo_fx.quant.op_table import op_signature
+from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.mode_diff import mode_differences
 from qzo_fx.capture.partial import untraceable_modules
 from qzo_fx.capture.tracing import capture
 
 __all__ = ["examine", "ExamineReport", "Finding"]
 
-# Parameters these modules hold stay in float on purpose (norm affine terms, biases).
-_FLOAT_BY_DESIGN = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 @dataclass(frozen=True)
@@ -53,23 +52,15 @@ def _location(module: nn.Module) -> str:
         return "?"
 
 
-def _float_weights(gm: GraphModule, prefix: str) -> list[Finding]:
-    modules = dict(gm.named_modules())
-    found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = modules.get(str(node.target))
-        # The same rule prepare uses: a module with a signature gets quantized.
-        if module is None or op_signature(node, modules) is not None or isinstance(module, _FLOAT_BY_DESIGN):
-            continue
-        if any(True for _ in module.parameters(recurse=False)) or (module is not gm and list(module.parameters())
-                                                                    and not list(module.children())):
-            name = f"{prefix}.{node.target}" if prefix else str(node.target)
-            found.append(Finding("float weight", name, _location(module),
-                                 f"{type(module).__name__} has weights but no quantization rule",
-                                 "keep its weights in float"))
-    return found
+def _float_weights(gm: GraphModule, model: nn.Module) -> list[Finding]:
+    """The same rule prepare warns with: weights read by ops that have no quantization rule."""
+    findings = []
+    for weight in unquantized_weights(gm):
+        owner = weight.name if _has_module(model, weight.name) else weight.name.rpartition(".")[0]
+        location = _location(model.get_submodule(owner)) if _has_module(model, owner) else ""
+        findings.append(Finding("float weight", weight.name, location,
+                                f"{weight.op} has weights but no quantization rule", "keep its weights in float"))
+    return findings
 
 
 def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
@@ -98,7 +89,7 @@ def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
     quantizable = [n.name for n in gm.graph.nodes if op_signature(n, modules) is not None]
     findings = [Finding("capture", "", _location(model), f"{name}: {reason}", "use the next capture method")
                 for name, reason in report.failures.items()]
-    findings += _float_weights(gm, "")
+    findings += _float_weights(gm, model)
     findings += [Finding("mode-dependent", d.where,
                          _location(model.get_submodule(d.where)) if _has_module(model, d.where) else "",
                          str(d).partition(": ")[2] or d.how,

@@ -23,7 +23,7 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class OpSignature:
-    kind: str                 # "linear", "conv", "conv_transpose", "embedding", "matmul", "mha", "pool"
+    kind: str                 # "linear", "conv", "conv_transpose", "embedding", "matmul", "einsum", "mha", "pool"
     weight_arg: int           # position of the weight among the node's args
     input_arg: Optional[int]  # position of the activation input (None: indices, not quantized)
     channel_axis: int         # per-channel axis of the weight (output channels)
@@ -115,7 +115,30 @@ def op_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignat
             return OpSignature("matmul", 1, 0, -1, 0)
         if _is_param(node.args[0]) and not _is_param(node.args[1]):
             return OpSignature("matmul", 0, 1, 0, 1)
+    if node.target in _EINSUMS:
+        return einsum_signature(node)
     return None
+
+
+_EINSUMS = (torch.einsum, torch.functional.einsum)
+
+
+def einsum_signature(node: Node) -> Optional[OpSignature]:
+    """``torch.einsum(equation, x, W)`` (or ``W, x``) with W a parameter: its output channels are
+    the indices of W that reach the output and not x, its input channels those summed with x."""
+    if len(node.args) != 3 or not isinstance(node.args[0], str) or "..." in node.args[0] or "->" not in node.args[0]:
+        return None
+    inputs, output = node.args[0].replace(" ", "").split("->")
+    terms = inputs.split(",")
+    weight_at = next((i for i in (1, 2) if _is_param(node.args[i]) and not _is_param(node.args[3 - i])), None)
+    if len(terms) != 2 or weight_at is None:
+        return None
+    w, x = terms[weight_at - 1], terms[2 - weight_at]
+    out_axes = [i for i, c in enumerate(w) if c in output and c not in x]
+    in_axes = [i for i, c in enumerate(w) if c in x and c not in output]
+    if len(out_axes) != 1 or len(in_axes) != 1:
+        return None  # several output or contracted indices: no single channel axis
+    return OpSignature("einsum", weight_at, 3 - weight_at, out_axes[0], in_axes[0])
 
 
 def recurrent_signature(module: nn.RNNBase) -> OpSignature:

@@ -251,3 +251,22 @@ def test_integer_codes_switch_both_modes_and_back():
     qzo_fx.to_latent_weights(qm)
     assert torch.equal(qm.eval()(x), expected)
     assert qm.train()(x).shape == expected.shape  # the train graph reads the weights again too
+
+
+def test_einsum_weights_are_quantized_and_uncovered_weights_warn():
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.v = nn.Parameter(torch.randn(16, 12)), nn.Parameter(torch.randn(3, 12, 4))
+
+        def forward(self, x):
+            h = torch.einsum("bsd,de->bse", x, self.w)  # a rule: channels of w from the equation
+            return torch.bmm(h, self.v)  # no rule for a parameter in bmm: it stays float, with a warning
+
+    x = torch.randn(3, 6, 16)
+    with pytest.warns(UserWarning, match=r"1 weight\(s\) stay in float.*v \(bmm\)"):
+        qm = qzo_fx.prepare(Mix(), W8A8, example_inputs=(x,))
+    weight = next(q for q in qzo_fx.list_quantizers(qm) if q.role == "weight")
+    assert (weight.target, weight.axis, weight.scale_shape) == ("w", 1, (12,))
+    finding = [f for f in qzo_fx.examine(Mix(), (x,)).findings if f.kind == "float weight"]
+    assert [f.where for f in finding] == ["v"]

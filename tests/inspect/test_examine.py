@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import qzo_fx
-from tests.zoo.models import AttentionBlock, DataDependent, LSTMTagger
+from tests.zoo.research import AttentionBlock, DataDependent, LSTMTagger
 
 
 def _state(model):
@@ -38,7 +38,7 @@ def test_examine_untraceable_model_names_place_reason_and_plan():
     assert report.plan.startswith("partial capture")
     root = [f for f in report.findings if f.kind == "untraceable"]
     assert root and root[0].where == "" and "control flow" in root[0].detail
-    assert root[0].location.endswith(".py:" + root[0].location.rsplit(":", 1)[1]) and "models.py" in root[0].location
+    assert root[0].location.endswith(".py:" + root[0].location.rsplit(":", 1)[1]) and "research.py" in root[0].location
 
 
 def test_examine_counts_attention_as_quantizable():

@@ -116,7 +116,7 @@ def test_activation_quant_without_inputs_is_a_clear_error(mlp):
 
 
 def test_multihead_attention_packed_in_projection_is_quantized():
-    from tests.zoo.models import AttentionBlock
+    from tests.zoo.research import AttentionBlock
 
     torch.manual_seed(0)
     model, x = AttentionBlock().eval(), torch.randn(2, 5, 16)
