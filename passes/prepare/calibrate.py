@@ -9,8 +9,10 @@ are still 0 and 1) while training normalises with batch statistics, so an eval-o
 saturate every training step. Each run is under ``no_grad`` with buffers (BatchNorm statistics)
 and the random number generators restored, so calibration changes no state of the model.
 
-A range so small that the scale would fall below :data:`MIN_ACTIVATION_SCALE` (an activation
-that is all zeros on the examples, say) gets that floor and a warning naming the quantizer.
+An activation that is exactly zero on the examples in both modes (a ReLU dead at init) carries no
+range at all: its quantizer gets the median scale of the model's other activation quantizers (a
+typical range for later, non-zero values; :data:`MIN_ACTIVATION_SCALE` if there is none) and a
+warning names it. Any other range, however small, sets its own scale.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from qzo_fx.quant.quantizer import Quantizer
 
 __all__ = ["calibrate", "pending_quantizers", "MIN_ACTIVATION_SCALE"]
 
-# The smallest activation step calibration sets: an 8-bit grid then spans at least 2.55e-3.
+# The step given to an activation that was all zeros when no other activation gives a typical one.
 MIN_ACTIVATION_SCALE = 1e-5
 
 
@@ -84,21 +86,31 @@ def _observe(gm: GraphModule, training: bool, inputs, pending: dict[str, Quantiz
 
 
 def _initialize(pending: dict[str, Quantizer], seen: dict[str, list[Tensor]]) -> None:
-    floored = []
+    empty = []
     for name, quantizer in pending.items():
         if not seen[name]:
             continue
         values = torch.cat(seen[name])
+        if quantizer.role == "activation" and not bool(values.ne(0).any()):
+            empty.append(name)  # no range at all: set below, from the others
+            continue
         quantizer.initialize(values)
-        if quantizer.role == "activation" and float(quantizer.scale.detach().min()) < MIN_ACTIVATION_SCALE:
-            floored.append(f"{name} (range {float(values.min()):.3g} .. {float(values.max()):.3g})")
-            quantizer.initialize(values, min_scale=MIN_ACTIVATION_SCALE)
-    if floored:
-        warnings.warn(
-            f"{len(floored)} activation quantizer(s) saw almost no range on the example inputs, in train and eval "
-            f"mode, and got the floor scale {MIN_ACTIVATION_SCALE:g}: {', '.join(floored[:8])}"
-            f"{' ...' if len(floored) > 8 else ''}. Calibrate with representative inputs (example_inputs=...), "
-            "or learn the scales (QuantSpec(learn_scale=True)).", RuntimeWarning, stacklevel=4)
+    if not empty:
+        return
+    scales = [float(q.scale.detach()) for n, q in pending.items()
+              if q.role == "activation" and n not in empty and bool(q.initialized) and q.scale.dim() == 0]
+    typical = float(torch.tensor(scales).median()) if scales else MIN_ACTIVATION_SCALE
+    for name in empty:
+        quantizer = pending[name]
+        qmin, _ = quantizer.spec.qrange
+        # A grid from 0 upwards (unsigned) or centred (signed) with the typical step.
+        reach = typical * (quantizer.spec.qrange[1] - qmin)
+        quantizer.initialize(torch.tensor([0.0, reach] if qmin >= 0 else [-reach / 2, reach / 2]))
+    warnings.warn(
+        f"{len(empty)} activation quantizer(s) saw only zeros on the example inputs, in train and eval mode, and "
+        f"got the median step of the others ({typical:.3g}): {', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}. "
+        "Calibrate with representative inputs (example_inputs=...), or learn the scales "
+        "(QuantSpec(learn_scale=True)).", RuntimeWarning, stacklevel=4)
 
 
 def calibrate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:

@@ -214,7 +214,7 @@ def test_random_init_cnn_calibrates_for_training_and_trains_without_nan():
     assert all(torch.isfinite(p).all() for p in qm.parameters())
 
 
-def test_degenerate_range_gets_the_floor_and_a_warning_naming_it():
+def test_all_zero_activation_gets_a_typical_step_and_a_warning_naming_it():
     class Dead(nn.Module):
         def __init__(self):
             super().__init__()
@@ -224,10 +224,20 @@ def test_degenerate_range_gets_the_floor_and_a_warning_naming_it():
         def forward(self, x):
             return self.b(torch.relu(self.a(x)))  # b's input is all zeros on any small x
 
-    with pytest.warns(RuntimeWarning, match="b_input"):
+    with pytest.warns(RuntimeWarning, match="only zeros.*b_input"):
         qm = qzo_fx.prepare(Dead(), W8A8, example_inputs=(torch.randn(8, 4),))
-    from qzo_fx.passes.prepare.calibrate import MIN_ACTIVATION_SCALE
-    assert float(qm.qzo_quant.b_input.scale) == pytest.approx(MIN_ACTIVATION_SCALE)
+    # The step of the only other activation quantizer (a's input), not a degenerate one.
+    assert float(qm.qzo_quant.b_input.scale) == pytest.approx(float(qm.qzo_quant.a_input.scale))
+
+
+def test_tiny_but_real_ranges_keep_their_own_scale():
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    x = torch.randn(4, 8) * 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,)).eval()
+    with torch.no_grad():
+        assert _rel(qm(x), model.eval()(x)) < 0.1  # tracks the float model instead of rounding to zero
 
 
 def test_examine_reports_mode_dependent_parts():
