@@ -8,22 +8,23 @@ Channels with ``k <= 0`` would need negative scales, so such a BatchNorm is left
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
-from qzo_fx.exporters.lower_bias import constant_value
+from qzo_fx.exporters.lower_bias import constant_value, int32_bias
+from qzo_fx.passes.prepare.round_folded_bias import (
+    FOLDABLE_BATCHNORMS,
+    FOLDABLE_PRODUCERS,
+    folded_bias,
+    is_folded_bias_rounding,
+)
 from torch.fx import GraphModule, Node
 
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["fold_batchnorm"]
-
-aten = torch.ops.aten
-_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_PRODUCERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, aten.conv1d.default, aten.conv2d.default,
-              aten.conv3d.default, aten.linear.default}
 
 
 def _foldable(gm: GraphModule, bn_node: Node):
@@ -31,10 +32,10 @@ def _foldable(gm: GraphModule, bn_node: Node):
         return None
     bn = gm.get_submodule(str(bn_node.target))
     # Exact types only: subclasses (timm's BatchNormAct2d) add an activation a fold would drop.
-    if type(bn) not in _PLAIN_BATCHNORMS or bn.training or bn.running_mean is None:
+    if type(bn) not in FOLDABLE_BATCHNORMS or bn.training or bn.running_mean is None:
         return None
     producer = bn_node.args[0]
-    if not isinstance(producer, Node) or producer.target not in _PRODUCERS or len(producer.users) != 1:
+    if not isinstance(producer, Node) or producer.target not in FOLDABLE_PRODUCERS or len(producer.users) != 1:
         return None
     weight = producer.args[1]
     k = (bn.weight.detach() if bn.affine else 1.0) / torch.sqrt(bn.running_var + bn.eps)
@@ -47,7 +48,8 @@ def _foldable(gm: GraphModule, bn_node: Node):
     return bn, producer, weight, k
 
 
-def _fold(gm: GraphModule, bn: nn.Module, producer: Node, weight: Node, k: torch.Tensor, tag: str) -> None:
+def _fold(gm: GraphModule, bn: nn.Module, producer: Node, weight: Node, k: torch.Tensor, rounding: Optional[Node],
+          tag: str) -> None:
     if weight.op == "get_attr":  # a float weight: scale it directly (a new buffer; nothing shared changes)
         w = operator.attrgetter(str(weight.target))(gm)
         shape = (-1,) + (1,) * (w.dim() - 1)
@@ -67,16 +69,37 @@ def _fold(gm: GraphModule, bn: nn.Module, producer: Node, weight: Node, k: torch
             z_owner, _, z_name = zero_target.rpartition(".")
             gm.get_submodule(z_owner).register_buffer(z_name, zero.expand(k.shape).contiguous())
             weight.update_arg(3, 0)
+    _set_bias(producer, _folded_bias_node(gm, bn, producer, k, rounding, tag))
+
+
+def _folded_bias_node(gm: GraphModule, bn: nn.Module, producer: Node, k: torch.Tensor, rounding: Optional[Node],
+                      tag: str) -> Node:
+    """The folded bias ``(b - mean) k + beta``: int32 codes + DequantizeLinear at ``s_x * s_w * k``
+    where the eval graph rounds it (an integer kernel adds it so), else a float initializer."""
     bias = producer.args[2] if len(producer.args) > 2 else None
     # A float parameter, or an int32 bias already lowered to dequantize(codes): its value either way.
-    b = constant_value(gm, bias).detach() if isinstance(bias, Node) else torch.zeros_like(k)
-    shift = bn.bias.detach() if bn.affine else torch.zeros_like(k)
-    gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_bias", (b - bn.running_mean) * k + shift)
-    with gm.graph.inserting_before(producer):
-        new_bias = gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_bias")
+    if rounding is None:
+        b = constant_value(gm, bias).detach() if isinstance(bias, Node) else torch.zeros_like(k)
+        shift = bn.bias.detach() if bn.affine else torch.zeros_like(k)
+        gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_bias", (b - bn.running_mean) * k + shift)
+        with gm.graph.inserting_before(producer):
+            return gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_bias")
+    # The values the eval graph rounds, from the same reads (the quantizers' scales included).
+    reads = [constant_value(gm, a) for a in rounding.args[1:]]
+    with torch.no_grad():
+        value, step, _ = folded_bias(*[r.detach() if isinstance(r, torch.Tensor) else r for r in reads])
+    return int32_bias(gm, f"{tag}_bias", value, step, before=producer)
+
+
+def _set_bias(producer: Node, bias: Node) -> None:
     args = list(producer.args) + [None] * (3 - len(producer.args))
-    args[2] = new_bias
+    args[2] = bias
     producer.args = tuple(args)
+
+
+def _rounding_of(bn_node: Node) -> Optional[Node]:
+    """The eval graph's int32 rounding of this BatchNorm's folded bias, if it has one."""
+    return next((user for user in bn_node.users if is_folded_bias_rounding(user) and user.args[0] is bn_node), None)
 
 
 def fold_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:
@@ -87,7 +110,11 @@ def fold_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:
         if match is None:
             continue
         bn, producer, weight, k = match
-        _fold(gm, bn, producer, weight, k.detach(), tag=str(node.target).replace(".", "_") + "_folded")
+        rounding = _rounding_of(node)
+        _fold(gm, bn, producer, weight, k.detach(), rounding, tag=str(node.target).replace(".", "_") + "_folded")
+        if rounding is not None:  # now in the bias codes
+            rounding.replace_all_uses_with(producer)
+            gm.graph.erase_node(rounding)
         node.replace_all_uses_with(producer)
         gm.graph.erase_node(node)
         modified = True

@@ -1,0 +1,171 @@
+"""Biases that BatchNorm folding creates: int32 in the file at s_x * s_w * k, and the eval-mode model
+rounds them the same way, so the model, the spec (onnx.reference) and ORT's default session agree
+without following any rounding tie; the train-mode graph keeps BatchNorm on batch statistics."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.version_converter
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from qzo_fx.passes.prepare.round_folded_bias import is_folded_bias_rounding
+
+import qzo_fx
+from qzo_fx.capture.modes import mode_graph
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+W8A8 = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
+
+
+def _conv_bn(conv_bias: bool = False) -> nn.Module:
+    """Conv -> BatchNorm -> ReLU -> Conv with BatchNorm statistics as training leaves them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=conv_bias), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return model
+
+
+def _at_opset_21(model: onnx.ModelProto) -> onnx.ModelProto:
+    # onnx.reference implements DequantizeLinear from opset 19 on; int8/int32 Q/DQ mean the same.
+    return model if model.opset_import[0].version >= 19 else onnx.version_converter.convert_version(model, 21)
+
+
+def _steps_apart(expected: np.ndarray, got: np.ndarray) -> float:
+    return float(np.abs(got - expected).max() / (np.abs(expected).max() / 127))
+
+
+def _runtimes(path, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The file in ORT's default session and in the reference evaluator."""
+    file = onnx.load(str(path))
+    feed = {file.graph.input[0].name: x.numpy()}
+    return {"ort": ort.InferenceSession(str(path)).run(None, feed)[0],
+            "reference": ReferenceEvaluator(_at_opset_21(file)).run(None, feed)[0]}
+
+
+def _conv_biases(file: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(producer op, data type)`` of every Conv/Gemm bias: a DequantizeLinear's int32 input, or an
+    initializer's own type."""
+    inits = {i.name: i for i in file.graph.initializer}
+    producers = {out: node for node in file.graph.node for out in node.output}
+    found = []
+    for node in file.graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+            source = producers.get(node.input[2])
+            if source is not None and source.op_type == "DequantizeLinear":
+                found.append(("DequantizeLinear", TensorProto.DataType.Name(inits[source.input[0]].data_type)))
+            else:
+                found.append(("initializer", TensorProto.DataType.Name(inits[node.input[2]].data_type)))
+    return found
+
+
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["conv-without-bias", "conv-with-bias"])
+def test_folded_bias_is_int32_and_all_three_agree_without_ties(conv_bias, tmp_path):
+    model = _conv_bn(conv_bias)
+    x = torch.randn(2, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
+    result = qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx")
+    file = onnx.load(str(result.path))
+    # No float bias left beside quantized conv inputs: nothing for ORT's WeightBiasQuantization to round.
+    assert _conv_biases(file) == [("DequantizeLinear", "INT32")] * 2
+    assert "BatchNormalization" not in result.op_types
+    probe = torch.randn(16, 3, 16, 16)  # another batch: many codes, every one compared
+    with torch.no_grad():
+        expected = qm.eval()(probe).numpy()
+    for runtime, got in _runtimes(result.path, probe).items():
+        assert _steps_apart(expected, got) < 1e-3, runtime
+    report = qzo_fx.verify_onnx(qm, result.path, (probe,))
+    assert report.ok and report.ties == 0 and report.raw_steps < 1e-3, str(report)
+
+
+def test_int32_codes_are_the_folded_bias_at_input_times_folded_weight_step(tmp_path):
+    model = _conv_bn()
+    x = torch.randn(2, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
+    result = qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx")
+    file = onnx.load(str(result.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in file.graph.initializer}
+    conv = next(n for n in file.graph.node if n.op_type == "Conv")
+    bias_dq = next(n for n in file.graph.node if n.output[0] == conv.input[2])
+    codes, step = inits[bias_dq.input[0]], inits[bias_dq.input[1]]
+    # Plain math from the BatchNorm's state and the two quantizers' scales.
+    bn = qm.get_submodule("1")
+    k = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    s_x = float(qm.qzo_quant.get_submodule("0_input").scale)
+    s_w = qm.qzo_quant.get_submodule("0_weight").scale.detach().numpy()
+    folded = ((-bn.running_mean) * torch.from_numpy(k) + bn.bias).detach().numpy()
+    np.testing.assert_allclose(step, s_x * s_w * k, rtol=1e-6)
+    np.testing.assert_array_equal(codes, np.round(folded / step).astype(np.int32))
+
+
+def test_only_the_eval_graph_rounds_and_the_rounding_follows_training(tmp_path):
+    model = _conv_bn()
+    x = torch.randn(4, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
+    assert not any(is_folded_bias_rounding(n) for n in mode_graph(qm, True).nodes)
+    assert sum(is_folded_bias_rounding(n) for n in mode_graph(qm, False).nodes) == 1
+    # Train mode: BatchNorm normalizes with batch statistics (each channel's mean is its beta).
+    with torch.no_grad():
+        bn = qm.train().get_submodule("1")
+        bn_out = bn(qm.get_submodule("0")(x))
+    assert (bn_out.mean(dim=(0, 2, 3)) - bn.bias).abs().max() < 1e-5
+    # Training moves BatchNorm statistics, weights and scales; the exported file still matches.
+    optimizer = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        qm(torch.randn(4, 3, 16, 16)).square().mean().backward()
+        optimizer.step()
+    qm.eval()
+    result = qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx")
+    probe = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        expected = qm(probe).numpy()
+    for runtime, got in _runtimes(result.path, probe).items():
+        assert _steps_apart(expected, got) < 1e-3, runtime
+
+
+def test_batchnorm_that_cannot_be_folded_gets_no_rounding_and_no_nan(tmp_path):
+    model = _conv_bn()
+    with torch.no_grad():
+        model[1].weight[0] = 0.0    # timm zero-initialises some gammas: k = 0, a 0/0 bias step
+        model[1].weight[1] = -0.7   # a negative scale: the exporter keeps this BatchNorm
+    x = torch.randn(2, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
+    with torch.no_grad():
+        out = qm.eval()(x)
+    assert torch.isfinite(out).all()
+    result = qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx")
+    assert "BatchNormalization" in result.op_types
+    for runtime, got in _runtimes(result.path, x).items():
+        assert _steps_apart(out.numpy(), got) < 1e-3, runtime
+
+
+def test_linear_batchnorm1d_and_an_unfolded_export(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].bias.uniform_(-1, 1)
+    x = torch.randn(8, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
+    probe = torch.randn(64, 16)
+    with torch.no_grad():
+        expected = qm.eval()(probe).numpy()
+    folded = qzo_fx.export_onnx(qm, (x,), tmp_path / "folded.onnx")
+    assert _conv_biases(onnx.load(str(folded.path))) == [("DequantizeLinear", "INT32")] * 2
+    # Unfolded, the file computes the model's rounding error itself (constants ORT folds).
+    unfolded = qzo_fx.export_onnx(qm, (x,), tmp_path / "unfolded.onnx", fold_batchnorm=False)
+    assert "BatchNormalization" in unfolded.op_types
+    for result in (folded, unfolded):
+        for runtime, got in _runtimes(result.path, probe).items():
+            assert _steps_apart(expected, got) < 1e-3, (result.path.name, runtime)
+
