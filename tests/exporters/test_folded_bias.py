@@ -169,3 +169,21 @@ def test_linear_batchnorm1d_and_an_unfolded_export(tmp_path):
         for runtime, got in _runtimes(result.path, probe).items():
             assert _steps_apart(expected, got) < 1e-3, (result.path.name, runtime)
 
+
+def test_a_systematic_bias_deviation_is_not_taken_for_ties(tmp_path):
+    """A runtime that adds every folded bias one accumulator step off (what rounding a float bias
+    again does) moves each output by a small fraction of a step. The codes it flips sit within
+    that fraction of a boundary; a window that wide would follow them all as ties."""
+    model = _conv_bn()
+    x = torch.randn(16, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x[:2],))
+    result = qzo_fx.export_onnx(qm, (x[:2],), tmp_path / "m.onnx")
+    assert qzo_fx.verify_onnx(qm, result.path, (x,)).ok
+    file = onnx.load(str(result.path))
+    conv = next(n for n in file.graph.node if n.op_type == "Conv")
+    bias_dq = next(n for n in file.graph.node if n.output[0] == conv.input[2])
+    codes = next(i for i in file.graph.initializer if i.name == bias_dq.input[0])
+    codes.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(codes) + np.int32(1), codes.name))
+    onnx.save(file, str(tmp_path / "off.onnx"))
+    report = qzo_fx.verify_onnx(qm, tmp_path / "off.onnx", (x,))
+    assert not report.ok and report.unexplained > 0, str(report)
