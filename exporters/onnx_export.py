@@ -155,6 +155,7 @@ def name_dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Name torch.export's symbol of the first axis of the inputs "batch" and of the second axis
     of integer inputs "sequence" (everywhere the symbol appears; names given at export are
     kept); returns the dynamic axes of each input."""
+    _declare_constant_dims(model)
     names, found = {}, {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
@@ -168,6 +169,17 @@ def name_dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
             if dim.dim_param in names:
                 dim.dim_param = names[dim.dim_param]
     return found
+
+
+def _declare_constant_dims(model: onnx.ModelProto) -> None:
+    """Write a dimension named after a number as that number. torch.onnx names a dimension that
+    torch.export was asked to keep dynamic but specialized (an ``nn.LSTM``'s sequence) by its
+    value, e.g. ``"7"``: a symbol to runtimes, which then accept any length the graph's constant
+    reshapes cannot take."""
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param.isdecimal():
+                dim.dim_value = int(dim.dim_param)
 
 
 _RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
