@@ -30,8 +30,8 @@ import onnx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from qzo_fx.exporters.emitters import EMITTERS
 from qzo_fx.exporters.gather_quantized import gather_layout
+from qzo_fx.exporters.library_ops import translation_table
 from qzo_fx.exporters.lower_weights import storage_codes
 from qzo_fx.exporters.matmul_nbits import NBITS, nbits_block, nbits_layout
 from qzo_fx.exporters.onnx_export import (
@@ -251,7 +251,7 @@ def _translate(step: nn.Module, layout: CacheLayout) -> onnx.ModelProto:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(step, _example(layout), dynamo=True, verbose=False, optimize=True,
-                                        custom_translation_table=EMITTERS, opset_version=_OPSET,
+                                        custom_translation_table=translation_table(), opset_version=_OPSET,
                                         dynamic_shapes=_shapes(layout), input_names=layout.input_names(),
                                         output_names=layout.output_names())
     except Exception as error:

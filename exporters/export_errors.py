@@ -21,6 +21,8 @@ __all__ = ["OnnxStageError", "export_failure"]
 
 _CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)')
 _FAILING_NODE = re.compile(r"(?:While executing|Error when translating node) %(\w+)")
+# torch.export flattens outputs with pytree: an object of another class cannot be an output.
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
 _GENERATED_LINE = re.compile(r'File "<eval_with_key>[^"]*", line \d+, in forward\n\s*(\w+) = ')
 
 
@@ -54,6 +56,9 @@ def _describe(entry: tuple) -> str:
 
 
 def _where(lowered: GraphModule, error: Exception, text: str) -> str:
+    returned = _UNKNOWN_OUTPUT.search(text)
+    if returned:
+        return f" (its output holds a {returned[1]})"
     site = _CALL_SITE.search(text)
     if site:
         return f" at {site[1]}:{site[2]} in {site[3]}: `{site[4].strip()}`"
@@ -74,7 +79,11 @@ def export_failure(qm: nn.Module, lowered: GraphModule, error: Exception) -> Exp
         chain.append(type(link).__name__)
         link = link.__cause__
     where = _where(lowered, error, text)
-    if "GuardOnDataDependentSymNode" in chain or "data-dependent" in text:
+    if _UNKNOWN_OUTPUT.search(text):
+        hint = ("an ONNX file returns tensors, and torch.export flattens only tuples, lists, dicts, dataclasses "
+                "and classes registered with torch.utils._pytree.register_pytree_node. Return tensors (for a "
+                "Hugging Face cache: pass use_cache=False), or register that class, then export again")
+    elif "GuardOnDataDependentSymNode" in chain or "data-dependent" in text:
         hint = ("the model branches in Python on a tensor's value, and an ONNX graph has no Python branches. "
                 "Rewrite the branch with torch.cond (both sides traced) or torch.where (both computed), "
                 "then export again; training with qzo_fx works as it is")

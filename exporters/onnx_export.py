@@ -18,9 +18,9 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
-from qzo_fx.exporters.emitters import EMITTERS
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.export_errors import OnnxStageError, export_failure
+from qzo_fx.exporters.library_ops import translation_table
 from qzo_fx.exporters.lint import lint_target, resolve_target
 from qzo_fx.exporters.lower import lower_for_export, lowered_meta
 from torch.fx import GraphModule
@@ -139,7 +139,7 @@ def _translate(lowered: GraphModule, args: tuple, opset: int, shapes: Any, kwarg
             warnings.simplefilter("ignore")
             exported = torch.export.export(lowered, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False)
             try:
-                program = torch.onnx.export(exported, dynamo=True, custom_translation_table=EMITTERS,
+                program = torch.onnx.export(exported, dynamo=True, custom_translation_table=translation_table(),
                                             opset_version=opset, optimize=True, verbose=False)
             except Exception as error:
                 raise OnnxStageError(exported) from error

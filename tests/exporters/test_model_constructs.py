@@ -1,4 +1,5 @@
-"""Constructs of users' models at export: a recurrent layer's sequence axis."""
+"""Constructs of users' models at export: a recurrent layer's sequence axis, an output torch.export
+cannot flatten, and a library's custom op (transformers' mixture-of-experts grouped matmul)."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,3 +45,60 @@ def test_lstm_sequence_axis_is_declared_as_the_length_the_file_runs(tmp_path):
     with pytest.raises(Exception, match="idx"):
         session.run(None, {"idx": torch.randint(0, 30, (2, 10)).numpy()})
 
+
+class Box:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class ReturnsAnObject(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x), Box(2 * x)
+
+
+def test_an_output_torch_export_cannot_flatten_is_named_with_the_way_out(tmp_path):
+    x = torch.randn(2, 4)
+    qm = qzo_fx.prepare(ReturnsAnObject(), qzo_fx.QuantConfig(weight_bits=8), example_inputs=(x,))
+    with pytest.raises(qzo_fx.ExportError) as info:
+        qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx")
+    first = str(info.value).splitlines()[0]
+    assert "its output holds a " in first and "Box" in first and "register_pytree_node" in first
+    assert "use_cache=False" in first and not (tmp_path / "m.onnx").exists()
+
+
+class Experts(nn.Module):
+    """Rows sorted by expert through transformers' grouped matmul (Mixtral's experts on CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 8, 6) / 3)  # 3 experts, 8 -> 6
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x, ends):
+        return self.head(torch.ops.transformers.grouped_mm_fallback(x, self.weight, ends))
+
+
+def test_transformers_grouped_mm_exports_and_matches_for_any_routing(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.zoo.models import torchvision_shim
+
+    torchvision_shim()
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+    torch.manual_seed(0)
+    x, ends = torch.randn(6, 8), torch.tensor([2, 4, 6])
+    qm = qzo_fx.prepare(Experts(), qzo_fx.QuantConfig(weight_bits=8), example_inputs=(x, ends))
+    result = qzo_fx.export_onnx(qm, (x, ends), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(result.path))
+    names = [i.name for i in session.get_inputs()]
+    # Even routing, an expert with no rows, every row to the last expert, rows past the last end (0).
+    for rows, routed in ((6, [2, 4, 6]), (9, [3, 3, 9]), (5, [0, 0, 5]), (7, [1, 3, 4])):
+        probe, probe_ends = torch.randn(rows, 8), torch.tensor(routed)
+        with torch.no_grad():
+            expected = qm.eval()(probe, probe_ends).numpy()
+        got = session.run(None, dict(zip(names, (probe.numpy(), probe_ends.numpy()))))[0]
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=str(routed))
