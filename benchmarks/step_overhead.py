@@ -12,12 +12,19 @@ round-robin, seconds apart), with its min-max over rounds. Targets: FOGZO two-si
 (1.75x on a GPU), one-sided <= 1.40x, STE W8A8 <= 1.10x float.
 
 What each speed trick saves: ``python benchmarks/step_phases.py --ab`` (docs/performance.md).
+
+``--compile``: ``train_step(..., compile=True)`` against eager on each model: the STE step and
+FOGZO (two-sided, beta_min = 0.999 held constant) with ``sequential`` and ``inplace`` branches,
+interleaved; one step of eager and compiled FOGZO from the same seed is compared (losses, G), its
+wall time being the model's compilation (cold where TORCHINDUCTOR_CACHE_DIR is empty), and the
+first call of each compiled step after it is timed apart too (what it compiles on top).
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +174,61 @@ def nspsa_throughput(device, rounds, k=64):
     print(f"\n== n-SPSA K={k} on deit_tiny: batched throughput / sequential = {_fmt(r)}")
 
 
+COMPILED_FOGZO = dict(beta_min=0.999, schedule="constant", seed=0)
+
+
+def compile_fns(name, device):
+    """Eager and compiled steps of one model (each on its own prepared copy), and the first-call
+    wall time of each compiled one (what it compiles beyond the graphs compiled before, plus a step)."""
+    fns, first = {}, {}
+    for label, estimator, strategy in (("ste", qzo_fx.STE, "auto"), ("fogzo-seq", "fogzo", "sequential"),
+                                       ("fogzo-inplace", "fogzo", "inplace")):
+        for compiled in (False, True):
+            _, qm, batch, loss_fn = prepared(name, device, qzo_fx.QuantConfig(weight_bits=2))
+            est = qzo_fx.FOGZO(**COMPILED_FOGZO) if estimator == "fogzo" else estimator()
+            step = qzo_fx.train_step(qm, loss_fn, est, strategy=strategy, compile=compiled)
+            key = label + ("-compiled" if compiled else "")
+            fns[key] = trained(qm, (lambda s, b: lambda: s(b))(step, batch), device)
+            if compiled:
+                start = time.perf_counter()
+                fns[key]()
+                first[key] = time.perf_counter() - start
+    return fns, first
+
+
+def compiled_estimate(name, device):
+    """One FOGZO step (sequential) from the same seed, eager and compiled: (|d loss|, max |d branch
+    loss|, max |dG| / max |G|, max |dG|, wall seconds of the compiled step: the model's first
+    compilation in this process, base forward + backward and the branch graph)."""
+    out = []
+    for compiled in (False, True):
+        _, qm, batch, loss_fn = prepared(name, device, qzo_fx.QuantConfig(weight_bits=2))
+        step = qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(**COMPILED_FOGZO), strategy="sequential", compile=compiled)
+        torch.manual_seed(1)
+        start = time.perf_counter()
+        loss = float(step(batch))
+        seconds = time.perf_counter() - start
+        out.append((loss, step.stats.last_branch_losses, [p.grad.clone() for p in step.params]))
+    (le, be, ge), (lc, bc, gc) = out
+    dg = max(float((a - b).abs().max()) for a, b in zip(ge, gc))
+    return (abs(le - lc), max(abs(a - b) for a, b in zip(be, bc)), dg / max(float(g.abs().max()) for g in ge), dg,
+            seconds)
+
+
+def compile_report(name, device, rounds, clock):
+    d_loss, d_branch, rel, dg, first = compiled_estimate(name, device)
+    print(f"\n== {name}: same seed, eager vs compiled: |d loss| {d_loss:.2e}, max |d branch loss| {d_branch:.2e}, "
+          f"max |dG| {dg:.2e} ({rel:.2e} of max |G|); first compiled FOGZO step {first:.1f} s wall "
+          "(a cold compile with an empty TORCHINDUCTOR_CACHE_DIR)", flush=True)
+    fns, first = compile_fns(name, device)
+    samples = interleaved_rounds(fns, rounds, warmup=1, block=BLOCK, clock=clock)
+    t = medians(samples)
+    for label in ("ste", "fogzo-seq", "fogzo-inplace"):
+        key = label + "-compiled"
+        print(f"   {label:14s} eager {t[label]*1e3:8.1f} ms  compiled {t[key]*1e3:8.1f} ms  compiled/eager "
+              f"{_fmt(ratio(samples, key, label))}  first compiled call {first[key]:.1f} s wall", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -175,6 +237,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="cpu: process CPU time, for a machine shared with other jobs (OMP_WAIT_POLICY=PASSIVE)")
+    parser.add_argument("--compile", action="store_true", help="compile=True against eager (see above)")
     args = parser.parse_args()
     rounds = args.rounds or (5 if args.quick else 15)
     cuda = args.device.startswith("cuda")
@@ -182,6 +245,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.device} ({where}); {rounds} interleaved rounds of {BLOCK} back-to-back "
           f"steps (first dropped), {args.clock} clock; ratios: median [min-max] over rounds of each round's ratio",
           flush=True)
+    if args.compile:
+        for name in args.models.split(","):
+            compile_report(name, args.device, rounds, args.clock)
+        return
     for name in args.models.split(","):
         fns, steps = step_fns(name, args.device)
         report(name, interleaved_rounds(fns, rounds, warmup=1, block=BLOCK, clock=args.clock), steps)

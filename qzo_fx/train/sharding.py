@@ -28,7 +28,8 @@ from torch.fx import GraphModule
 from qzo_fx.capture.modes import mode_graph
 from qzo_fx.errors import TrainStepError
 
-__all__ = ["ShardSpan", "Shards", "check_model", "is_dtensor", "is_sharded", "local", "reshard", "sum_over_ranks"]
+__all__ = ["ShardSpan", "Shards", "check_model", "is_dtensor", "is_sharded", "local", "reshard", "strategy_for",
+           "sum_over_ranks"]
 
 try:  # FSDP2 and DTensor ship with torch.distributed; a build without it has nothing sharded
     from torch.distributed.fsdp import FSDPModule
@@ -60,6 +61,17 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def strategy_for(strategy: str) -> str:
+    """The branch strategy on a sharded model: the local shards perturbed in place, the model run
+    through its FSDP hooks (``auto`` -> ``inplace``; ``lean`` draws directions per tensor)."""
+    if strategy in ("sequential", "batched"):
+        raise TrainStepError(f"strategy={strategy!r} cannot run on a model sharded with fully_shard: its branch "
+                             "graph reads the parameters outside FSDP's hooks, where each rank holds only its "
+                             "shard. Use 'inplace' (or 'auto', which picks it) or 'lean' (directions drawn per "
+                             "tensor, less memory).")
+    return "inplace" if strategy == "auto" else strategy
 
 
 def sum_over_ranks(values: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from qzo_fx.errors import NonFiniteLossError, TrainStepError
 from qzo_fx.train import distributed, sharding
 from qzo_fx.train.batches import BatchSignature
 from qzo_fx.train.checks import FiniteCheck
+from qzo_fx.train.compilation import Compiler, CompileSetting
 from qzo_fx.train.directions import Directions
 from qzo_fx.train.estimators import STE, Estimator
 from qzo_fx.train.graphs import BranchGraphs
@@ -86,7 +87,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Estimator,
                  strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64,
-                 noise: str = "auto") -> None:
+                 noise: str = "auto", compile: CompileSetting = False) -> None:
         if not isinstance(model, nn.Module):
             raise TrainStepError(f"train_step takes the prepared model (an nn.Module), got {type(model).__name__}.")
         if not isinstance(estimator, Estimator):
@@ -103,6 +104,7 @@ class TrainStep:
         self.on_nonfinite, self.max_chunk = on_nonfinite, max_chunk
         self.stats, self.step_index = StepStats(), 0
         self.noise, self.workspace = Noise(noise), Workspace()
+        self.compiler = Compiler(compile)
         self.check = FiniteCheck(enabled=False)
         self.perturbed: list[PerturbedParam] = []
         self.names: tuple[str, ...] = ()
@@ -143,7 +145,7 @@ class TrainStep:
         whole = isinstance(self.model, GraphModule) and all(p == "" for p, _ in quantizer_containers(self.model))
         strategy = self.requested_strategy
         if self.sharded:
-            strategy = self._sharded_strategy(strategy)
+            strategy = sharding.strategy_for(strategy)
         elif not whole:  # an eager root with prepared parts: only the parameters can be perturbed in place
             if strategy not in ("auto", "inplace"):
                 raise TrainStepError(f"strategy={strategy!r} needs a model captured as one graph; this one was "
@@ -152,26 +154,20 @@ class TrainStep:
         self.names = tuple(names)
         if self.sharded and parameters:  # ZOQO's codes are buffers: whole on every rank
             self.shards = Shards(self.model, self.names)
+        self.compiler.check(strategy, graph_lean=not self.sharded)
         after = (lambda: sharding.reshard(self.model)) if self.sharded else None
         ctx = StrategyContext(self.model, self.loss_fn, self.names, self.workspace, self.max_chunk,
-                              None if self.shards is None else self.shards.local, after)
+                              None if self.shards is None else self.shards.local, after,
+                              self.compiler if self.compiler.enabled else None)
         self.params = ctx.params
         # The base pass is tapped where sequential branches can run: the model's own graph (not
-        # through a DDP wrapper, whose backward all-reduces), on CPU (reuse decides on the host).
+        # through a DDP wrapper, whose backward all-reduces), on CPU (reuse decides on the host;
+        # compiled graphs would break at every such decision).
         reuse = (reuse_base and whole and strategy in ("sequential", "auto") and self.wrapper is self.model
-                 and not self.sharded and all(p.device.type == "cpu" for p in self.params))
+                 and not (self.sharded or self.compiler.enabled) and all(p.device.type == "cpu" for p in self.params))
         graphs = whole and not self.sharded  # a sharded model's graphs would read shards outside FSDP's hooks
         self.graphs = BranchGraphs(self.model, self.names, BaseTaps() if reuse else None) if graphs else None
         self.strategy = build(strategy, ctx, None if self.graphs is None else self.graphs.getter)
-
-    def _sharded_strategy(self, strategy: str) -> str:
-        """FSDP2: branches perturb the local shards in place and run the model through its hooks."""
-        if strategy in ("sequential", "batched"):
-            raise TrainStepError(f"strategy={strategy!r} cannot run on a model sharded with fully_shard: its branch "
-                                 "graph reads the parameters outside FSDP's hooks, where each rank holds only its "
-                                 "shard. Use 'inplace' (or 'auto', which picks it) or 'lean' (directions drawn per "
-                                 "tensor, less memory).")
-        return "inplace" if strategy == "auto" else strategy
 
     @property
     def perturbed_numel(self) -> int:
@@ -205,7 +201,7 @@ class TrainStep:
         """The wrapper, or (training, first convolutions tapped) a stand-in calling the base graph."""
         taps = None if self.graphs is None else self.graphs.taps
         if taps is None:
-            return self.wrapper
+            return self.compiler(self.wrapper)
         taps.clear()  # values of this step only
         base = self.graphs.get("base") if self.model.training else None
         return BranchModel(base, self.model, ()) if base is not None and hasattr(base, TAPS) else self.wrapper
@@ -361,7 +357,7 @@ class TrainStep:
 
 def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Optional[Estimator] = None, *,
                strategy: str = "auto", on_nonfinite: str = "raise", max_chunk: int = 64,
-               noise: str = "auto") -> TrainStep:
+               noise: str = "auto", compile: CompileSetting = False) -> TrainStep:
     """Build the training step of ``model`` for ``estimator``.
 
     Args:
@@ -378,6 +374,9 @@ def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimato
         max_chunk: at most this many branches per batched call (memory bound).
         noise: "auto" (the compiled counter stream on CPU where numba is installed, else torch
             generators on the parameters' device), "torch" or "compiled".
+        compile: torch.compile the base pass (forward and backward) and the branch forwards
+            (:mod:`qzo_fx.train.compilation`): True, or a dict of ``torch.compile`` keyword
+            arguments. Each is compiled on its first call; ``batched`` and graph ``lean`` are refused.
 
     Example:
         >>> import torch, qzo_fx
@@ -387,4 +386,4 @@ def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimato
         True
     """
     return TrainStep(model, loss_fn, STE() if estimator is None else estimator, strategy, on_nonfinite, max_chunk,
-                     noise)
+                     noise, compile)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import qzo_fx
 from qzo_fx.errors import TrainStepError
@@ -53,6 +54,7 @@ class Case:
     config: Callable[[], qzo_fx.QuantConfig] = lambda: qzo_fx.QuantConfig(weight_bits=2)
     fsdp: Callable[[], dict] = dict  # fully_shard keyword arguments
     codes: bool = False              # ZOQO: integer codes, no optimizer
+    compile: bool = False            # train_step(..., compile=True)
 
 
 CASES: dict[str, Case] = {
@@ -72,6 +74,7 @@ CASES: dict[str, Case] = {
                              weight=qzo_fx.QuantSpec(bits=4, granularity="per_group", group_size=8),
                              overrides={"fc[12]": {"weight": {"granularity": "per_channel"}}})),
     "zoqo": Case(lambda: qzo_fx.ZOQO(seed=9), codes=True),
+    "fogzo-compiled": Case(lambda: qzo_fx.FOGZO(beta_min=0.9, total_steps=4, seed=3), compile=True),
     "fogzo-no-reshard": Case(lambda: qzo_fx.FOGZO(beta_min=0.9, total_steps=4, seed=3),
                              fsdp=lambda: {"reshard_after_forward": False}),
     "fogzo-cpu-offload": Case(lambda: qzo_fx.FOGZO(beta_min=0.9, total_steps=4, seed=3),
@@ -99,9 +102,10 @@ def _graph_strategy(qm):
 REFUSALS = {"bf16-params": _bf16, "uncalled-unit": _uncalled_unit, "graph-strategy": _graph_strategy}
 
 
-def train(name: str, shard: Optional[tuple[int, int]] = None) -> dict[str, torch.Tensor]:
-    """Train case ``name``; ``shard=(rank, world)``: under FSDP on that rank's part of each batch.
-    Returns the whole parameters (and ZOQO's codes) after training."""
+def train(name: str, shard: Optional[tuple[int, int]] = None, eager: bool = False) -> dict[str, Any]:
+    """Train case ``name``; ``shard=(rank, world)``: under FSDP on that rank's part of each batch;
+    ``eager``: without compile whatever the case says. Returns the whole parameters (and ZOQO's
+    codes) after training, the strategy that ran and how many graphs torch.compile made."""
     case = CASES[name]
     torch.manual_seed(0)  # the same initial weights everywhere
     qm = qzo_fx.prepare(Net(), case.config())
@@ -109,7 +113,9 @@ def train(name: str, shard: Optional[tuple[int, int]] = None) -> dict[str, torch
         qm = qzo_fx.to_integer_codes(qm)
     if shard is not None:
         fully_shard(qm, **case.fsdp())
-    step = qzo_fx.train_step(qm, ce, case.estimator(), strategy=case.strategy)
+    counters.clear()
+    step = qzo_fx.train_step(qm, ce, case.estimator(), strategy=case.strategy,
+                             compile=case.compile and not eager)
     opt = (torch.optim.AdamW(qm.parameters(), lr=1e-2) if case.optimizer == "adamw"
            else torch.optim.SGD(qm.parameters(), lr=0.1))
     for x, y in data():
@@ -125,6 +131,7 @@ def train(name: str, shard: Optional[tuple[int, int]] = None) -> dict[str, torch
              for n, p in qm.named_parameters()}
     whole.update({n: b.clone() for n, b in qm.named_buffers() if n.endswith(".codes")})
     whole["strategy"] = step.stats.strategy
+    whole["compiled graphs"] = counters["stats"]["unique_graphs"]
     return whole
 
 

@@ -38,5 +38,6 @@ def build(name: str, ctx: StrategyContext, graph: Optional[Callable[[str], Calla
     }
     if name != "auto":
         return makers[name]()
-    candidates = ["sequential", "inplace"] + ([] if masks_differ(ctx) else ["batched"])
+    # batched: CUDA's dropout masks differ under vmap; torch.compile is not applied to vmap.
+    candidates = ["sequential", "inplace"] + ([] if masks_differ(ctx) or ctx.compiling else ["batched"])
     return Auto(ctx, [makers[c]() for c in candidates])

@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.fx import GraphModule
 
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.train.rng import RngState
@@ -70,7 +69,7 @@ class BranchModel:
     """What ``loss_fn`` receives in a branch: calls a branch graph with bound leading inputs and
     resolves attributes on the model."""
 
-    def __init__(self, graph: GraphModule, model: nn.Module, values: Sequence[Tensor]) -> None:
+    def __init__(self, graph: Callable, model: nn.Module, values: Sequence[Tensor]) -> None:
         self._graph, self._model, self._values = graph, model, values
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -85,12 +84,16 @@ class StrategyContext:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, names: Sequence[str], workspace: Workspace,
                  max_chunk: int = 64, tensors: Optional[Sequence[Tensor]] = None,
-                 after_branch: Optional[Callable[[], None]] = None) -> None:
+                 after_branch: Optional[Callable[[], None]] = None,
+                 compiled: Optional[Callable[[Callable], Callable]] = None) -> None:
         self.model, self.loss_fn, self.names = model, loss_fn, tuple(names)
         # Parameters, or integer-code buffers (ZOQO): any tensor attribute, by dotted name; or the
         # tensors given (a sharded model's local shards, perturbed in place).
         self.params = list(tensors) if tensors is not None else [operator.attrgetter(n)(model) for n in self.names]
         self._after_branch = after_branch  # e.g. reshard an FSDP model after each branch's forward
+        # What a strategy calls to run the model or a branch graph: torch.compile'd with compile=True.
+        self.compiled: Callable[[Callable], Callable] = compiled if compiled is not None else (lambda fn: fn)
+        self.compiling = compiled is not None
         self.workspace, self.max_chunk = workspace, max_chunk
         norms = {name: m for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}

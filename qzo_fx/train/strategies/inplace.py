@@ -30,7 +30,7 @@ class Inplace(Strategy):
                 torch._foreach_copy_(params, snapshot)
                 for i, p in enumerate(params):
                     apply_delta(p, *self.delta(branches, k, i), sign)
-                out.append(self.ctx.loss(self.ctx.model, batch, rng_state))
+                out.append(self.ctx.loss(self.ctx.compiled(self.ctx.model), batch, rng_state))
         finally:
             torch._foreach_copy_(params, snapshot)
         return torch.stack(out)

@@ -25,7 +25,7 @@ class Sequential(Strategy):
 
     def run(self, branches: Branches, batch: Any, rng_state: RngState) -> Tensor:
         ctx, graph = self.ctx, self._graph()
-        prologue = getattr(graph, PROLOGUE, None)
+        prologue, run = getattr(graph, PROLOGUE, None), ctx.compiled(graph)
         values = ctx.workspace.like("values", ctx.params)
         out = []
         for k, sign in branches.pattern:
@@ -33,5 +33,5 @@ class Sequential(Strategy):
                 v, eps = branches.delta(k, i)
                 if prologue is None or not prologue.perturb_quantize(i, value, theta, v, eps, sign):
                     apply_delta(theta, v, eps, sign, out=value)
-            out.append(ctx.loss(BranchModel(graph, ctx.model, values), batch, rng_state))
+            out.append(ctx.loss(BranchModel(run, ctx.model, values), batch, rng_state))
         return torch.stack(out)
