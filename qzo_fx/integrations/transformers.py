@@ -51,7 +51,7 @@ class QzoTrainer(Trainer):
         >>> #                      train_dataset=data, estimator=qzo_fx.FOGZO(total_steps=100))
     """
 
-    def __init__(self, model: nn.Module = None, args: Any = None, *, estimator: Any = None,
+    def __init__(self, model: Optional[nn.Module] = None, args: Any = None, *, estimator: Any = None,
                  strategy: str = "auto", on_nonfinite: str = "raise", **kwargs: Any) -> None:
         super().__init__(model=model, args=args, **kwargs)
         self.estimator = STE() if estimator is None else estimator
@@ -90,7 +90,7 @@ class QzoTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         self._labels = inputs.get("labels")
-        accepted = _accepted_inputs(self.model)
+        accepted = _accepted_inputs(getattr(model, "module", model))  # through a DDP wrapper
         batch = {k: v for k, v in inputs.items() if accepted is None or k in accepted}
         if self.compute_loss_func is not None and accepted is not None and "labels" not in accepted:
             batch.pop("labels", None)
@@ -134,7 +134,7 @@ class QzoTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         # Tied weights are one tensor under two names, which safetensors refuses: save each once.
-        if state_dict is None and self.args.should_save:
+        if state_dict is None and self.args.should_save and self.model is not None:
             state_dict = _untied(self.model.state_dict())
         super()._save(output_dir, state_dict)
 
