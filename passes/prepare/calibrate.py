@@ -1,18 +1,21 @@
-"""Calibrate: initialise activation scales from the example inputs, seen in both modes.
+"""Calibrate: initialise activation scales from the example inputs, as training sees them.
 
 Weight quantizers are initialised when inserted (from the weight itself); activation quantizers
-need data. The pass runs the model on the example inputs in eval mode and in train mode, with
-the pending quantizers passing values through unquantized, and sets each scale from what it saw
-in either mode. Both matter: a trained model's eval-mode ranges are what it deploys with, and
-a model at random init often has vanishing eval-mode activations (BatchNorm's running statistics
-are still 0 and 1) while training normalises with batch statistics, so an eval-only range would
-saturate every training step. Each run is under ``no_grad`` with buffers (BatchNorm statistics)
-and the random number generators restored, so calibration changes no state of the model.
+need data. The pass runs the model on the example inputs in train mode, with the pending
+quantizers passing values through unquantized, and sets each scale from what it saw; a quantizer
+that only the eval-mode graph reaches (an eval-only branch) is set from an eval-mode run. Train
+mode decides because QAT trains with these scales, and because at random init BatchNorm's
+running statistics (0 and 1) describe no activation: eval-mode activations of a deep CNN then
+vanish (MobileNet, EfficientNet) or explode (Inception) by orders of magnitude, and scales fit to
+them would zero or saturate every training step. A trained network's batch statistics are close
+to its running ones, so its eval mode is served too; a random-init network's eval mode comes
+right as its running statistics follow training. Each run is under ``no_grad`` with buffers
+(BatchNorm statistics) and the random number generators restored: calibration changes no state.
 
-An activation that is exactly zero on the examples in both modes (a ReLU dead at init) carries no
-range at all: its quantizer gets the median scale of the model's other activation quantizers (a
-typical range for later, non-zero values; :data:`MIN_ACTIVATION_SCALE` if there is none) and a
-warning names it. Any other range, however small, sets its own scale.
+An activation that is exactly zero on the examples (a ReLU dead at init) carries no range at
+all: its quantizer gets the median scale of the model's other activation quantizers (a typical
+range for later, non-zero values; :data:`MIN_ACTIVATION_SCALE` if there is none) and a warning
+names it. Any other range, however small, sets its own scale.
 """
 from __future__ import annotations
 
@@ -107,7 +110,7 @@ def _initialize(pending: dict[str, Quantizer], seen: dict[str, list[Tensor]]) ->
         reach = typical * (quantizer.spec.qrange[1] - qmin)
         quantizer.initialize(torch.tensor([0.0, reach] if qmin >= 0 else [-reach / 2, reach / 2]))
     warnings.warn(
-        f"{len(empty)} activation quantizer(s) saw only zeros on the example inputs, in train and eval mode, and "
+        f"{len(empty)} activation quantizer(s) saw only zeros on the example inputs and "
         f"got the median step of the others ({typical:.3g}): {', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}. "
         "Calibrate with representative inputs (example_inputs=...), or learn the scales "
         "(QuantSpec(learn_scale=True)).", RuntimeWarning, stacklevel=4)
@@ -122,10 +125,11 @@ def calibrate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
             f"Activation quantizers {sorted(pending)} need data to set their scales: pass "
             "example_inputs=(x,) to prepare(), or set activation=None in the QuantConfig.")
     seen: dict[str, list[Tensor]] = {name: [] for name in pending}
-    for training in (False, True):
+    for training in (True, False):
         inputs = ctx.inputs_for(training)
-        if inputs is not None:
-            _observe(gm, training, inputs, pending, seen)
+        unseen = {name: q for name, q in pending.items() if not seen[name]}
+        if inputs is not None and unseen:  # eval mode only for what training never reached
+            _observe(gm, training, inputs, unseen, seen)
     _initialize(pending, seen)
     left = pending_quantizers(gm)
     if left:

@@ -125,39 +125,62 @@ def _running_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in model.modules())
 
 
-def w8a8_tracks_float(qm: nn.Module, float_model: nn.Module, args, kwargs, info: dict) -> str:
-    """The W8A8 model computes roughly the float model's function: every floating output within
-    max-norm relative error 0.5, and not all zero where the float output is not.
+def _weight_noise_copy(model: nn.Module, seed: int = 5) -> nn.Module:
+    """A copy of the float model whose weights (parameters of 2+ dimensions) carry uniform noise
+    of half a 7-bit step per output channel: what rounding them to the W8A8 grid moves them by, drawn
+    independently of qzo_fx. How far that moves the output measures the network's own sensitivity."""
+    noisy = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            if p.dim() >= 2 and p.is_floating_point():
+                step = p.abs().flatten(1).amax(1).clamp_min(1e-12) / 63
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                p.add_((torch.rand(p.shape, generator=gen) - 0.5) * step.reshape(shape))
+    return noisy
 
-    Compared in train mode (same random state for both: dropout draws alike) and, for models
-    without BatchNorm running statistics, in eval mode too. At random init BatchNorm's running
-    statistics (0 and 1) do not describe the network: its eval-mode activations are orders of
-    magnitude off the training ones, one activation scale cannot serve both, and calibration
-    takes the training range (docs/architecture.md); the eval mode of such a model is compared
-    after training, by the ONNX stages, against qm.eval()."""
+
+def w8a8_tracks_float(qm: nn.Module, float_model: nn.Module, args, kwargs, info: dict) -> str:
+    """The W8A8 model computes roughly the float model's function: no floating output all zero
+    where the float model's is not, and each within max-norm relative error max(0.5, 3 x the
+    network's own sensitivity) of the float model's, where the sensitivity is how far the float
+    model moves when its weights carry noise of the size W8A8 rounding has (random-init networks
+    with train-mode BatchNorm on tiny batches move by tens of percent under it).
+
+    Compared in train mode (same random state for all: dropout draws alike) and, for models
+    without BatchNorm running statistics, in eval mode too. At random init running statistics (0
+    and 1) describe no activation: eval-mode activations are orders of magnitude off the training
+    ones; calibration takes the training range (passes/prepare/calibrate.py), and the eval mode of
+    such a model is compared against the file by the ONNX stages."""
     modes = (True,) if _running_statistics(float_model) else (True, False)
-    worst = []
+    worst, sensitivity = [], []
     for training in modes:
         with torch.no_grad():
-            model, quantized = copy.deepcopy(float_model).train(training), copy.deepcopy(qm).train(training)
-            torch.manual_seed(11)
-            expected = floating(model(*args, **kwargs))
-            torch.manual_seed(11)
-            got = floating(quantized(*args, **kwargs))
-        pairs = [(e, g) for e, g in zip(expected, got) if e.shape == g.shape]
-        errors = [relative_error(e, g) for e, g in pairs]
-        worst += errors
+            outputs = []
+            for model in (float_model, _weight_noise_copy(float_model), qm):
+                torch.manual_seed(11)
+                outputs.append(floating(copy.deepcopy(model).train(training)(*args, **kwargs)))
+        expected, noisy, got = outputs
         mode = "train" if training else "eval"
-        for i, ((e, g), err) in enumerate(zip(pairs, errors)):
+        for i, (e, n, g) in enumerate(zip(expected, noisy, got)):
+            if e.shape != g.shape:
+                continue
+            err, sens = relative_error(e, g), relative_error(e, n)
+            worst.append(err)
+            sensitivity.append(sens)
             if e.abs().max() > 0 and not g.abs().max() > 0:
                 raise CheckFailed(f"{mode} mode: floating output #{i} is all zero, the float model's reaches "
                                   f"{float(e.abs().max()):.3g}")
-            if not err <= W8A8_RTOL:
+            if not err <= max(W8A8_RTOL, 3 * sens):
                 raise CheckFailed(f"{mode} mode: floating output #{i}: relative error {err:.3g} against the float "
-                                  f"model > {W8A8_RTOL}")
+                                  f"model > max({W8A8_RTOL}, 3 x {sens:.3g} under weight noise)")
     info["w8a8_rel_error"] = max(worst, default=None)
+    info["float_weight_noise_rel_error"] = max(sensitivity, default=None)
     compared = " and ".join("train" if t else "eval" for t in modes)
-    return f"max relative error {info['w8a8_rel_error']:.3g} ({compared} mode)" if worst else "no comparable floating output"
+    if not worst:
+        return "no comparable floating output"
+    return (f"max relative error {max(worst):.3g}; the float model under weight noise moves {max(sensitivity):.3g} "
+            f"({compared} mode)")
 
 
 # ---------------------------------------------------------------- stage 5
