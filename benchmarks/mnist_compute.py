@@ -20,7 +20,8 @@ from tabulate import tabulate
 
 import qzo_fx
 from qzo_fx.data import batches, load_mnist_subset
-from qzo_fx.models import MLP, classification_loss as ce
+from qzo_fx.models import MLP
+from qzo_fx.models import classification_loss as ce
 
 D = 784 * 10 + 10 + 10 * 10 + 10
 
@@ -78,7 +79,8 @@ def main() -> None:
         result = run(f"n-SPSA n={n}", qzo_fx.NSPSA(n=n, seed=0), data, 10**9, cap, eval_every, target,
                      20.0 if args.quick else args.max_seconds)
         results.append(result)
-        print(f"{result['name']}: {result['steps']} steps, compute {result['compute']}, loss {result['final_loss']:.4f}, "
+        print(f"{result['name']}: {result['steps']} steps, compute {result['compute']}, "
+              f"loss {result['final_loss']:.4f}, "
               f"{result['seconds']:.0f} s", flush=True)
     rows = []
     for r in results:
@@ -93,7 +95,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "mnist_compute.json").write_text(json.dumps({"results": results, "seconds": time.perf_counter() - started}))
     _plot(results, out / "mnist_compute.png")
-    print(f"\n{time.perf_counter() - started:.0f} s; wrote {out / 'mnist_compute.json'} and {out / 'mnist_compute.png'}")
+    elapsed = time.perf_counter() - started
+    print(f"\n{elapsed:.0f} s; wrote {out / 'mnist_compute.json'} and {out / 'mnist_compute.png'}")
 
 
 def _plot(results, path: Path) -> None:

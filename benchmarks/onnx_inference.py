@@ -36,12 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.zoo's torchvision shim
 
-from qzo_fx.exporters import export_causal_lm, generate  # noqa: E402
-from qzo_fx.exporters.onnx_export import strip_debug_info  # noqa: E402
-from qzo_fx.exporters.openvino_runtime import OpenVinoSession  # noqa: E402
 from timing import interleaved_rounds, medians, paired_ratio  # noqa: E402
 
 import qzo_fx  # noqa: E402
+from qzo_fx.exporters import export_causal_lm, generate  # noqa: E402
+from qzo_fx.exporters.onnx_export import strip_debug_info  # noqa: E402
+from qzo_fx.exporters.openvino_runtime import OpenVinoSession  # noqa: E402
 
 BLOCK = 5  # calls per turn; the first of each turn is dropped
 PROMPT, NEW_TOKENS = 128, 32

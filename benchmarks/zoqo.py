@@ -22,7 +22,8 @@ from tabulate import tabulate
 import qzo_fx
 from qzo_fx.data import batches, load_digits
 from qzo_fx.fit import accuracy
-from qzo_fx.models import MLP, classification_loss as ce
+from qzo_fx.models import MLP
+from qzo_fx.models import classification_loss as ce
 
 METHODS = {
     # name: (estimator factory, optimizer factory or None, integer codes?)

@@ -85,7 +85,8 @@ def main() -> None:
 
     training = transformers.TrainingArguments(
         args.out, use_cpu=True, report_to=[], max_steps=args.steps, per_device_train_batch_size=16,
-        learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=args.steps // 10, logging_steps=max(args.steps // 10, 1),
+        learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=args.steps // 10,
+        logging_steps=max(args.steps // 10, 1),
         save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     estimator = qzo_fx.FOGZO(total_steps=args.steps, ste_fraction=0.7, beta_min=0.9999, seed=0)
     trainer = QzoTrainer(model=qm, args=training, train_dataset=train, estimator=estimator)

@@ -30,6 +30,9 @@ import onnx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from qzo_fx.capture.pipeline import quantizer_containers
+from qzo_fx.errors import ExportError
 from qzo_fx.exporters.gather_quantized import gather_layout
 from qzo_fx.exporters.library_ops import translation_table
 from qzo_fx.exporters.lower_weights import storage_codes
@@ -43,9 +46,6 @@ from qzo_fx.exporters.onnx_export import (
     uses_ort_kernels,
 )
 from qzo_fx.passes.train.integer_codes import integer_codes
-
-from qzo_fx.capture.pipeline import quantizer_containers
-from qzo_fx.errors import ExportError
 from qzo_fx.quant.quantizer import Quantizer
 
 __all__ = ["export_causal_lm", "CacheLayout"]
@@ -109,6 +109,8 @@ class _QuantizedEmbedding(nn.Module):
     def __init__(self, codes, scale, zero, axis: int, block: int, bits: int, ort_kernels: bool) -> None:
         super().__init__()
         layout = gather_layout(codes, scale, zero, axis, block, bits, ort_kernels)
+        self.op: Any
+        self.attributes: Any
         self.op, buffers, self.attributes = layout if layout else (None, {"codes": codes, "scale": scale,
                                                                            "zero_point": zero}, ())
         self.names = list(buffers)
@@ -137,7 +139,9 @@ def _weight_quantizers(qm: nn.Module) -> dict[str, Quantizer]:
 
 
 def _codes(qm: nn.Module, target: str, quantizer: Quantizer):
-    codes = quantizer.codes if hasattr(quantizer, "codes") else integer_codes(quantizer, qm.get_parameter(target))
+    codes = getattr(quantizer, "codes", None)
+    if codes is None:
+        codes = integer_codes(quantizer, qm.get_parameter(target))
     stored = storage_codes(quantizer, codes.detach())
     zero = torch.zeros_like(quantizer.zero_point) if quantizer.is_sign else quantizer.zero_point.detach()
     return stored, quantizer.scale.detach().clone(), zero.to(stored.dtype)
@@ -159,6 +163,7 @@ def quantized_copy(qm: nn.Module, model: nn.Module, ort_kernels: bool) -> tuple[
         module = lm.get_submodule(path)
         codes, scale, zero = _codes(qm, target, quantizer)
         args = (codes, scale, zero, max(quantizer.axis, 0), quantizer.group_size, quantizer.spec.bits)
+        replacement: nn.Module
         if isinstance(module, nn.Linear) and name == "weight":
             replacement = _QuantizedLinear(*args, module.bias, ort_kernels)
         elif isinstance(module, nn.Embedding) and name == "weight":
@@ -225,7 +230,7 @@ def export_causal_lm(qm: Optional[nn.Module], model: nn.Module, path: Union[str,
     """
     layout = cache_layout(model.config)
     if qm is None:
-        lm, packable = copy.deepcopy(model).eval(), {}
+        lm, packable = copy.deepcopy(model).eval(), dict[str, Any]()
     else:
         lm, packable = quantized_copy(qm, model, uses_ort_kernels(weight_format, target))
     step = _DecoderStep(lm, layout).eval()
@@ -259,4 +264,5 @@ def _translate(step: nn.Module, layout: CacheLayout) -> onnx.ModelProto:
                           f"{type(error).__name__}: {str(error)[:2000]}") from error
     finally:
         quiet.setLevel(level)
+    assert program is not None  # dynamo=True always returns a program
     return program.model_proto

@@ -9,14 +9,15 @@ from __future__ import annotations
 from typing import Callable
 
 import onnx
-import qzo_fx.exporters.gather_quantized  # noqa: F401  (registers the quantized gathers)
-import qzo_fx.exporters.matmul_nbits  # noqa: F401  (registers qzo.matmul_nbits)
-import qzo_fx.exporters.ops  # noqa: F401  (registers the export-form q/dq ops)
 import torch
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 from onnxscript import opset21 as op21
 from onnxscript.values import Op, Opset
+
+import qzo_fx.exporters.gather_quantized  # noqa: F401  (registers the quantized gathers)
+import qzo_fx.exporters.matmul_nbits  # noqa: F401  (registers qzo.matmul_nbits)
+import qzo_fx.exporters.ops  # noqa: F401  (registers the export-form q/dq ops)
 
 __all__ = ["EMITTERS", "register_emitter"]
 

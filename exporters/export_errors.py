@@ -70,7 +70,7 @@ def _where(lowered: GraphModule, error: Exception, text: str) -> str:
     return ""
 
 
-def export_failure(qm: nn.Module, lowered: GraphModule, error: Exception) -> ExportError:
+def export_failure(qm: nn.Module, lowered: nn.Module, error: Exception) -> ExportError:
     """An ExportError that leads with the place, the cause and the way out; torch's text follows."""
     cause = error.__cause__ if isinstance(error, OnnxStageError) and error.__cause__ is not None else error
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause))

@@ -12,17 +12,17 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.fx import GraphModule, Node
+
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.exporters.lower_bias import constant_value, int32_bias
+from qzo_fx.pass_infra import PassResult
 from qzo_fx.passes.prepare.round_folded_bias import (
     FOLDABLE_BATCHNORMS,
     FOLDABLE_PRODUCERS,
     folded_bias,
     is_folded_bias_rounding,
 )
-from torch.fx import GraphModule, Node
-
-from qzo_fx.pass_infra import PassResult
 
 __all__ = ["fold_batchnorm"]
 

@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
-from qzo_fx.exporters.matmul_nbits import pack_rows, unpack_rows
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
+from qzo_fx.exporters.matmul_nbits import pack_rows, unpack_rows
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["lower_quantized_gather", "gather_layout", "gather_block_quantized", "gather_rows_dequantize"]

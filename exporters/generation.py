@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-from qzo_fx.exporters.runtime import onnx_session
 
 from qzo_fx.errors import ExportError
+from qzo_fx.exporters.runtime import onnx_session
 
 __all__ = ["generate", "Generation"]
 

@@ -12,6 +12,7 @@ from typing import Callable
 import onnx
 import torch
 from onnxscript import opset18 as op
+
 from qzo_fx.exporters.emitters import EMITTERS
 
 __all__ = ["translation_table", "emit_grouped_mm"]
@@ -51,7 +52,7 @@ def _library_op(namespace: str, name: str):
 _LIBRARY_EMITTERS = ((("transformers", "grouped_mm_fallback"), emit_grouped_mm),)
 
 
-def translation_table() -> dict[object, Callable]:
+def translation_table() -> dict[Callable, Callable]:
     """The qzo emitters, and those of the library ops registered in this process.
 
     Example:

@@ -5,6 +5,10 @@ import copy
 from dataclasses import dataclass
 
 import torch.nn as nn
+from torch.fx import GraphModule
+
+from qzo_fx.capture.modes import set_mode
+from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.exporters.contiguous_attention import contiguous_attention
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.fold_batchnorm import fold_batchnorm
@@ -14,12 +18,8 @@ from qzo_fx.exporters.lower_bias import lower_bias
 from qzo_fx.exporters.lower_bias_rounding import lower_bias_rounding
 from qzo_fx.exporters.lower_weights import lower_weights
 from qzo_fx.exporters.matmul_nbits import lower_matmul_nbits
-from qzo_fx.passes.prepare.cleanup import cleanup
-from torch.fx import GraphModule
-
-from qzo_fx.capture.modes import set_mode
-from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.pass_infra import Pass, PassManager
+from qzo_fx.passes.prepare.cleanup import cleanup
 
 __all__ = ["LOWERING_PIPELINE", "LoweringOptions", "lower_for_export", "lowered_meta"]
 

@@ -5,13 +5,13 @@ of the QuantizeLinear output; scales stay 0-d (ORT's fusions refuse 1-element ve
 """
 from __future__ import annotations
 
-import qzo_fx.exporters.ops  # noqa: F401  (registers qzo.quantize_dequantize)
 import torch
 import torch.nn as nn
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from torch.fx import GraphModule
 
+import qzo_fx.exporters.ops  # noqa: F401  (registers qzo.quantize_dequantize)
 from qzo_fx.context import QUANTIZER_KEY
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.quant.quantizer import quantizer_of
 

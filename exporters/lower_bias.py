@@ -12,12 +12,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
-from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE, is_bias_fake_quant
 from torch.fx import GraphModule, Node
 
 from qzo_fx.errors import ExportError
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE, is_bias_fake_quant
 from qzo_fx.quant.ops import grid_codes
 
 __all__ = ["lower_bias", "constant_value", "int32_bias"]

@@ -8,10 +8,10 @@ its constants (ONNX Runtime folds them to one per-channel Add), so it still equa
 """
 from __future__ import annotations
 
-from qzo_fx.passes.prepare.round_folded_bias import folded_bias_error, is_folded_bias_rounding
 from torch.fx import GraphModule
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.prepare.round_folded_bias import folded_bias_error, is_folded_bias_rounding
 
 __all__ = ["lower_bias_rounding"]
 

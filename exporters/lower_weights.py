@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
-from qzo_fx.passes.train.integer_codes import code_quantizer, integer_codes
 from torch.fx import GraphModule, Node
 
 from qzo_fx.context import QUANTIZER_KEY
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.integer_codes import code_quantizer, integer_codes
 from qzo_fx.quant.quantizer import Quantizer, quantizer_of
 
 __all__ = ["lower_weights", "storage_codes"]

@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["lower_matmul_nbits", "pack_rows", "unpack_rows", "matmul_nbits", "nbits_layout", "nbits_block", "NBITS"]

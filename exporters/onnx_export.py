@@ -18,14 +18,14 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
+from torch.fx import GraphModule
+
+from qzo_fx.errors import ExportError
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.export_errors import OnnxStageError, export_failure
 from qzo_fx.exporters.library_ops import translation_table
 from qzo_fx.exporters.lint import lint_target, resolve_target
 from qzo_fx.exporters.lower import lower_for_export, lowered_meta
-from torch.fx import GraphModule
-
-from qzo_fx.errors import ExportError
 
 __all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram", "strip_debug_info", "WEIGHT_FORMATS",
            "dynamic_shape_spec", "name_dynamic_axes", "uses_ort_kernels"]
@@ -53,7 +53,7 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(collections.Counter(node.op_type for node in model.graph.node))
 
 
-def _needs_int4_opset(lowered: GraphModule) -> bool:
+def _needs_int4_opset(lowered: nn.Module) -> bool:
     graphs = [m for m in lowered.modules() if isinstance(m, GraphModule)]  # every prepared part
     blocked = any(n.target is torch.ops.qzo.dequantize.default and n.args[4] > 0 for g in graphs for n in g.graph.nodes)
     return blocked or any(bits <= 4 for bits, _ in lowered_meta(lowered).get(PACKABLE_KEY, {}).values())
@@ -128,7 +128,7 @@ def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shap
     return [dynamic_shape_spec(module, args, kwargs), dynamic_shape_spec(module, args, kwargs, sequence=False), None]
 
 
-def _translate(lowered: GraphModule, args: tuple, opset: int, shapes: Any, kwargs: Optional[dict] = None):
+def _translate(lowered: nn.Module, args: tuple, opset: int, shapes: Any, kwargs: Optional[dict] = None):
     """torch.export, then torch.onnx on the exported program (kept, so that a failure in the ONNX
     stage can be traced back to the model's module)."""
     quiet = logging.getLogger("torch.onnx")
@@ -145,6 +145,7 @@ def _translate(lowered: GraphModule, args: tuple, opset: int, shapes: Any, kwarg
                 raise OnnxStageError(exported) from error
     finally:
         quiet.setLevel(level)
+    assert program is not None  # dynamo=True always returns a program
     return program.model_proto
 
 
@@ -156,7 +157,8 @@ def name_dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
     of integer inputs "sequence" (everywhere the symbol appears; names given at export are
     kept); returns the dynamic axes of each input."""
     _declare_constant_dims(model)
-    names, found = {}, {}
+    names: dict[str, str] = {}
+    found: dict[str, list[int]] = {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         found[value.name] = [i for i, d in enumerate(dims) if d.dim_param]
@@ -207,7 +209,7 @@ def uses_ort_kernels(weight_format: str, target: str) -> bool:
     return weight_format == "matmulnbits"
 
 
-def _export_model(qm: nn.Module, lowered: GraphModule, args: tuple, kwargs: dict, opset: int, dynamic_shapes: Any):
+def _export_model(qm: nn.Module, lowered: nn.Module, args: tuple, kwargs: dict, opset: int, dynamic_shapes: Any):
     candidates = _shape_candidates(lowered, args, kwargs, dynamic_shapes)
     for i, shapes in enumerate(candidates):
         try:

@@ -29,12 +29,12 @@ import onnx
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
-from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qzo_fx.capture.modes import mode
+from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE
 
 __all__ = ["TieCount", "probe_model", "quantizer_key", "tie_resolved_outputs", "resolve_codes"]
 

@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-from qzo_fx.exporters.openvino_runtime import OpenVinoSession
-from qzo_fx.exporters.runtime import available_targets, onnx_session
-from qzo_fx.exporters.ties import TieCount, probe_model, tie_resolved_outputs
 from torch.utils._pytree import tree_leaves
 
 from qzo_fx.capture.modes import mode
 from qzo_fx.errors import ExportError
+from qzo_fx.exporters.openvino_runtime import OpenVinoSession
+from qzo_fx.exporters.runtime import available_targets, onnx_session
+from qzo_fx.exporters.ties import TieCount, probe_model, tie_resolved_outputs
 
 __all__ = ["verify_onnx", "ParityReport", "OutputParity", "ProviderParity", "DEFAULT_TOLERANCE_STEPS"]
 

@@ -10,15 +10,25 @@ Example:
 """
 from __future__ import annotations
 
-from qzo_fx.quant import ops  # registers the qzo custom ops before any graph refers to them
-from qzo_fx.config import QuantConfig, QuantSpec
-from qzo_fx.errors import (BatchError, CalibrationError, CaptureError, ConfigError, ExportError,
-                           NonFiniteLossError, PassError, QzoError, TrainStepError, UnsupportedModelError)
-from qzo_fx.inspect.graphs import draw_svg, graph_code, graph_diff, print_tabular, to_networkx
-from qzo_fx.train.codes import to_integer_codes, to_latent_weights
-from qzo_fx.inspect.examine import ExamineReport, examine
-from qzo_fx.train.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
 from qzo_fx.capture.pipeline import list_quantizers, prepare
+from qzo_fx.config import QuantConfig, QuantSpec
+from qzo_fx.errors import (
+    BatchError,
+    CalibrationError,
+    CaptureError,
+    ConfigError,
+    ExportError,
+    NonFiniteLossError,
+    PassError,
+    QzoError,
+    TrainStepError,
+    UnsupportedModelError,
+)
+from qzo_fx.inspect.examine import ExamineReport, examine
+from qzo_fx.inspect.graphs import draw_svg, graph_code, graph_diff, print_tabular, to_networkx
+from qzo_fx.quant import ops  # registers the qzo custom ops before any graph refers to them
+from qzo_fx.train.codes import to_integer_codes, to_latent_weights
+from qzo_fx.train.estimators import FOGZO, NSPSA, STE, ZOQO, ZOSign
 from qzo_fx.train.step import StepStats, TrainStep, train_step
 
 __version__ = "0.1.0"

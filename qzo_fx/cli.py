@@ -10,10 +10,10 @@ from typing import Any, Optional, Sequence
 import torch.nn as nn
 from tabulate import tabulate
 
+from qzo_fx.capture.pipeline import list_quantizers, prepare
 from qzo_fx.config import QuantConfig
 from qzo_fx.errors import QzoError
 from qzo_fx.inspect.graphs import draw_svg, graph_diff, tabular, to_dot
-from qzo_fx.capture.pipeline import list_quantizers, prepare
 
 __all__ = ["main", "load_factory"]
 
@@ -111,7 +111,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qzo-fx", description="Low-bit QAT on torch.fx with STE and zeroth-order estimators.")
+    parser = argparse.ArgumentParser(
+        prog="qzo-fx", description="Low-bit QAT on torch.fx with STE and zeroth-order estimators.")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="prepare a model and show its quantizers, graph diff and picture")
     inspect.add_argument("factory", help="MODULE:FACTORY returning a model or (model, example_inputs)")
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--table", action="store_true", help="also print the node table")
     inspect.set_defaults(run=_inspect)
     export = sub.add_parser("export", help="prepare (or load) a model, write ONNX, print size, ops and parity")
-    export.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs), or a saved prepared model (.pt)")
+    export.add_argument("model",
+                        help="MODULE:FACTORY returning (model, example_inputs), or a saved prepared model (.pt)")
     export.add_argument("--out", default="model.onnx")
     export.add_argument("--target", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
     export.add_argument("--weight-bits", type=int, default=8)

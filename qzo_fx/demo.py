@@ -17,7 +17,8 @@ from tabulate import tabulate
 import qzo_fx
 from qzo_fx.data import batches, load_images
 from qzo_fx.fit import accuracy, fit
-from qzo_fx.models import MLP, classification_loss as cross_entropy
+from qzo_fx.models import MLP
+from qzo_fx.models import classification_loss as cross_entropy
 
 
 def main(argv=None) -> None:

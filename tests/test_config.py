@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch.nn as nn
 
@@ -28,7 +30,7 @@ def test_qrange():
 def test_shortcuts_and_frozen():
     cfg = QuantConfig(weight_bits=2, activation_bits=8)
     assert cfg.weight.bits == 2 and cfg.activation.bits == 8 and cfg.activation.granularity == "per_tensor"
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.weight = None  # type: ignore[misc]
 
 

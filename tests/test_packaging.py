@@ -27,6 +27,7 @@ def test_public_names():
 
 
 def test_training_import_does_not_load_the_onnx_stack():
-    code = "import sys, qzo_fx; print('onnxscript' in sys.modules); qzo_fx.export_onnx; print('onnxscript' in sys.modules)"
+    code = ("import sys, qzo_fx; print('onnxscript' in sys.modules); qzo_fx.export_onnx; "
+            "print('onnxscript' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.stdout.split() == ["False", "True"], out.stderr

@@ -13,8 +13,8 @@ from torch.fx import GraphModule, Node
 from qzo_fx.config import QuantSpec
 from qzo_fx.context import ANNOTATION_KEY, PrepareContext
 from qzo_fx.errors import UnsupportedModelError
-from qzo_fx.quant.op_table import POOL, OpSignature, op_signature, pool_signature
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.quant.op_table import POOL, OpSignature, op_signature, pool_signature
 
 __all__ = ["Annotation", "annotate"]
 
@@ -86,7 +86,8 @@ def annotate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
         weight = _weight_tensor(gm, node, sig)
         if weight_spec is not None:
             try:
-                weight_spec = _resolve_axis(weight_spec, sig, weight.dim(), f"module {name!r} (node {node.name})", weight.shape)
+                where = f"module {name!r} (node {node.name})"
+                weight_spec = _resolve_axis(weight_spec, sig, weight.dim(), where, weight.shape)
             except UnsupportedModelError as error:
                 problems.append(str(error))
                 continue

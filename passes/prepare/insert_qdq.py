@@ -14,8 +14,8 @@ from torch.fx import GraphModule, Node
 
 from qzo_fx.config import QuantSpec
 from qzo_fx.context import ANNOTATION_KEY, QUANT_CONTAINER, QUANTIZER_KEY, PrepareContext
-from qzo_fx.quant.op_table import multi_head_attention, recurrent
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.quant.op_table import multi_head_attention, recurrent
 from qzo_fx.quant.quantizer import Quantizer
 
 __all__ = ["insert_qdq", "functional_form"]
@@ -34,7 +34,8 @@ def functional_form(module: nn.Module, x, weight, bias):
                              module.scale_grad_by_freq, module.sparse)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         fn = _CONV_T[len(module.kernel_size)]
-        return fn, (x, weight, bias, module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+        return fn, (x, weight, bias, module.stride, module.padding, module.output_padding, module.groups,
+                    module.dilation)
     fn = _CONV[len(module.kernel_size)]
     return fn, (x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
 

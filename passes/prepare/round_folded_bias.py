@@ -27,13 +27,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from qzo_fx.capture.modal import graph_of_mode
 from qzo_fx.context import ANNOTATION_KEY
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE
 from qzo_fx.quant.ops import grid_codes
 from qzo_fx.quant.quantizer import Quantizer, quantizer_of
 

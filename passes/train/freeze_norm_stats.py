@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from qzo_fx.passes.train.branch_context import BranchContext
 from torch.fx import GraphModule
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
 
 __all__ = ["freeze_norm_stats"]
 

@@ -8,12 +8,12 @@ stay in the graph. Runs after ``lower_qdq`` (it matches the lowered kernel).
 """
 from __future__ import annotations
 
-from qzo_fx.passes.train.branch_context import BranchContext
-from qzo_fx.passes.train.lift_params import placeholder_name
 from torch.fx import GraphModule
 
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
+from qzo_fx.passes.train.lift_params import placeholder_name
 from qzo_fx.quant.ops import fake_quant_kernel
 from qzo_fx.quant.quantizer import quantizer_read
 from qzo_fx.train.prologue import PROLOGUE, HoistedWeight, QuantPrologue

@@ -10,12 +10,12 @@ taps its base pass (``ctx.taps``).
 from __future__ import annotations
 
 import torch.nn as nn
-from qzo_fx.passes.train.branch_context import BranchContext
-from qzo_fx.passes.train.lift_params import placeholder_name
-from qzo_fx.passes.train.tap_base import first_convolutions
 from torch.fx import GraphModule, Node
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
+from qzo_fx.passes.train.lift_params import placeholder_name
+from qzo_fx.passes.train.tap_base import first_convolutions
 from qzo_fx.train.reuse import INCREMENTAL_CONV, ConvChain, IncrementalConv, function_step, module_step, norm_step
 
 __all__ = ["incremental_conv"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 
 import torch
-from qzo_fx.passes.train.branch_context import BranchContext
 from torch.fx import GraphModule, Node
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
 
 __all__ = ["lift_params", "owned_reads", "call_with", "placeholder_name"]
 

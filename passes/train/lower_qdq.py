@@ -7,10 +7,10 @@ is made of aten ops, so ``torch.func.vmap`` batches it without a custom rule.
 from __future__ import annotations
 
 import torch
-from qzo_fx.passes.train.branch_context import BranchContext
 from torch.fx import GraphModule
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
 from qzo_fx.quant.ops import dequantize_kernel, fake_quant_kernel, fake_sign_kernel
 
 __all__ = ["lower_qdq"]

@@ -7,11 +7,11 @@ extra memory is about the largest perturbed tensor, not the model, and theta is 
 """
 from __future__ import annotations
 
-from qzo_fx.passes.train.branch_context import BranchContext
-from qzo_fx.passes.train.lift_params import call_with, owned_reads
 from torch.fx import GraphModule
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
+from qzo_fx.passes.train.lift_params import call_with, owned_reads
 
 __all__ = ["stream_perturbations", "PERTURBER"]
 

@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from qzo_fx.passes.train.branch_context import BranchContext
 from torch.fx import GraphModule, Node
 
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.train.branch_context import BranchContext
 from qzo_fx.quant.ops import fake_quant_kernel
 from qzo_fx.train.reuse import CHANNELWISE_FUNCTIONS, CHANNELWISE_MODULES, TAPS
 

@@ -100,8 +100,10 @@ class PreparedModel(GraphModule):
         return (_rebuild, (body, codes, self.training, type(self).__name__))
 
 
-def _rebuild(body: dict[str, Any], codes: dict[bool, tuple[str, str]], training: bool, class_name: str) -> PreparedModel:
-    graphs = {mode: reduce_graph_module({**body, "_code": src}, imports).graph for mode, (src, imports) in codes.items()}
+def _rebuild(body: dict[str, Any], codes: dict[bool, tuple[str, str]], training: bool,
+             class_name: str) -> PreparedModel:
+    graphs = {mode: reduce_graph_module({**body, "_code": src}, imports).graph
+              for mode, (src, imports) in codes.items()}
     if codes[True] == codes[False]:
         graphs[False] = graphs[True]
     # A code-only root: every submodule, parameter and buffer is kept, not only what a graph reads.

@@ -104,7 +104,8 @@ def _trace_modes(module: nn.Module, leaves: set[nn.Module]) -> PreparedModel:
 
 
 def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
-                      prepare_graph: Callable[[GraphModule, Optional[Inputs]], nn.Module]) -> tuple[nn.Module, PartialReport]:
+                      prepare_graph: Callable[[GraphModule, Optional[Inputs]], nn.Module],
+                      ) -> tuple[nn.Module, PartialReport]:
     """``model`` (already a copy) with every traceable part prepared by ``prepare_graph``.
 
     A module outside ``untraceable`` traces with its untraceable descendants as leaves; it is

@@ -12,7 +12,8 @@ from torch.fx import GraphModule
 from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.modal import each_mode
 from qzo_fx.capture.partial import prepare_partially
-from qzo_fx.capture.tracing import CaptureReport, DynamicShapes, capture as capture_model
+from qzo_fx.capture.tracing import CaptureReport, DynamicShapes
+from qzo_fx.capture.tracing import capture as capture_model
 from qzo_fx.config import QuantConfig
 from qzo_fx.context import QUANT_CONTAINER, PrepareContext
 from qzo_fx.errors import CaptureError, QzoError
@@ -33,7 +34,8 @@ PREPARE_PIPELINE = (
     Pass("annotate", each_mode(annotate), "resolve the config into a spec per quantizable op (policy)"),
     Pass("insert_qdq", each_mode(insert_qdq), "realize specs as qzo.fake_quant nodes with their quantizers"),
     Pass("calibrate", calibrate, "set activation scales from the example inputs, seen in both modes"),
-    Pass("quantize_bias", each_mode(quantize_bias), "round biases of integer-kernel ops to int32 at s_x*s_w, as ORT does"),
+    Pass("quantize_bias", each_mode(quantize_bias),
+         "round biases of integer-kernel ops to int32 at s_x*s_w, as ORT does"),
     Pass("round_folded_bias", round_folded_bias, "eval graph: int32 rounding of biases that BN folding creates"),
     Pass("cleanup", each_mode(cleanup), "drop reads that functionalization left unused"),
 )
@@ -98,7 +100,7 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
             gm, PrepareContext(config, mode_inputs=inputs), instruments))
         if not parts.graph:
             raise CaptureError(f"{error} No submodule could be traced either:\n{parts}") from error
-        setattr(partial, "qzo_partial", parts)  # an attribute, not a submodule
+        partial.qzo_partial = parts  # type: ignore[assignment]  # an attribute, not a submodule
         return partial
     gm.meta["qzo.capture"] = report
     return _prepare_graph(gm, PrepareContext(config, args, kwargs), instruments)

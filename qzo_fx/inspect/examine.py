@@ -10,13 +10,13 @@ import torch.nn as nn
 from tabulate import tabulate
 from torch.fx import GraphModule
 
-from qzo_fx.config import QuantConfig
-from qzo_fx.errors import CaptureError
-from qzo_fx.quant.op_table import op_signature
 from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.mode_diff import mode_differences
 from qzo_fx.capture.partial import untraceable_modules
 from qzo_fx.capture.tracing import capture
+from qzo_fx.config import QuantConfig
+from qzo_fx.errors import CaptureError
+from qzo_fx.quant.op_table import op_signature
 
 __all__ = ["examine", "ExamineReport", "Finding"]
 

@@ -100,7 +100,8 @@ def init_scale(x: Tensor, spec: QuantSpec, axis: int = 0, group_size: int = 0,
         raise CalibrationError(f"{name}: holds NaN or inf values; scales cannot be initialised from it.")
     t = _slices(x.detach().float(), axis, group_size, spec.granularity)
     if spec.symmetric:
-        amax = (lambda a: _quantile(a, spec.percentile / 100.0)) if spec.scale_init == "percentile" else (lambda a: a.amax(-1))
+        percentile = spec.percentile / 100.0 if spec.scale_init == "percentile" else None
+        amax = (lambda a: _quantile(a, percentile)) if percentile is not None else (lambda a: a.amax(-1))
         scale, zero = _symmetric(t, spec, amax, min_scale)
     else:
         scale, zero = _asymmetric(t, spec, min_scale)

@@ -162,7 +162,8 @@ def recurrent(input, hx, *weights, mode: str, has_biases: bool, num_layers: int,
         hx = tuple(h.unsqueeze(1) for h in hx) if mode == "LSTM" else hx.unsqueeze(1)
     flat = list(weights)
     if mode == "LSTM":
-        out, h, c = torch._VF.lstm(input, hx, flat, has_biases, num_layers, dropout, training, bidirectional, batch_first)
+        out, h, c = torch._VF.lstm(input, hx, flat, has_biases, num_layers, dropout, training, bidirectional,
+                                   batch_first)
         state = (h, c) if batched else (h.squeeze(1), c.squeeze(1))
     else:
         out, h = torch._VF.gru(input, hx, flat, has_biases, num_layers, dropout, training, bidirectional, batch_first)

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qzo_fx.quant import ops
-from qzo_fx.quant.calibration import init_scale
 from qzo_fx.config import QuantSpec
 from qzo_fx.context import QUANT_CONTAINER
+from qzo_fx.quant import ops
+from qzo_fx.quant.calibration import init_scale
 
 __all__ = ["Quantizer", "QuantizerInfo", "quantizer_of", "quantizer_read"]
 

@@ -199,18 +199,18 @@ class TrainStep:
 
     def _base_model(self) -> Any:
         """The wrapper, or (training, first convolutions tapped) a stand-in calling the base graph."""
-        taps = None if self.graphs is None else self.graphs.taps
-        if taps is None:
+        if self.graphs is None or self.graphs.taps is None:
             return self.compiler(self.wrapper)
-        taps.clear()  # values of this step only
+        self.graphs.taps.clear()  # values of this step only
         base = self.graphs.get("base") if self.model.training else None
         return BranchModel(base, self.model, ()) if base is not None and hasattr(base, TAPS) else self.wrapper
 
     @property
     def base_graph(self) -> Optional[GraphModule]:
         """The graph the base pass runs where its first convolutions are tapped, else None."""
-        taps = None if self.graphs is None else self.graphs.taps
-        base = None if taps is None else self.graphs.get("base")
+        if self.graphs is None or self.graphs.taps is None:
+            return None
+        base = self.graphs.get("base")
         return base if base is not None and hasattr(base, TAPS) else None
 
     def eps(self, eps_float: float) -> list[Tensor]:
@@ -257,6 +257,8 @@ class TrainStep:
     def branch_losses(self, branches: Branches, batch: Any, rng_state: RngState) -> Tensor:
         """Every branch's loss (averaged over ranks before any differencing), shape [K]."""
         start = time.perf_counter()
+        if self.strategy is None:
+            raise RuntimeError("branch_losses before setup chose a strategy")  # an estimator bug, not user input
         losses = distributed.all_reduce_mean(self.strategy.losses(branches, batch, rng_state))
         self.stats.branch_seconds += time.perf_counter() - start
         self.stats.forward_passes += len(branches.pattern)
@@ -277,7 +279,7 @@ class TrainStep:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.empty_like(p)
-            grads = [p.grad for p in self.params]
+            grads = [p.grad for p in self.params if p.grad is not None]
         directions.write_estimate(grads, coefficients, branches.materialized, divide_by_eps)
         if then_sign:
             torch._foreach_sign_(grads)

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from qzo_fx.passes.prepare.round_folded_bias import is_folded_bias_rounding
 
 import qzo_fx
 from qzo_fx.capture.modes import mode_graph
+from qzo_fx.passes.prepare.round_folded_bias import is_folded_bias_rounding
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 W8A8 = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)

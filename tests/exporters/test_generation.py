@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from qzo_fx.exporters import export_causal_lm, generate, write_genai_config
 
 import qzo_fx
+from qzo_fx.exporters import export_causal_lm, generate, write_genai_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")

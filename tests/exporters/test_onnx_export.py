@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 from onnx import numpy_helper
-from qzo_fx.exporters.lower import lower_for_export
 
 import qzo_fx
+from qzo_fx.exporters.lower import lower_for_export
 from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -7,9 +7,9 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from qzo_fx.exporters.ties import RTOL, TieCount, probe_model, quantizer_key, resolve_codes
 
 import qzo_fx
+from qzo_fx.exporters.ties import RTOL, TieCount, probe_model, quantizer_key, resolve_codes
 from qzo_fx.models import MLP
 
 pytestmark = pytest.mark.filterwarnings("ignore")

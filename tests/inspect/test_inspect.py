@@ -60,7 +60,8 @@ def test_svg_drawn(prepared, tmp_path):
 
 
 def test_cli_inspect(capsys, tmp_path):
-    code = main(["inspect", "tests.inspect.test_inspect:make_model", "--weight-bits", "4", "--svg", str(tmp_path / "g.svg")])
+    code = main(["inspect", "tests.inspect.test_inspect:make_model", "--weight-bits", "4",
+                 "--svg", str(tmp_path / "g.svg")])
     captured = capsys.readouterr()
     assert code == 0
     assert "2 quantizers" in captured.out and "+++ after" in captured.out
@@ -79,7 +80,8 @@ def test_console_script_entry_point():
 
 def test_cli_export_factory_and_saved_model(capsys, tmp_path):
     out = tmp_path / "m.onnx"
-    assert main(["export", "tests.inspect.test_inspect:make_model", "--weight-bits", "4", "--out", str(out), "--target", "cpu"]) == 0
+    assert main(["export", "tests.inspect.test_inspect:make_model", "--weight-bits", "4", "--out", str(out),
+                 "--target", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "opset 21" in printed and "DequantizeLinear" in printed and "parity OK" in printed
     model, inputs = make_model()
@@ -91,7 +93,8 @@ def test_cli_export_factory_and_saved_model(capsys, tmp_path):
 
 def test_cli_bench_quick_smoke(tmp_path):
     """`qzo-fx bench NAME --quick`: the quick FOGZO-vs-STE comparison runs end to end."""
-    out = subprocess.run([sys.executable, "-m", "qzo_fx.cli", "bench", "fogzo_vs_ste", "--quick", "--out", str(tmp_path)],
+    command = [sys.executable, "-m", "qzo_fx.cli", "bench", "fogzo_vs_ste", "--quick", "--out", str(tmp_path)]
+    out = subprocess.run(command,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Same iterations" in out.stdout and "MLP digits" in out.stdout

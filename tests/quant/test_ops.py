@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qzo_fx  # noqa: F401  (registers the ops)
 from qzo_fx.quant.ops import fake_quant, fake_sign
@@ -60,7 +61,8 @@ def test_matches_onnx_reference(data, bits, symmetric, layout, scale_exp):
     qmin, qmax = ((-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1))
     shapes = {"tensor": (), "channel": (4,), "group": (4, 2)}
     axis, block = {"tensor": (-1, 0), "channel": (0, 0), "group": (1, 3)}[layout]
-    scale = torch.full(shapes[layout], 2.0**scale_exp) * (1 + torch.arange(math.prod(shapes[layout]) or 1).reshape(shapes[layout]) / 8)
+    steps = torch.arange(math.prod(shapes[layout]) or 1).reshape(shapes[layout])
+    scale = torch.full(shapes[layout], 2.0**scale_exp) * (1 + steps / 8)
     zero = torch.zeros(shapes[layout]) if symmetric else torch.full(shapes[layout], float(qmax // 3))
     # Exact ties on purpose: half-step multiples of the scale.
     x[0] = torch.arange(6) * scale.reshape(-1)[0] / 2

@@ -27,8 +27,15 @@ def check_setting(ok: bool, field: str, value: object, allowed: str) -> None:
 class Estimator:
     """Base of the estimators (each a frozen dataclass of its settings)."""
 
-    branches = 0          # branch forwards per step
-    fwd_equivalents = 3   # per step: forward = 1, backward = 2
+    @property
+    def branches(self) -> int:
+        """Branch forwards per step."""
+        return 0
+
+    @property
+    def fwd_equivalents(self) -> int:
+        """Cost per step in forward passes: a forward counts 1, a backward 2."""
+        return 3
 
     def setup(self, step: Any) -> None:
         """Choose what the step perturbs (nothing by default)."""

@@ -126,7 +126,8 @@ def test_multihead_attention_packed_in_projection_is_quantized():
     assert sum(q.role == "activation" and q.target == "x" for q in rows.values()) == 1  # q, k, v share it
     qm.eval()
     torch.testing.assert_close(qm(x), model(x), atol=0.02, rtol=0.05)
-    assert sorted(qm.state_dict()) == sorted(set(model.state_dict()) | {k for k in qm.state_dict() if k.startswith("qzo_quant")})
+    quantizer_keys = {k for k in qm.state_dict() if k.startswith("qzo_quant")}
+    assert sorted(qm.state_dict()) == sorted(set(model.state_dict()) | quantizer_keys)
 
 
 @pytest.mark.parametrize("layer,x", [
