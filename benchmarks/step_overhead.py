@@ -22,15 +22,18 @@ first call of each compiled step after it is timed apart too (what it compiles o
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from timing import interleaved_rounds, medians
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.zoo's torchvision shim
 import qzo_fx
+from tests.zoo.cases import torchvision_shim
 
 BLOCK = 2  # steps per turn, the first dropped: steady state, as in a training loop
 
@@ -45,19 +48,6 @@ def image_loss(model, batch):
 
 def token_loss(model, batch):
     return F.cross_entropy(_logits(model(batch[0])).flatten(0, 1), batch[1].flatten())
-
-
-@functools.cache
-def torchvision_shim() -> None:
-    """torchvision 0.28 beside the CPU torch needs its two compiled-op schemas defined before import
-    (docs/environment.md); the ops themselves stay unavailable. Benchmark support, not the library."""
-    try:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        torchvision_shim.lib = lib  # keep the registration alive
-    except RuntimeError:
-        pass  # already defined in this process
 
 
 def resnet18(device):

@@ -16,12 +16,8 @@ out. The first step passes an empty past (``past_sequence`` = 0).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import io
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -39,9 +35,11 @@ from qzo_fx.exporters.lower_weights import storage_codes
 from qzo_fx.exporters.matmul_nbits import NBITS, nbits_block, nbits_layout
 from qzo_fx.exporters.onnx_export import (
     ExportResult,
+    check_and_save,
     name_dynamic_axes,
     op_histogram,
     pack_low_bit_weights,
+    quiet_onnx_export,
     strip_debug_info,
     uses_ort_kernels,
 )
@@ -238,23 +236,13 @@ def export_causal_lm(qm: Optional[nn.Module], model: nn.Module, path: Union[str,
     pack_low_bit_weights(onnx_model, packable)
     strip_debug_info(onnx_model)
     axes = name_dynamic_axes(onnx_model)
-    try:
-        onnx.checker.check_model(onnx_model, full_check=True)
-    except Exception as error:
-        raise ExportError(f"the exported decoder fails onnx.checker: {error}") from error
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_model, str(path))
+    path = check_and_save(onnx_model, path, "the exported decoder")
     return ExportResult(path, _OPSET, path.stat().st_size, op_histogram(onnx_model), True, [], axes)
 
 
 def _translate(step: nn.Module, layout: CacheLayout) -> onnx.ModelProto:
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with torch.no_grad(), quiet_onnx_export():
             program = torch.onnx.export(step, _example(layout), dynamo=True, verbose=False, optimize=True,
                                         custom_translation_table=translation_table(), opset_version=_OPSET,
                                         dynamic_shapes=_shapes(layout), input_names=layout.input_names(),
@@ -262,7 +250,5 @@ def _translate(step: nn.Module, layout: CacheLayout) -> onnx.ModelProto:
     except Exception as error:
         raise ExportError(f"torch.onnx could not export {type(step.lm).__name__} with a KV cache: "
                           f"{type(error).__name__}: {str(error)[:2000]}") from error
-    finally:
-        quiet.setLevel(level)
     assert program is not None  # dynamo=True always returns a program
     return program.model_proto

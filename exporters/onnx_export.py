@@ -128,23 +128,43 @@ def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shap
     return [dynamic_shape_spec(module, args, kwargs), dynamic_shape_spec(module, args, kwargs, sequence=False), None]
 
 
-def _translate(lowered: nn.Module, args: tuple, opset: int, shapes: Any, kwargs: Optional[dict] = None):
-    """torch.export, then torch.onnx on the exported program (kept, so that a failure in the ONNX
-    stage can be traced back to the model's module)."""
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+def check_and_save(model: onnx.ModelProto, path: Union[str, Path], what: str) -> Path:
+    """Save ``model`` at ``path`` (folders created) once onnx.checker's full check passes."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as error:
+        raise ExportError(f"{what} fails onnx.checker: {error}") from error
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@contextlib.contextmanager
+def quiet_onnx_export():
+    """torch.onnx's progress lines, warnings and log records off for the export inside; the
+    logger's level is restored whatever happens."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            exported = torch.export.export(lowered, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False)
-            try:
-                program = torch.onnx.export(exported, dynamo=True, custom_translation_table=translation_table(),
-                                            opset_version=opset, optimize=True, verbose=False)
-            except Exception as error:
-                raise OnnxStageError(exported) from error
+            yield
     finally:
-        quiet.setLevel(level)
+        logger.setLevel(level)
+
+
+def _translate(lowered: nn.Module, args: tuple, opset: int, shapes: Any, kwargs: Optional[dict] = None):
+    """torch.export, then torch.onnx on the exported program (kept, so that a failure in the ONNX
+    stage can be traced back to the model's module)."""
+    with quiet_onnx_export():
+        exported = torch.export.export(lowered, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False)
+        try:
+            program = torch.onnx.export(exported, dynamo=True, custom_translation_table=translation_table(),
+                                        opset_version=opset, optimize=True, verbose=False)
+        except Exception as error:
+            raise OnnxStageError(exported) from error
     assert program is not None  # dynamo=True always returns a program
     return program.model_proto
 
@@ -272,12 +292,6 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     if not keep_debug_info:
         strip_debug_info(model)
     axes = name_dynamic_axes(model)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as error:
-        raise ExportError(f"the exported model fails onnx.checker: {error}") from error
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    path = check_and_save(model, path, "the exported model")
     dynamic_batch = bool(axes) and all(0 in dims for dims in axes.values() if dims is not None)
     return ExportResult(path, chosen, path.stat().st_size, op_histogram(model), dynamic_batch, findings, axes)

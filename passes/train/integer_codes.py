@@ -41,15 +41,21 @@ def _delete(gm: nn.Module, name: str) -> None:
     delattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
-def use_integer_codes(gm: GraphModule, *, ctx: object = None) -> PassResult:
-    """On the graph of every mode; the latent parameters go once no graph reads them."""
-    converted: dict[str, Quantizer] = {}
+def _rewrite_every_mode(gm: GraphModule, rewrite, touched: dict[str, Quantizer]) -> bool:
+    """``rewrite(gm, touched)`` on the graph of each distinct mode, then drop the reads it left."""
     modified = False
     for training in distinct_modes(gm):
         with graph_of_mode(gm, training):
-            modified |= _read_codes(gm, converted)
+            modified |= rewrite(gm, touched)
             _drop_dangling_reads(gm)
             gm.recompile()
+    return modified
+
+
+def use_integer_codes(gm: GraphModule, *, ctx: object = None) -> PassResult:
+    """On the graph of every mode; the latent parameters go once no graph reads them."""
+    converted: dict[str, Quantizer] = {}
+    modified = _rewrite_every_mode(gm, _read_codes, converted)
     for quantizer in converted.values():
         for name in quantizer.latent_names:
             _delete(gm, name)
@@ -92,12 +98,7 @@ def code_quantizer(gm: nn.Module, node: Node):
 def use_latent_weights(gm: GraphModule, *, ctx: object = None) -> PassResult:
     """On the graph of every mode; the codes go once no graph reads them."""
     restored: dict[str, Quantizer] = {}
-    modified = False
-    for training in distinct_modes(gm):
-        with graph_of_mode(gm, training):
-            modified |= _read_latent(gm, restored)
-            _drop_dangling_reads(gm)
-            gm.recompile()
+    modified = _rewrite_every_mode(gm, _read_latent, restored)
     for quantizer in restored.values():
         del quantizer.codes
     return PassResult(gm, modified)

@@ -13,22 +13,10 @@ from onnx import numpy_helper
 import qzo_fx
 from qzo_fx.exporters.lower import lower_for_export
 from qzo_fx.models import MLP, SmallCNN, TinyLlama, TinyViT
+from tests.zoo.research import DataDependent  # traceable by torch.fx, not exportable
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-
-class DataDependent(nn.Module):
-    """Python control flow on a tensor's value: traceable by torch.fx, not exportable to ONNX."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
-
-    def forward(self, x):
-        h = self.a(x)
-        if h.mean() > 0:
-            h = torch.relu(h)
-        return self.b(h)
 
 _DATA = torch.Generator().manual_seed(1234)  # fixed inputs whatever ran before this module
 IMAGES = torch.randn(4, 1, 28, 28, generator=_DATA)
@@ -204,7 +192,7 @@ def test_data_dependent_branch_names_the_line_and_the_way_out(tmp_path):
     with pytest.raises(qzo_fx.ExportError) as info:
         qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx", target="cpu")
     first = str(info.value).splitlines()[0]
-    assert "test_onnx_export.py" in first and "if h.mean() > 0:" in first and "torch.cond" in first
+    assert "research.py" in first and "if h.mean() > 0:" in first and "torch.cond" in first
     assert not (tmp_path / "m.onnx").exists()
 
 
