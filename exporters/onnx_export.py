@@ -26,6 +26,7 @@ from qzo_fx.exporters.export_errors import OnnxStageError, export_failure
 from qzo_fx.exporters.library_ops import translation_table
 from qzo_fx.exporters.lint import lint_target, resolve_target
 from qzo_fx.exporters.lower import lower_for_export, lowered_meta
+from qzo_fx.exporters.number_outputs import drop_number_outputs
 
 __all__ = ["export_onnx", "ExportResult", "pack_low_bit_weights", "op_histogram", "strip_debug_info", "WEIGHT_FORMATS",
            "dynamic_shape_spec", "name_dynamic_axes", "uses_ort_kernels"]
@@ -166,7 +167,7 @@ def _translate(lowered: nn.Module, args: tuple, opset: int, shapes: Any, kwargs:
         except Exception as error:
             raise OnnxStageError(exported) from error
     assert program is not None  # dynamo=True always returns a program
-    return program.model_proto
+    return drop_number_outputs(exported, program.model_proto)
 
 
 _GENERATED_SYMBOL = re.compile(r"[su]\d+|unk__\d+")  # torch.export's symbols (s0, s17, ...)

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 import torch.nn as nn
@@ -225,3 +226,29 @@ def test_random_ops_in_the_eval_graph_are_refused(tmp_path):
     with pytest.raises(qzo_fx.ExportError, match="random ops.*RandomUniformLike"):
         qzo_fx.export_onnx(qm, (torch.randn(3, 8),), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class LengthBeside(nn.Module):
+    """A container holding a number beside its tensors, as a sliding-window cache layer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {"y": self.lin(x), "length": x.shape[0], "z": x.sum(-1)}
+
+
+def test_numbers_in_the_output_are_not_file_outputs(tmp_path):
+    x = torch.randn(3, 8)
+    qm = qzo_fx.prepare(LengthBeside(), W8A8, example_inputs=(x,))
+    qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx", target="cpu")
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    x5 = torch.randn(5, 8)
+    y, z = session.run(None, {session.get_inputs()[0].name: x5.numpy()})
+    qm.eval()
+    expected = qm(x5)
+    assert expected["length"] == 5
+    np.testing.assert_allclose(z, expected["z"].detach().numpy(), rtol=1e-6, atol=1e-6)
+    assert y.shape == (5, 4)
+    assert qzo_fx.verify_onnx(qm, tmp_path / "m.onnx", (x5,)).ok

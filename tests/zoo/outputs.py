@@ -36,10 +36,8 @@ def flatten(obj: Any, path: str = "out") -> list[Leaf]:
             leaves += flatten(value, f"{path}[{i}]")
     elif type(obj) in pytree.SUPPORTED_NODES:  # a registered container (transformers' caches): its children
         children, _ = pytree.SUPPORTED_NODES[type(obj)].flatten_fn(obj)
-        for i, value in enumerate(children):
-            # A number inside (a sliding-window layer's length) is a graph output once exported.
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            leaves += flatten(torch.as_tensor(value) if number else value, f"{path}<{i}>")
+        for i, value in enumerate(children):  # a number inside (a cache layer's length) is no tensor
+            leaves += flatten(value, f"{path}<{i}>")
     elif isinstance(getattr(obj, "layers", None), list):  # transformers Cache: layers of keys/values
         for i, layer in enumerate(obj.layers):
             for key in ("keys", "values"):
