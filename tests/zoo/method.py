@@ -94,8 +94,10 @@ tuple) is a difference.
     hooks and attributes per module, every parameter and buffer bit-identical, the same
    `requires_grad` and `.grad` state, and the same tied parameters.
 
-`qzo_fx.verify_onnx(qm, path, example_inputs)` is called after stage 8 and what it says is listed
-separately; the zoo's verdicts never use it.
+`qzo_fx.verify_onnx(qm, path, inputs)` is called after stage 8, at the input set ORT deviated most
+on, and what it says is listed separately; the zoo's verdicts never use it. It follows ORT's choice
+at each rounding tie, so it tells a file that computes the model's function, where a float-noise
+difference at a tie grows into the deviation, from a file that computes something else.
 
 **Failure kinds.** *QzoError*: qzo_fx raised one of its own errors. *raw exception*: anything else
 escaped (torch, ONNX Runtime, a bug). *wrong result*: nothing was raised and a check found a wrong
