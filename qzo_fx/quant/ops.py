@@ -25,8 +25,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["fake_quant", "fake_sign", "dequantize", "fake_quant_kernel", "fake_sign_kernel", "dequantize_kernel",
-           "fake_quant_foreach_", "expand_param", "grid_codes", "SIGN_SURROGATES"]
+__all__ = ["fake_quant", "FAKE_QUANT", "fake_sign", "dequantize", "fake_quant_kernel", "fake_sign_kernel",
+           "dequantize_kernel", "fake_quant_foreach_", "expand_param", "grid_codes", "SIGN_SURROGATES"]
 
 
 def expand_param(param: Tensor, x: Tensor, axis: int, group_size: int) -> Tensor:
@@ -115,23 +115,29 @@ def fake_quant_foreach_(xs: list[Tensor], scales: list[Tensor], zero_points: lis
     torch._foreach_mul_(xs, scales)
 
 
-@torch.library.custom_op("qzo::fake_quant", mutates_args=())
-def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
-               axis: int, group_size: int, ste: str) -> Tensor:
+# Defined through torch.library.Library rather than torch.library.custom_op, so that the op's
+# autograd kernel is one plain autograd.Function (below). custom_op's generated one uses
+# setup_context, and autograd.Function.apply then binds the arguments through inspect.signature
+# on every call: ~70 us of Python per call. The STE W8A8 step makes 150 calls on DeiT-tiny
+# (benchmarks/step_overhead.py, docs/performance.md). The graphs still call the op, so passes,
+# export and vmap see one node.
+_LIB = torch.library.Library("qzo", "FRAGMENT")
+_LIB.define("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, "
+            "int group_size, str ste) -> Tensor")
+FAKE_QUANT = torch.ops.qzo.fake_quant.default
+
+
+def _fq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                axis: int, group_size: int, ste: str) -> Tensor:
     return fake_quant_kernel(x, scale, zero_point, qmin, qmax, axis, group_size)
 
 
-@fake_quant.register_fake
+_LIB.impl("fake_quant", _fq_forward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qzo::fake_quant")
 def _(x, scale, zero_point, qmin, qmax, axis, group_size, ste):
     return torch.empty_like(x)
-
-
-def _fq_setup(ctx, inputs, output) -> None:
-    x, scale, zero_point, qmin, qmax, axis, group_size, ste = inputs
-    ctx.meta = (qmin, qmax, axis, group_size, ste)
-    needs_mask = ste in ("clipped", "lsq") or scale.requires_grad
-    # Identity STE with a fixed scale saves nothing: its backward is a pass-through.
-    ctx.save_for_backward(*((x, scale, zero_point) if needs_mask else ()))
 
 
 def _fq_backward(ctx, grad: Tensor):
@@ -154,7 +160,35 @@ def _fq_backward(ctx, grad: Tensor):
     return grad_x, grad_scale, None, None, None, None, None, None
 
 
-fake_quant.register_autograd(_fq_backward, setup_context=_fq_setup)
+class _FakeQuantSTE(torch.autograd.Function):
+    """The op under autograd: the kernel forward, the straight-through backward. Written with
+    ``ctx`` in ``forward`` (no ``setup_context``): ``apply`` then skips binding the arguments
+    through ``inspect.signature``, ~90 us of the ~240 us a call of a 200k-element tensor took."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, group_size, ste):
+        ctx.meta = (qmin, qmax, axis, group_size, ste)
+        # Identity STE with a fixed scale saves nothing: its backward is a pass-through.
+        if ste in ("clipped", "lsq") or scale.requires_grad:
+            ctx.save_for_backward(x, scale, zero_point)
+        # The op again below autograd: what dispatch modes, tracing and vmap see is the op itself.
+        with torch._C._AutoDispatchBelowAutograd():
+            return FAKE_QUANT(x, scale, zero_point, qmin, qmax, axis, group_size, ste)
+
+    backward = staticmethod(_fq_backward)
+
+
+def _fq_autograd(x, scale, zero_point, qmin, qmax, axis, group_size, ste):
+    return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, axis, group_size, ste)
+
+
+_LIB.impl("fake_quant", _fq_autograd, "Autograd")
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+               axis: int, group_size: int, ste: str) -> Tensor:
+    """``qzo::fake_quant`` (see the module docstring)."""
+    return FAKE_QUANT(x, scale, zero_point, qmin, qmax, axis, group_size, ste)
 
 
 @torch.library.register_vmap("qzo::fake_quant")

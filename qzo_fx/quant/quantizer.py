@@ -115,7 +115,7 @@ def quantizer_read(gm: nn.Module, value) -> Optional[tuple[str, Quantizer, str]]
 def quantizer_of(gm: nn.Module, node) -> Optional[tuple[str, Quantizer]]:
     """``(name, quantizer)`` of a ``qzo.fake_quant``/``qzo.fake_sign`` node, read from the graph
     itself (the ``get_attr`` of its scale), so it holds after a save/load that drops node.meta."""
-    if node.op != "call_function" or node.target not in (ops.fake_quant._opoverload, ops.fake_sign._opoverload):
+    if node.op != "call_function" or node.target not in (ops.FAKE_QUANT, ops.fake_sign._opoverload):
         return None
     found = quantizer_read(gm, node.args[1])
     return None if found is None else found[:2]
