@@ -1,5 +1,6 @@
-"""Real architectures from the issue reports, random init, W8A8 with the defaults: right in ONNX
-Runtime's default session (rounding ties followed, nothing else differing)."""
+"""Real architectures from the issue reports, random init, W8A8 with the defaults: the file is
+right in ONNX Runtime's default session (every activation code ORT's or a rounding tie), and
+verify_onnx's verdict is the session's deviation as it is."""
 from __future__ import annotations
 
 import pytest
@@ -56,5 +57,10 @@ def test_w8a8_default_export_is_right_in_the_default_session(make, tmp_path):
     qm = qzo_fx.prepare(model.eval(), qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
     result = qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx")
     report = qzo_fx.verify_onnx(qm, result.path, (torch.randn_like(x),))
-    # After following ties every activation code is ORT's: what is left is float rounding.
-    assert report.ok and report.unexplained == 0 and report.outputs[0].steps < 0.05, str(report)
+    # The file is right: after following ties every activation code is ORT's, and what is left
+    # is float rounding of the unquantized ops.
+    assert report.unexplained == 0 and report.outputs[0].steps < 0.05, str(report)
+    # The verdict is the session as it is: at random init one code at a tie can move an output
+    # by more than the tolerance, and then verify_onnx fails, saying so.
+    assert report.ok == (report.raw_steps <= report.tolerance_steps), str(report)
+    assert report.ok or (report.ties_only and "only through" in str(report)), str(report)
