@@ -12,7 +12,7 @@ module's ``training`` flags left as they are.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch.nn as nn
 from torch.fx import Graph, GraphModule
@@ -93,11 +93,24 @@ class PreparedModel(GraphModule):
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles its code and traces it again on load; do that for each mode.
         body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "qzo_mode_graphs")}
+        body["_tracer_cls"] = _retracer(self._tracer_cls)
         codes = {}
         for training, graph in self.qzo_mode_graphs.items():
             python_code = graph.python_code(root_module="self")
             codes[training] = (python_code.src, _format_import_block(python_code.globals, sys_importer))
         return (_rebuild, (body, codes, self.training, type(self).__name__))
+
+
+def _retracer(tracer_cls: Optional[type]) -> type:
+    """The tracer that unpickling re-traces the graphs' code with. It must build without arguments
+    and must proxy buffer reads: torch.fx's default tracer would run ``scale_x * scale_w`` on the
+    real buffers and bake the product in as a constant. A torch.export graph names make_fx's
+    module-stack tracer, which needs its root; symbolic captures name StateTracer already."""
+    from qzo_fx.capture.tracing import StateTracer  # tracing builds PreparedModels: imported late
+
+    if tracer_cls is not None and issubclass(tracer_cls, StateTracer):
+        return tracer_cls
+    return StateTracer
 
 
 def _rebuild(body: dict[str, Any], codes: dict[bool, tuple[str, str]], training: bool,

@@ -1,6 +1,7 @@
 """Prepared models behave like the user's model in both modes, at other shapes, after copies."""
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import warnings
@@ -149,9 +150,16 @@ def test_optional_none_argument_is_captured_as_none():
     assert qm(ids).shape == model(ids).shape
 
 
-def test_copies_and_pickles_keep_both_modes(tmp_path):
+def _ops(graph) -> tuple[collections.Counter, set]:
+    """What a graph computes and reads, in any order (re-tracing code reads an attribute once)."""
+    calls = collections.Counter((n.op, str(n.target)) for n in graph.nodes if n.op.startswith("call"))
+    return calls, {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_copies_and_pickles_keep_both_modes(tmp_path, capture):
     torch.manual_seed(0)
-    qm = qzo_fx.prepare(ModeNet(), W8A8, example_inputs=(torch.randn(4, 3, 8, 8),))
+    qm = qzo_fx.prepare(ModeNet(), W8A8, example_inputs=(torch.randn(4, 3, 8, 8),), capture=capture)
     x = torch.randn(2, 3, 8, 8)
     expected = qm.eval()(x)
     buffer = io.BytesIO()
@@ -161,6 +169,8 @@ def test_copies_and_pickles_keep_both_modes(tmp_path):
         assert torch.equal(other.eval()(x), expected)
         assert _random_ops(mode_graph(other.train(), True)) and not _random_ops(mode_graph(other, False))
         assert other.graph is mode_graph(other, True)
+        for training in (True, False):  # the same programs: nothing computed at re-trace time baked in
+            assert _ops(mode_graph(other, training)) == _ops(mode_graph(qm, training))
 
 
 def test_state_dict_round_trip_gives_identical_outputs_in_both_modes():
