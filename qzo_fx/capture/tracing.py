@@ -2,12 +2,14 @@
 graph per mode.
 
 Order: ``torch.fx.symbolic_trace`` (keeps modules and readable code; every shape stays dynamic),
-then, when that fails and example inputs are given, ``torch.export`` (ATen graph, handles
-data-dependent Python; batch and sequence dimensions exported dynamic). Each method records the
+then, when that fails or would return another output type (a Hugging Face ``ModelOutput`` as a
+plain dict) and example inputs are given, ``torch.export`` (ATen graph, handles data-dependent
+Python; batch and sequence dimensions exported dynamic). Each method records the
 model in train mode and in eval mode, because both bake ``if self.training:`` at capture.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import io
@@ -82,6 +84,35 @@ class StateTracer(torch.fx.Tracer):
     part of the graph instead of running once, at trace time."""
 
     proxy_buffer_attributes = True
+
+
+def _container_fx_drops(value: Any) -> Optional[type]:
+    """The first container in ``value`` whose type a traced graph would not return: torch.fx
+    rebuilds tuples, lists and named tuples as they were, but every dict as a plain dict, so a
+    Hugging Face ``ModelOutput`` (``out.logits``) would come back as ``out["logits"]``."""
+    if isinstance(value, dict):
+        if type(value) not in (dict, collections.OrderedDict):
+            return type(value)
+        children = list(value.values())
+    elif isinstance(value, (tuple, list)):
+        children = list(value)
+    else:
+        return None
+    return next((found for found in map(_container_fx_drops, children) if found is not None), None)
+
+
+def _check_output_kept(model: nn.Module, args, kwargs) -> None:
+    """Under ``capture="auto"``, pass over a symbolic capture that would change the type of what
+    the model returns (one eval forward on the examples; randomness and modes as they were): then
+    torch.export captures it, whose pytree output spec keeps registered classes such as
+    ``ModelOutput``. ``capture="symbolic"`` traces such a model as asked."""
+    if args is None and not kwargs:
+        return
+    with modes_kept(model, False), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        dropped = _container_fx_drops(model(*(args or ()), **(kwargs or {})))
+    if dropped is not None:
+        raise CaptureError(f"{type(model).__name__} returns a {dropped.__module__}.{dropped.__qualname__}, "
+                           "which a symbolic trace returns as a plain dict.")
 
 
 def _symbolic(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
@@ -250,6 +281,8 @@ def capture(model: nn.Module, example_inputs: Optional[tuple[Any, ...]] = None,
     for name in order:
         try:
             with modes_kept(model):
+                if method == "auto" and name == "symbolic":
+                    _check_output_kept(model, example_inputs, example_kwargs)
                 gm = _CAPTURERS[name](model, example_inputs, example_kwargs, dynamic_shapes, report)
         except CaptureError as error:
             report.failures[name] = str(error)

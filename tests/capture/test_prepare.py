@@ -153,3 +153,35 @@ def test_bad_inputs_raise_qzo_errors(mlp):
         qzo_fx.prepare(mlp, {"weight_bits": 2})
     with pytest.raises(qzo_fx.CaptureError, match="capture="):
         qzo_fx.prepare(mlp, capture="jit")
+
+
+class Encoder(nn.Module):
+    """Returns a Hugging Face ModelOutput, as every transformers model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.drop = nn.Linear(8, 8), nn.Dropout(0.1)
+
+    def forward(self, x):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return BaseModelOutput(last_hidden_state=self.drop(self.proj(x)))
+
+
+def test_output_classes_are_kept_in_both_modes():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, x = Encoder(), torch.randn(3, 8)
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(x,))
+    # symbolic_trace would return a plain dict (out["last_hidden_state"]): torch.export keeps the class.
+    assert qm.meta["qzo.capture"].method == "export" and "plain dict" in qm.meta["qzo.capture"].failures["symbolic"]
+    for training in (False, True):
+        model.train(training), qm.train(training)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        out = qm(x)
+        assert type(out) is type(expected)
+        torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-6)
+    forced = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(x,), capture="symbolic")
+    assert type(forced.eval()(x)) is dict  # as asked: torch.fx's own behaviour
