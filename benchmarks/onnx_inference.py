@@ -68,6 +68,8 @@ def _ort_quantizer(fp32: Path, out: Path) -> None:
 
     quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)),
                                      algo_config=DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4))
+    # The quantizer sets the root logger to INFO and logs a line per node: keep its own logger quiet.
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
