@@ -236,8 +236,8 @@ def export_causal_lm(qm: Optional[nn.Module], model: nn.Module, path: Union[str,
     pack_low_bit_weights(onnx_model, packable)
     strip_debug_info(onnx_model)
     axes = name_dynamic_axes(onnx_model)
-    path = check_and_save(onnx_model, path, "the exported decoder")
-    return ExportResult(path, _OPSET, path.stat().st_size, op_histogram(onnx_model), True, [], axes)
+    saved: Path = check_and_save(onnx_model, path, "the exported decoder")
+    return ExportResult(saved, _OPSET, saved.stat().st_size, op_histogram(onnx_model), True, [], axes)
 
 
 def _translate(step: nn.Module, layout: CacheLayout) -> onnx.ModelProto:
