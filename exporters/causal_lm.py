@@ -250,5 +250,6 @@ def _translate(step: nn.Module, layout: CacheLayout) -> onnx.ModelProto:
     except Exception as error:
         raise ExportError(f"torch.onnx could not export {type(step.lm).__name__} with a KV cache: "
                           f"{type(error).__name__}: {str(error)[:2000]}") from error
-    assert program is not None  # dynamo=True always returns a program
+    if program is None:  # torch.onnx.export(dynamo=True) returns a program; None would be a torch change
+        raise ExportError("torch.onnx.export returned no program for the decoder; this torch version is unsupported.")
     return program.model_proto

@@ -166,7 +166,8 @@ def _translate(lowered: nn.Module, args: tuple, opset: int, shapes: Any, kwargs:
                                         opset_version=opset, optimize=True, verbose=False)
         except Exception as error:
             raise OnnxStageError(exported) from error
-    assert program is not None  # dynamo=True always returns a program
+    if program is None:  # torch.onnx.export(dynamo=True) returns a program; None would be a torch change
+        raise ExportError("torch.onnx.export returned no program for the model; this torch version is unsupported.")
     return drop_number_outputs(exported, program.model_proto)
 
 

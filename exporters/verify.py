@@ -52,7 +52,7 @@ class ProviderParity:
         return self.raw_ok and all(o.ok for o in self.outputs) and not self.counts.unexplained
 
     @property
-    def only_ties(self) -> bool:
+    def ties_only(self) -> bool:
         """Off as it is, but exact once the model follows ORT at its rounding ties."""
         return not self.raw_ok and all(o.ok for o in self.outputs) and not self.counts.unexplained
 
@@ -89,7 +89,7 @@ class ParityReport:
     @property
     def ties_only(self) -> bool:
         """Failed, and only because the model's output moves that much at rounding ties."""
-        return not self.ok and all(run.ok or run.only_ties for run in self.runs)
+        return not self.ok and all(run.ok or run.ties_only for run in self.runs)
 
     @property
     def codes(self) -> int:
@@ -110,7 +110,7 @@ class ParityReport:
             lines.append(f"  {run.provider}: {parts}; {run.counts.codes} activation codes: {run.counts.ties} ties "
                          f"followed, {run.counts.unexplained} unexplained; without following ties: "
                          f"{run.raw_steps:.3f} steps")
-            if run.only_ties:
+            if run.ties_only:
                 lines.append(f"  {run.provider} is {run.raw_steps:.3f} steps off only through {run.counts.ties} "
                              "rounding tie(s): where torch's value lies within float precision of a rounding "
                              "boundary ORT picked the neighbouring code, and with ORT's picks the model matches. "

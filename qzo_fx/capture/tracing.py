@@ -41,6 +41,7 @@ class CaptureReport:
     failures: dict[str, str] = field(default_factory=dict)
     shapes: str = ""                       # which input dimensions are dynamic, in words
     specialized: dict[str, None] = field(default_factory=dict)  # forward arguments fixed to None
+    dropped_types: list[type] = field(default_factory=list)  # dict subclasses a symbolic trace made dicts
 
 
 @contextlib.contextmanager
@@ -81,41 +82,22 @@ def none_arguments(model: nn.Module, args, kwargs) -> dict[str, None]:
 class StateTracer(torch.fx.Tracer):
     """``torch.fx.Tracer`` that records buffer reads as graph values: an in-place update of a
     buffer (BatchNorm's ``num_batches_tracked.add_(1)`` in a module's own forward) then becomes
-    part of the graph instead of running once, at trace time."""
+    part of the graph instead of running once, at trace time.
+
+    It also notes each dict subclass it turns into a graph value (``dropped_types``): torch.fx
+    rebuilds tuples, lists and named tuples as they were but every dict as a plain dict, so a
+    Hugging Face ``ModelOutput`` (``out.logits``) would come back as ``out["logits"]``."""
 
     proxy_buffer_attributes = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dropped_types: list[type] = []
 
-def _container_fx_drops(value: Any) -> Optional[type]:
-    """The first container in ``value`` whose type a traced graph would not return: torch.fx
-    rebuilds tuples, lists and named tuples as they were, but every dict as a plain dict, so a
-    Hugging Face ``ModelOutput`` (``out.logits``) would come back as ``out["logits"]``."""
-    if isinstance(value, dict):
-        if type(value) not in (dict, collections.OrderedDict):
-            return type(value)
-        children = list(value.values())
-    elif isinstance(value, (tuple, list)):
-        children = list(value)
-    else:
-        return None
-    return next((found for found in map(_container_fx_drops, children) if found is not None), None)
-
-
-def _check_output_kept(model: nn.Module, args, kwargs) -> None:
-    """Under ``capture="auto"``, pass over a symbolic capture that would change the type of what
-    the model returns (one eval forward on the examples; randomness and modes as they were): then
-    torch.export captures it, whose pytree output spec keeps registered classes such as
-    ``ModelOutput``. ``capture="symbolic"`` traces such a model as asked."""
-    if args is None and not kwargs:
-        return
-    try:
-        with modes_kept(model, False), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            dropped = _container_fx_drops(model(*(args or ()), **(kwargs or {})))
-    except Exception:  # the examples do not run in eval mode: nothing to compare, trace as before
-        return
-    if dropped is not None:
-        raise CaptureError(f"{type(model).__name__} returns a {dropped.__module__}.{dropped.__qualname__}, "
-                           "which a symbolic trace returns as a plain dict.")
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, dict) and type(a) not in (dict, collections.OrderedDict):
+            self.dropped_types.append(type(a))
+        return super().create_arg(a)
 
 
 def _symbolic(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
@@ -123,7 +105,9 @@ def _symbolic(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Ca
     graphs: dict[bool, Graph] = {}
     for training in (True, False):
         with modes_kept(model, training):
-            graphs[training] = StateTracer().trace(model, concrete_args=report.specialized or None)
+            tracer = StateTracer()
+            graphs[training] = tracer.trace(model, concrete_args=report.specialized or None)
+        report.dropped_types.extend(t for t in tracer.dropped_types if t not in report.dropped_types)
     report.shapes = "all dimensions (symbolic trace)"
     return PreparedModel(model, _shared_if_same(graphs), type(model).__name__)
 
@@ -273,6 +257,15 @@ def _reason(error: Exception) -> str:
 _CAPTURERS = {"symbolic": _symbolic, "export": _export}
 
 
+def _refuse_dropped_types(model: nn.Module, report: CaptureReport) -> None:
+    """Under ``capture="auto"``, pass over a symbolic capture that changed a container's type:
+    torch.export then captures the model, and its pytree output spec keeps registered classes
+    such as ``ModelOutput``. ``capture="symbolic"`` keeps such a trace, as asked."""
+    if report.dropped_types:
+        names = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in report.dropped_types)
+        raise CaptureError(f"{type(model).__name__} returns a {names}, which a symbolic trace returns as a plain dict.")
+
+
 def capture(model: nn.Module, example_inputs: Optional[tuple[Any, ...]] = None,
             example_kwargs: Optional[dict[str, Any]] = None, method: str = "auto",
             dynamic_shapes: DynamicShapes = "auto") -> tuple[PreparedModel, CaptureReport]:
@@ -284,9 +277,9 @@ def capture(model: nn.Module, example_inputs: Optional[tuple[Any, ...]] = None,
     for name in order:
         try:
             with modes_kept(model):
-                if method == "auto" and name == "symbolic":
-                    _check_output_kept(model, example_inputs, example_kwargs)
                 gm = _CAPTURERS[name](model, example_inputs, example_kwargs, dynamic_shapes, report)
+                if method == "auto" and name == "symbolic" and example_inputs is not None:
+                    _refuse_dropped_types(model, report)
         except CaptureError as error:
             report.failures[name] = str(error)
         except Exception as error:  # torch raises many types here; keep the reason, try the next

@@ -276,10 +276,11 @@ class TrainStep:
         if self.shards is not None:
             grads = self.shards.gradients_to_write()
         else:
+            grads = []
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.empty_like(p)
-            grads = [p.grad for p in self.params if p.grad is not None]
+                grads.append(p.grad)
         directions.write_estimate(grads, coefficients, branches.materialized, divide_by_eps)
         if then_sign:
             torch._foreach_sign_(grads)
