@@ -157,9 +157,29 @@ def _quiet() -> Iterator[None]:
             log.setLevel(level)
 
 
+def _distinct_tensors(inputs: Any) -> Any:
+    """``inputs`` with every tensor that appears a second time replaced by a copy.
+
+    torch.export takes two arguments that are one tensor object as one input, so the graph reads
+    the first wherever either is used. ``example_kwargs={"labels": ids}`` next to ``(ids,)``, the
+    usual causal-LM example, would give a model that embeds its labels."""
+    seen: set[int] = set()
+
+    def distinct(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) in seen:
+            return value.clone()
+        seen.add(id(value))
+        return value
+
+    return tree_map(distinct, inputs)
+
+
 def _export_once(model: nn.Module, args, kwargs, spec, patched: bool = False) -> GraphModule:
+    args, kwargs = _distinct_tensors((tuple(args), dict(kwargs or {})))
     with _quiet(), export_helpers(model, patched):
-        program = torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), dynamic_shapes=spec, strict=False)
+        program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec, strict=False)
     # check_guards=False: no guard submodule; the mode methods torch replaces are restored below.
     module = program.module(check_guards=False)
     for name in ("train", "eval"):

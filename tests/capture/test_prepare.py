@@ -185,3 +185,29 @@ def test_output_classes_are_kept_in_both_modes():
         torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-6)
     forced = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(x,), capture="symbolic")
     assert type(forced.eval()(x)) is dict  # as asked: torch.fx's own behaviour
+
+
+class _TokensAndLabels(nn.Module):
+    """A causal-LM-like forward: embeds ``ids``, scores the logits against ``labels``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+
+    def forward(self, ids, labels):
+        logits = self.head(self.embed(ids))
+        return logits, nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("capture", ["export", "symbolic"])
+def test_one_tensor_given_as_two_example_arguments_stays_two_inputs(capture):
+    # The usual causal-LM example passes input_ids as the labels too: the same tensor object.
+    torch.manual_seed(0)
+    model, ids = _TokensAndLabels(), torch.randint(0, 16, (2, 6))
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(ids,),
+                        example_kwargs={"labels": ids}, capture=capture).eval()
+    labels = torch.randint(0, 16, (2, 6))
+    labels[:, :2] = -100  # prompt masking: not a valid token id
+    got, expected = qm(ids, labels=labels), model.eval()(ids, labels)
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
