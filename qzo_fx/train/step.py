@@ -308,13 +308,17 @@ class TrainStep:
         self._batches.check(batch, self.step_index)
         self.check = FiniteCheck(enabled=self.on_nonfinite != "unchecked",
                                  sum_over_ranks=sharding.sum_over_ranks if self.sharded else None)
-        loss = self.estimator.run(self, batch)
-        failures = self.check.failures()  # the step's one host read (none when unchecked)
-        self.stats.last_branch_losses = self.check.watched.get("branch losses", [])
-        if any(self.check.watched.get("zero guide", [])):
-            self.stats.zero_gradient_fallbacks += 1
-        if failures:
-            self._nonfinite(failures)
+        earlier = self._set_aside_gradients()
+        try:
+            loss = self.estimator.run(self, batch)
+            failures = self.check.failures()  # the step's one host read (none when unchecked)
+            self.stats.last_branch_losses = self.check.watched.get("branch losses", [])
+            if any(self.check.watched.get("zero guide", [])):
+                self.stats.zero_gradient_fallbacks += 1
+            if failures:
+                self._nonfinite(failures)
+        finally:
+            _add_back(earlier)
         self.step_index += 1
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - start
@@ -322,18 +326,27 @@ class TrainStep:
             self.stats.strategy = self.strategy.chosen
         return loss
 
+    def _set_aside_gradients(self) -> list[tuple[Tensor, Tensor]]:
+        """The ``.grad`` tensors earlier calls left (gradient accumulation over micro-batches),
+        taken off the parameters: the estimate is written into ``.grad`` and FOGZO's guide is read
+        from it, so both must be this batch's alone. :func:`_add_back` sums them after."""
+        kept = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
+        for p, _ in kept:
+            p.grad = None
+        return kept
+
     def _nonfinite(self, failures: list[str]) -> None:
         self.stats.nonfinite_skips += 1
         for p in self.model.parameters():
-            p.grad = None  # no NaN or inf is left for an optimizer to apply
+            p.grad = None  # no NaN or inf is left for an optimizer to apply (earlier micro-batches' stay)
         message = (f"step {self.step_index}: non-finite {'; '.join(failures)}. Lower the learning rate, check the "
                    "data and the quantizer scales (a scale near 0 gives infinite STE gradients), or pass "
                    "on_nonfinite='skip' to skip such steps.")
         if self.on_nonfinite == "raise":
             self.step_index += 1
             self.stats.steps += 1
-            raise NonFiniteLossError(message + " Gradients were cleared.")
-        warnings.warn(message + " Step skipped (gradients cleared).", RuntimeWarning, stacklevel=3)
+            raise NonFiniteLossError(message + " This step's gradients were dropped.")
+        warnings.warn(message + " Step skipped (its gradients dropped).", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -356,6 +369,15 @@ class TrainStep:
         if isinstance(self.strategy, Auto) and state.get("timings") is not None:
             self.strategy.timings = {k: list(v) for k, v in state["timings"].items() if k in self.strategy.candidates}
             self.strategy.settled = state["strategy"] if state["strategy"] in self.strategy.candidates else None
+
+
+def _add_back(earlier: list[tuple[Tensor, Tensor]]) -> None:
+    """``.grad`` <- what earlier calls left + this step's gradient, as ``backward`` accumulates."""
+    with torch.no_grad():
+        for p, grad in earlier:
+            if p.grad is not None:
+                grad.add_(p.grad)
+            p.grad = grad
 
 
 def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Optional[Estimator] = None, *,

@@ -213,6 +213,42 @@ def test_nonfinite_raise_or_skip(setup):
     assert all(p.grad is None for p in qm.parameters())
 
 
+@pytest.mark.parametrize("estimator", [lambda: qzo_fx.STE(), lambda: qzo_fx.FOGZO(beta_min=0.99, total_steps=4, seed=3),
+                                       lambda: qzo_fx.NSPSA(n=2, seed=3)], ids=["STE", "FOGZO", "NSPSA"])
+def test_gradients_accumulate_over_micro_batches_as_backward_does(estimator):
+    # A plain accumulation loop: zero once, one step per micro-batch, then the optimizer. Each
+    # .grad must be the sum of what the steps give alone, and FOGZO's guide each batch's own.
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(DropNet().eval(), qzo_fx.QuantConfig(weight_bits=2))  # no dropout: same masks
+    qm.eval()
+    halves = [(torch.randn(8, 12), torch.randint(0, 4, (8,))) for _ in range(2)]
+    alone = qzo_fx.train_step(qm, ce, estimator(), strategy="inplace")
+    singles = []
+    for half in halves:
+        qm.zero_grad(set_to_none=True)
+        alone(half)
+        singles.append({n: p.grad.clone() for n, p in qm.named_parameters() if p.grad is not None})
+    accumulating = qzo_fx.train_step(qm, ce, estimator(), strategy="inplace")
+    qm.zero_grad(set_to_none=True)
+    for half in halves:
+        accumulating(half)
+    for name, p in qm.named_parameters():
+        if name in singles[0]:
+            torch.testing.assert_close(p.grad, singles[0][name] + singles[1][name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_skipped_micro_batch_keeps_what_earlier_ones_accumulated(setup):
+    qm, batch = setup
+    step = qzo_fx.train_step(qm, ce, qzo_fx.FOGZO(beta_min=0.99, total_steps=4, seed=1), on_nonfinite="skip")
+    step(batch)
+    earlier = {n: p.grad.clone() for n, p in qm.named_parameters()}
+    poisoned = (torch.full_like(batch[0], float("nan")), batch[1])
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        step(poisoned)
+    for name, p in qm.named_parameters():
+        assert torch.equal(p.grad, earlier[name])
+
+
 def test_auto_settles_on_a_strategy(setup):
     qm, batch = setup
     step = qzo_fx.train_step(qm, ce, qzo_fx.FOGZO(seed=0), strategy="auto")
