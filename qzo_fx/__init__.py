@@ -18,6 +18,7 @@ from qzo_fx.errors import (
     CaptureError,
     ConfigError,
     ExportError,
+    InputError,
     NonFiniteLossError,
     PassError,
     QzoError,
@@ -60,5 +61,5 @@ __all__ = [
     "export_causal_lm", "generate", "write_genai_config",
     "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
     "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",
-    "CalibrationError", "TrainStepError", "NonFiniteLossError", "BatchError", "ExportError", "ops",
+    "CalibrationError", "TrainStepError", "NonFiniteLossError", "BatchError", "ExportError", "InputError", "ops",
 ]

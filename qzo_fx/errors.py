@@ -16,6 +16,7 @@ __all__ = [
     "NonFiniteLossError",
     "BatchError",
     "ExportError",
+    "InputError",
 ]
 
 
@@ -62,3 +63,7 @@ class BatchError(TrainStepError):
 
 class ExportError(QzoError):
     """Lowering to ONNX or checking the exported file failed."""
+
+
+class InputError(QzoError, TypeError):
+    """A prepared model was called with arguments its captured graph does not take."""

@@ -12,6 +12,7 @@ module's ``training`` flags left as they are.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch.nn as nn
@@ -19,6 +20,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
+from qzo_fx.errors import InputError
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["PreparedModel", "each_mode", "graph_of_mode", "distinct_modes"]
@@ -57,6 +59,18 @@ class PreparedModel(GraphModule):
         self.qzo_mode_graphs = {True: train_graph, False: eval_graph}
         self.training = root.training
         self._show(self.training)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except TypeError as error:
+            refused = _refused_arguments(self.forward, args, kwargs)
+            if refused is None:
+                raise  # the arguments fit: the TypeError is the model's own
+            raise InputError(f"{type(self).__name__} (prepared) was called with arguments its captured graph does not "
+                             f"take: {refused}. The graph takes {_signature_text(self.forward)}, the inputs of "
+                             "prepare()'s examples. Call it with those, or prepare again with the inputs you will "
+                             "pass (an attention_mask, labels) among example_inputs / example_kwargs.") from error
 
     # ------------------------------------------------------------------ mode switching
     def train(self, mode: bool = True) -> "PreparedModel":
@@ -166,3 +180,15 @@ def each_mode(pass_fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
     run.__doc__ = pass_fn.__doc__
     return run
 
+
+def _refused_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:
+    """Why ``forward`` cannot take these arguments (``None`` when it can)."""
+    try:
+        inspect.signature(forward).bind(*args, **kwargs)
+    except TypeError as error:
+        return str(error)
+    return None
+
+
+def _signature_text(forward: Callable[..., Any]) -> str:
+    return "(" + ", ".join(inspect.signature(forward).parameters) + ")"

@@ -42,6 +42,7 @@ class CaptureReport:
     shapes: str = ""                       # which input dimensions are dynamic, in words
     specialized: dict[str, None] = field(default_factory=dict)  # forward arguments fixed to None
     dropped_types: list[type] = field(default_factory=list)  # dict subclasses a symbolic trace made dicts
+    model_inputs: tuple[str, ...] = ()     # the user's forward's parameters, captured or not
 
 
 @contextlib.contextmanager
@@ -293,7 +294,7 @@ def capture(model: nn.Module, example_inputs: Optional[tuple[Any, ...]] = None,
     if method not in CAPTURE_METHODS:
         raise CaptureError(f"capture={method!r} is invalid: allowed {CAPTURE_METHODS}.")
     order = ["symbolic", "export"] if method == "auto" else [method]
-    report = CaptureReport(method="")
+    report = CaptureReport(method="", model_inputs=tuple(inspect.signature(model.forward).parameters))
     for name in order:
         try:
             with modes_kept(model):

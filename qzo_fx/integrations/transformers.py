@@ -90,10 +90,12 @@ class QzoTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         self._labels = inputs.get("labels")
-        accepted = _accepted_inputs(getattr(model, "module", model))  # through a DDP wrapper
+        prepared = getattr(model, "module", model)  # through a DDP wrapper
+        accepted = _accepted_inputs(prepared)
         batch = {k: v for k, v in inputs.items() if accepted is None or k in accepted}
         if self.compute_loss_func is not None and accepted is not None and "labels" not in accepted:
             batch.pop("labels", None)
+        _refuse_uncaptured_inputs(prepared, inputs, batch, self.compute_loss_func is not None)
         step = self._step_for(model)
         micro_steps = max(int(getattr(self, "current_gradient_accumulation_steps", 1)), 1)
         kept = None
@@ -121,6 +123,15 @@ class QzoTrainer(Trainer):
                     p.grad = earlier
                 else:
                     p.grad.add_(earlier)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer keeps the dataset columns the model's forward takes. The prepared forward
+        # takes only what prepare's examples had, so the user model's own inputs are kept too:
+        # training_step then refuses the ones the graph cannot take instead of losing them.
+        super()._set_signature_columns_if_needed()
+        report = getattr(self.model, "meta", {}).get("qzo.capture")
+        extra = [n for n in getattr(report, "model_inputs", ()) if n not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -161,6 +172,22 @@ def _accepted_inputs(model: nn.Module) -> Optional[set[str]]:
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
         return None
     return {p.name for p in parameters}
+
+
+def _refuse_uncaptured_inputs(prepared: nn.Module, inputs: dict[str, Any], batch: dict[str, Any],
+                              loss_outside: bool) -> None:
+    """A batch key the user's model takes but the prepared graph was not captured with (an
+    ``attention_mask`` from a padding collator) would be dropped, and the model would train as if
+    the batch were unpadded. Keys the model never takes (extra dataset columns) are dropped."""
+    report = getattr(prepared, "meta", {}).get("qzo.capture")
+    model_inputs = set(getattr(report, "model_inputs", ()))
+    lost = [k for k, v in inputs.items() if k not in batch and k in model_inputs and v is not None
+            and not (k == "labels" and loss_outside)]
+    if lost:
+        raise TrainStepError(f"the batch has {lost}, which {type(prepared).__name__}'s forward takes but the prepared "
+                             "model was not captured with, so it would be ignored. Prepare the model with them among "
+                             f"its example inputs (example_kwargs={{{', '.join(repr(k) + ': ...' for k in lost)}}}), "
+                             "or leave them out of the batches.")
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

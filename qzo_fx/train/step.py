@@ -192,6 +192,11 @@ class TrainStep:
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TrainStepError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
+        if not loss.requires_grad:
+            why = ("train_step ran under torch.no_grad() or torch.inference_mode(): call it outside them"
+                   if not torch.is_grad_enabled() else
+                   "no parameter it depends on requires grad (all frozen?), or loss_fn detached it")
+            raise TrainStepError(f"the base pass's loss has no gradient: {why}.")
         loss.backward()
         self.stats.backward_passes += 1
         self.check.add("base loss", loss.detach())

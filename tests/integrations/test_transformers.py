@@ -106,3 +106,39 @@ def test_zoqo_refuses_gradient_accumulation(tmp_path):
     with pytest.raises(qzo_fx.TrainStepError, match="gradient_accumulation_steps"):
         QzoTrainer(model=qm, args=_args(tmp_path, gradient_accumulation_steps=2), train_dataset=Tokens(),
                    estimator=qzo_fx.ZOQO())
+
+
+class PaddedTokens(Tokens):
+    """Right-padded sequences, as a padding collator gives them: the mask decides the loss."""
+
+    def __getitem__(self, i):
+        keep = 6 + i % 8
+        mask = (torch.arange(LENGTH) < keep).long()
+        ids = torch.where(mask.bool(), self.ids[i], 0)
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
+
+
+def test_a_mask_the_graph_was_not_captured_with_is_refused_not_dropped(tmp_path):
+    qm = _prepared()  # prepared from input_ids and labels only
+    trainer = QzoTrainer(model=qm, args=_args(tmp_path, max_steps=1), train_dataset=PaddedTokens())
+    with pytest.raises(qzo_fx.TrainStepError, match="attention_mask"):
+        trainer.train()
+    with pytest.raises(qzo_fx.InputError, match="attention_mask"):
+        qm(**{k: v[None] for k, v in PaddedTokens()[0].items()})
+
+
+def test_a_captured_mask_gives_the_float_models_masked_loss(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    data = PaddedTokens(4)
+    example = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("input_ids", "attention_mask", "labels")}
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(example["input_ids"],),
+                        example_kwargs={"attention_mask": example["attention_mask"], "labels": example["labels"]})
+    trainer = QzoTrainer(model=qm, args=_args(tmp_path, max_steps=1), train_dataset=data)
+    batch = {k: torch.stack([data[i][k] for i in (2, 3)]) for k in ("input_ids", "attention_mask", "labels")}
+    loss = trainer.training_step(qm, dict(batch))
+    model.train()
+    expected = model(**batch).loss
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
