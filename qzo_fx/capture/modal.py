@@ -56,6 +56,7 @@ class PreparedModel(GraphModule):
             for node in eval_graph.nodes:
                 if node.op in ("get_attr", "call_module") and not _has_target(self, str(node.target)):
                     _copy_attr(root, self, str(node.target))
+        _keep_non_persistent(root, self)
         self.qzo_mode_graphs = {True: train_graph, False: eval_graph}
         self.training = root.training
         self._show(self.training)
@@ -192,3 +193,14 @@ def _refused_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -
 
 def _signature_text(forward: Callable[..., Any]) -> str:
     return "(" + ", ".join(inspect.signature(forward).parameters) + ")"
+
+
+def _keep_non_persistent(root: nn.Module, module: nn.Module) -> None:
+    """GraphModule registers every tensor it copies as a persistent buffer: mark again the ones
+    ``root`` keeps out of its state_dict (so copies and unpickled models keep the same keys)."""
+    for name, source in root.named_modules():
+        try:
+            target = module.get_submodule(name)
+        except AttributeError:
+            continue
+        target._non_persistent_buffers_set |= source._non_persistent_buffers_set & set(target._buffers)

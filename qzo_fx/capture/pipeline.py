@@ -101,9 +101,24 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
         if not parts.graph:
             raise CaptureError(f"{error} No submodule could be traced either:\n{parts}") from error
         partial.qzo_partial = parts  # type: ignore[assignment]  # an attribute, not a submodule
-        return partial
+        return _state_keys_of(model, partial)
     gm.meta["qzo.capture"] = report
-    return _prepare_graph(gm, PrepareContext(config, args, kwargs), instruments)
+    return _state_keys_of(model, _prepare_graph(gm, PrepareContext(config, args, kwargs), instruments))
+
+
+def _state_keys_of(model: nn.Module, prepared: nn.Module) -> nn.Module:
+    """Keep ``prepared.state_dict()`` to the keys of ``model``'s plus the quantizers': capture
+    turns non-persistent buffers (rotary ``inv_freq``), plain tensor attributes and lifted
+    constants into buffers, and a user's own checkpoint would then not load with strict=True.
+    They stay in the module (forward, ``to()``, pickling), outside the state_dict."""
+    user = set(model.state_dict())
+    for prefix, module in prepared.named_modules():
+        if QUANT_CONTAINER in prefix.split("."):
+            continue
+        for name, _ in module.named_buffers(recurse=False):
+            if (f"{prefix}.{name}" if prefix else name) not in user:
+                module._non_persistent_buffers_set.add(name)
+    return prepared
 
 
 def _prepare_graph(gm: GraphModule, ctx: PrepareContext, instruments) -> GraphModule:

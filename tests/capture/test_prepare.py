@@ -1,6 +1,8 @@
 """The prepared model: user's model untouched, STE training, modes, state_dict, listing."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -211,3 +213,33 @@ def test_one_tensor_given_as_two_example_arguments_stays_two_inputs(capture):
     got, expected = qm(ids, labels=labels), model.eval()(ids, labels)
     assert torch.equal(got[0], expected[0])
     assert torch.equal(got[1], expected[1])
+
+
+class _WithConstants(nn.Module):
+    """State outside the state_dict: a non-persistent buffer and a plain tensor attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("mean", torch.randn(8), persistent=False)
+        self.offset = torch.randn(1, 4)
+
+    def forward(self, x):
+        return self.fc(x - self.mean) + self.offset
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_state_dict_keys_are_the_users_plus_the_quantizers(capture, tmp_path):
+    torch.manual_seed(0)
+    model, x = _WithConstants(), torch.randn(2, 8)
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8), example_inputs=(x,), capture=capture)
+    torch.save(qm, tmp_path / "qm.pt")
+    copies = {"prepared": qm, "deepcopy": copy.deepcopy(qm), "unpickled": torch.load(tmp_path / "qm.pt", weights_only=False)}
+    for name, prepared in copies.items():
+        keys = {k for k in prepared.state_dict() if not k.startswith("qzo_quant.")}
+        assert keys == set(model.state_dict()), name
+        assert torch.equal(prepared(x), qm(x)), name
+    trained = {k: v + 1 for k, v in qm.state_dict().items() if not k.startswith("qzo_quant.")}
+    fresh = _WithConstants()
+    fresh.load_state_dict(trained)  # strict: a trained prepared model's weights load into the user's class
+    assert torch.equal(fresh.fc.weight, trained["fc.weight"])
