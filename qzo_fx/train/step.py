@@ -315,7 +315,8 @@ class TrainStep:
                                  sum_over_ranks=sharding.sum_over_ranks if self.sharded else None)
         earlier = self._set_aside_gradients()
         try:
-            loss = self.estimator.run(self, batch)
+            with self._batches.guarded(batch, self.model, self.step_index):
+                loss = self.estimator.run(self, batch)
             failures = self.check.failures()  # the step's one host read (none when unchecked)
             self.stats.last_branch_losses = self.check.watched.get("branch losses", [])
             if any(self.check.watched.get("zero guide", [])):
@@ -361,7 +362,8 @@ class TrainStep:
         return {"step_index": self.step_index, "base_seed": self.base_seed, "stats": dataclasses.asdict(self.stats),
                 "estimator": _describe(self.estimator), "torch_rng": torch.get_rng_state(),
                 "strategy": None if self.strategy is None else self.strategy.chosen,
-                "timings": None if auto is None else auto.timings, "batch_signature": self._batches.signature}
+                "timings": None if auto is None else auto.timings, "batch_signature": self._batches.signature,
+                "batch_shapes": self._batches.shapes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("estimator") != _describe(self.estimator):
@@ -370,6 +372,7 @@ class TrainStep:
         self.step_index, self.base_seed = state["step_index"], state["base_seed"]
         self.stats = StepStats(**state["stats"])
         self._batches.signature = state.get("batch_signature")
+        self._batches.shapes = state.get("batch_shapes")
         torch.set_rng_state(state["torch_rng"])
         if isinstance(self.strategy, Auto) and state.get("timings") is not None:
             self.strategy.timings = {k: list(v) for k, v in state["timings"].items() if k in self.strategy.candidates}

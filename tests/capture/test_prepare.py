@@ -234,7 +234,8 @@ def test_state_dict_keys_are_the_users_plus_the_quantizers(capture, tmp_path):
     model, x = _WithConstants(), torch.randn(2, 8)
     qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8), example_inputs=(x,), capture=capture)
     torch.save(qm, tmp_path / "qm.pt")
-    copies = {"prepared": qm, "deepcopy": copy.deepcopy(qm), "unpickled": torch.load(tmp_path / "qm.pt", weights_only=False)}
+    unpickled = torch.load(tmp_path / "qm.pt", weights_only=False)
+    copies = {"prepared": qm, "deepcopy": copy.deepcopy(qm), "unpickled": unpickled}
     for name, prepared in copies.items():
         keys = {k for k in prepared.state_dict() if not k.startswith("qzo_quant.")}
         assert keys == set(model.state_dict()), name

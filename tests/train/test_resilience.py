@@ -116,11 +116,37 @@ def test_wrong_batch_fails_before_anything_changes():
     qm, step, opt = _setup()
     step(_data(1)[0])
     before = {k: v.clone() for k, v in qm.state_dict().items()}
+    with pytest.raises(qzo_fx.BatchError, match="failed on a batch of shapes"):
+        step((torch.randn(16, 12), torch.randint(0, 3, (16,))))  # 12 features: the model takes 10
     with pytest.raises(qzo_fx.BatchError, match="do not match the first batch"):
-        step((torch.randn(16, 12), torch.randint(0, 3, (16,))))
-    with pytest.raises(qzo_fx.BatchError):
         step((torch.randn(16, 10, dtype=torch.float64), torch.randint(0, 3, (16,))))
     assert all(torch.equal(v, before[k]) for k, v in qm.state_dict().items())
+
+
+class _Clips(nn.Module):
+    """Audio-like: a float (batch, time) input whose length varies from batch to batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv1d(1, 8, 5), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x.unsqueeze(1)))).mean(-1))
+
+
+@pytest.mark.parametrize("estimator", [lambda: qzo_fx.STE(), lambda: qzo_fx.FOGZO(seed=0)], ids=["STE", "FOGZO"])
+def test_float_inputs_may_change_length_from_batch_to_batch(estimator):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(_Clips(), qzo_fx.QuantConfig(weight_bits=4, activation_bits=8),
+                        example_inputs=(torch.randn(4, 400),)).train()
+    step = qzo_fx.train_step(qm, ce, estimator())
+    for length in (400, 600, 240):  # each batch padded to its longest clip
+        loss = step((torch.randn(4, length), torch.randint(0, 3, (4,))))
+        assert torch.isfinite(loss)
+    stats = qm.bn.running_mean.clone()
+    with pytest.raises(qzo_fx.BatchError, match="failed on a batch of shapes"):
+        step((torch.randn(4, 2), torch.randint(0, 3, (4,))))  # shorter than the kernel
+    assert torch.equal(qm.bn.running_mean, stats)
 
 
 # ---------------------------------------------------------------------------------------- DDP
