@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import inspect
 import io
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _assign_attr
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from qzo_fx.capture.hf import export_helpers, is_hf_model
 from qzo_fx.capture.modal import PreparedModel
@@ -43,6 +45,8 @@ class CaptureReport:
     specialized: dict[str, None] = field(default_factory=dict)  # forward arguments fixed to None
     dropped_types: list[type] = field(default_factory=list)  # dict subclasses a symbolic trace made dicts
     model_inputs: tuple[str, ...] = ()     # the user's forward's parameters, captured or not
+    static_shapes: Optional[list[tuple[int, ...]]] = None  # the example's tensor shapes, where only those work
+    constant_keywords: dict[str, Any] = field(default_factory=dict)  # **kwargs flags bound at capture
 
 
 @contextlib.contextmanager
@@ -143,6 +147,31 @@ def _export_spec(model: nn.Module, args, kwargs, dynamic: DynamicShapes):
             **{k: tree_map(_auto_dims, v) for k, v in kwargs.items()}}
 
 
+def constant_keywords(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The example keywords that hold no tensor and reach the forward through ``**kwargs``
+    (Hugging Face's ``output_hidden_states=True``, ``return_dict=False``)."""
+    parameters = inspect.signature(model.forward).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return {}
+    return {k: v for k, v in kwargs.items()
+            if k not in parameters and not any(isinstance(t, torch.Tensor) for t in tree_leaves(v))}
+
+
+@contextlib.contextmanager
+def _keywords_bound(model: nn.Module, constants: dict[str, Any]) -> Iterator[None]:
+    # torch.export cannot give dynamic shapes beside keywords that go through **kwargs (it fails
+    # matching the spec to them), so those constants are bound to the forward for the capture,
+    # and the prepared model takes them back at each call (PreparedModel.__call__).
+    if not constants:
+        yield
+        return
+    model.forward = functools.partial(model.forward, **constants)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     # A failed export logs and prints the partial graph; the reason goes into the report instead.
@@ -196,6 +225,10 @@ def _export_modes(model: nn.Module, args, kwargs, spec, patched: bool = False) -
     return modules
 
 
+def _tensor_shapes(inputs: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+
+
 def _positional_names(model: nn.Module, count: int) -> list[str]:
     names = [p.name for p in inspect.signature(model.forward).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -206,13 +239,22 @@ def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Capt
     if args is None:
         raise CaptureError("torch.export needs example_inputs; pass example_inputs=(x,) to prepare().")
     report.specialized = {}  # torch.export takes None arguments as constants itself
+    report.constant_keywords = constant_keywords(model, kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in report.constant_keywords}
     spec = _export_spec(model, args, kwargs, dynamic)
-    try:
-        modules = _export_modes(model, args, kwargs, spec)
-    except Exception as error:
-        modules, spec = _export_fallback(model, args, kwargs, dynamic, spec, error, report)
+    with _keywords_bound(model, report.constant_keywords):
+        try:
+            modules = _export_modes(model, args, kwargs, spec)
+        except Exception as error:
+            modules, spec = _export_fallback(model, args, kwargs, dynamic, spec, error, report)
     report.shapes = "static (the example's shapes)" if spec is None else (
         "batch and sequence dimensions" if dynamic == "auto" else "as given by dynamic_shapes")
+    if spec is None and dynamic == "auto":
+        warnings.warn(f"{type(model).__name__} was captured with the example's shapes only: torch.export could not "
+                      f"make its batch and sequence dimensions dynamic ({report.failures.get('dynamic shapes', '')}). "
+                      "Calls with other shapes raise InputError; pass dynamic_shapes=... to prepare() to say which "
+                      "dimensions vary.", UserWarning, stacklevel=4)
+        report.static_shapes = _tensor_shapes((args, kwargs))
     root = modules[True]
     _adopt_eval_state(root, modules[False])
     root.training = model.training

@@ -244,3 +244,30 @@ def test_state_dict_keys_are_the_users_plus_the_quantizers(capture, tmp_path):
     fresh = _WithConstants()
     fresh.load_state_dict(trained)  # strict: a trained prepared model's weights load into the user's class
     assert torch.equal(fresh.fc.weight, trained["fc.weight"])
+
+
+class _Flagged(nn.Module):
+    """An output flag that reaches the forward through **kwargs, as Hugging Face's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, **kwargs):
+        y = self.fc(x)
+        return (y, x) if kwargs.get("output_hidden_states") else y
+
+
+def test_keyword_flags_keep_dynamic_shapes_and_are_checked(tmp_path):
+    torch.manual_seed(0)
+    model = _Flagged()
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(torch.randn(2, 8),),
+                        example_kwargs={"output_hidden_states": True}, capture="export")
+    assert qm.meta["qzo.capture"].shapes == "batch and sequence dimensions"
+    x = torch.randn(5, 8)
+    got, expected = qm(x, output_hidden_states=True), model(x, output_hidden_states=True)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    torch.save(qm, tmp_path / "qm.pt")
+    assert torch.equal(torch.load(tmp_path / "qm.pt", weights_only=False)(x, output_hidden_states=True)[0], got[0])
+    with pytest.raises(qzo_fx.InputError, match="output_hidden_states=True"):
+        qm(x, output_hidden_states=False)
