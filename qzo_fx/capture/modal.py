@@ -22,6 +22,7 @@ from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_bl
 from torch.package import sys_importer
 from torch.utils._pytree import tree_leaves
 
+from qzo_fx.capture.loading import initialize_unloaded, quantizers_left_unloaded
 from qzo_fx.errors import InputError
 from qzo_fx.pass_infra import PassResult
 
@@ -59,6 +60,8 @@ class PreparedModel(GraphModule):
                 if node.op in ("get_attr", "call_module") and not _has_target(self, str(node.target)):
                     _copy_attr(root, self, str(node.target))
         _keep_non_persistent(root, self)
+        self._qzo_unloaded: list[str] = []
+        self.register_load_state_dict_post_hook(_initialize_unloaded)
         self.qzo_mode_graphs = {True: train_graph, False: eval_graph}
         self.training = root.training
         self._show(self.training)
@@ -83,6 +86,11 @@ class PreparedModel(GraphModule):
                              f"take: {refused}. The graph takes {_signature_text(self.forward)}, the inputs of "
                              "prepare()'s examples. Call it with those, or prepare again with the inputs you will "
                              "pass (an attention_mask, labels) among example_inputs / example_kwargs.") from error
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Runs before the weights load; _initialize_unloaded runs after.
+        self._qzo_unloaded = quantizers_left_unloaded(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ mode switching
     def train(self, mode: bool = True) -> "PreparedModel":
@@ -216,6 +224,12 @@ def _refused_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -
 
 def _signature_text(forward: Callable[..., Any]) -> str:
     return "(" + ", ".join(inspect.signature(forward).parameters) + ")"
+
+
+def _initialize_unloaded(module: nn.Module, incompatible_keys: Any) -> None:
+    if getattr(module, "_qzo_unloaded", None):
+        initialize_unloaded(module, module._qzo_unloaded)
+        module._qzo_unloaded = []
 
 
 def _keep_non_persistent(root: nn.Module, module: nn.Module) -> None:

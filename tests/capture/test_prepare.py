@@ -271,3 +271,20 @@ def test_keyword_flags_keep_dynamic_shapes_and_are_checked(tmp_path):
     assert torch.equal(torch.load(tmp_path / "qm.pt", weights_only=False)(x, output_hidden_states=True)[0], got[0])
     with pytest.raises(qzo_fx.InputError, match="output_hidden_states=True"):
         qm(x, output_hidden_states=False)
+
+
+def test_a_float_checkpoint_sets_weight_scales_from_its_weights(mlp):
+    x = torch.randn(4, mlp[0].in_features)
+    qm = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=4), example_inputs=(x,))
+    pretrained = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.mul_(3.0)
+    qm.load_state_dict(pretrained.state_dict(), strict=False)  # a float checkpoint: no quantizer keys
+    direct = qzo_fx.prepare(pretrained, qzo_fx.QuantConfig(weight_bits=4), example_inputs=(x,))
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(qm.state_dict()[key], value, msg=key)
+    torch.testing.assert_close(qm.eval()(x), direct.eval()(x))
+    with_activations = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=4, activation_bits=8), example_inputs=(x,))
+    with pytest.warns(UserWarning, match="no activation scales"):
+        with_activations.load_state_dict(pretrained.state_dict(), strict=False)
