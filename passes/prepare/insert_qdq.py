@@ -7,6 +7,8 @@ parameter (tied weights share it) and one per (activation, spec).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,7 +53,7 @@ def _functionalize_mha(gm: GraphModule, node: Node) -> Node:
 
         query, key, value = node.args[:3]
         args = (query, key, value, read("in_proj_weight"), read("in_proj_bias"), read("out_proj.weight"),
-                read("out_proj.bias"), gm.graph.get_attr(f"{prefix}.training"))
+                read("out_proj.bias"), _training_flag(gm, prefix))
         kwargs = dict(num_heads=module.num_heads, batch_first=module.batch_first, dropout=module.dropout,
                       bias_k=read("bias_k"), bias_v=read("bias_v"), add_zero_attn=module.add_zero_attn, **node.kwargs)
         new = gm.graph.call_function(multi_head_attention, args, kwargs)
@@ -61,6 +63,15 @@ def _functionalize_mha(gm: GraphModule, node: Node) -> Node:
     return new
 
 
+def _training_flag(gm: GraphModule, prefix: str) -> Node:
+    """A graph read of the module's ``training`` flag: dropout inside the fused op follows the
+    mode at run time (one graph may serve both). torch.fx warns on any get_attr of a plain
+    attribute; this one is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+        return gm.graph.get_attr(f"{prefix}.training")
+
+
 def _functionalize_recurrent(gm: GraphModule, node: Node) -> Node:
     module: nn.RNNBase = gm.get_submodule(str(node.target))
     prefix = str(node.target)
@@ -68,7 +79,7 @@ def _functionalize_recurrent(gm: GraphModule, node: Node) -> Node:
         weights = [gm.graph.get_attr(f"{prefix}.{name}") for name in module._flat_weights_names]
         hx = node.args[1] if len(node.args) > 1 else None
         kwargs = dict(mode=module.mode, has_biases=module.bias, num_layers=module.num_layers, dropout=module.dropout,
-                      training=gm.graph.get_attr(f"{prefix}.training"), bidirectional=module.bidirectional,
+                      training=_training_flag(gm, prefix), bidirectional=module.bidirectional,
                       batch_first=module.batch_first, hidden_size=module.hidden_size)
         new = gm.graph.call_function(recurrent, (node.args[0], hx, *weights), kwargs)
     new.meta = dict(node.meta)

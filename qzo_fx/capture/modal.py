@@ -149,9 +149,13 @@ def _retracer(tracer_cls: Optional[type]) -> type:
 
 def _rebuild(body: dict[str, Any], codes: dict[bool, tuple[str, str]], training: bool,
              class_name: str) -> PreparedModel:
-    graphs = {mode: reduce_graph_module({**body, "_code": src}, imports).graph
-              for mode, (src, imports) in codes.items()}
-    if codes[True] == codes[False]:
+    graphs = {}
+    for mode, (src, imports) in codes.items():
+        # A fused op's dropout reads its module's ``training`` flag, a plain attribute that the
+        # trace reads as a constant: trace each mode's graph with the modules in that mode.
+        with _submodules_in_mode(body, mode):
+            graphs[mode] = reduce_graph_module({**body, "_code": src}, imports).graph
+    if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
         graphs[False] = graphs[True]
     # A code-only root: every submodule, parameter and buffer is kept, not only what a graph reads.
     model = PreparedModel(_CodeOnlyModule(dict(body, training=training)), graphs, class_name)
@@ -160,6 +164,19 @@ def _rebuild(body: dict[str, Any], codes: dict[bool, tuple[str, str]], training:
             setattr(model, key, value)
     model.meta.update(body.get("meta", {}))  # the capture report: how calls are checked
     return model
+
+
+@contextlib.contextmanager
+def _submodules_in_mode(body: dict[str, Any], training: bool) -> Iterator[None]:
+    modules = [m for child in body.get("_modules", {}).values() if child is not None for m in child.modules()]
+    saved = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = training
+        yield
+    finally:
+        for m, flag in zip(modules, saved):
+            m.training = flag
 
 
 # ---------------------------------------------------------------------- passes over both modes

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from qzo_fx.capture.hf import export_helpers, is_hf_model
 from qzo_fx.capture.modal import PreparedModel
 from qzo_fx.errors import CaptureError
+from qzo_fx.quant.op_table import multi_head_attention, recurrent
 
 __all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "StateTracer", "modes_kept", "none_arguments"]
 
@@ -96,6 +97,9 @@ class StateTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The functions prepare puts into graphs stay single calls when a graph's code is traced
+        # again (unpickling): their Python bodies branch on values a trace does not have.
+        kwargs.setdefault("autowrap_functions", (recurrent, multi_head_attention))
         super().__init__(*args, **kwargs)
         self.dropped_types: list[type] = []
 

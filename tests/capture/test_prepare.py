@@ -288,3 +288,28 @@ def test_a_float_checkpoint_sets_weight_scales_from_its_weights(mlp):
     with_activations = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=4, activation_bits=8), example_inputs=(x,))
     with pytest.warns(UserWarning, match="no activation scales"):
         with_activations.load_state_dict(pretrained.state_dict(), strict=False)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, batch_first=True, num_layers=2, dropout=0.2)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.rnn(x)[0]
+        return self.fc(self.attn(h, h, h)[0][:, -1])
+
+
+def test_quantized_recurrent_and_attention_models_pickle(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    qm = qzo_fx.prepare(_Recurrent(), qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
+    torch.save(qm, tmp_path / "qm.pt")
+    loaded = torch.load(tmp_path / "qm.pt", weights_only=False)
+    assert torch.equal(loaded.eval()(x), qm.eval()(x))
+    torch.manual_seed(1)
+    trained = loaded.train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(trained, qm.train()(x))  # dropout follows the mode after loading too
