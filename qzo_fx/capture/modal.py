@@ -12,16 +12,14 @@ module's ``training`` flags left as they are.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch.nn as nn
-from torch import Tensor
 from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, reduce_graph_module
 from torch.package import sys_importer
-from torch.utils._pytree import tree_leaves
 
+from qzo_fx.capture.call_errors import take_constant_keywords, why_call_failed
 from qzo_fx.capture.loading import initialize_unloaded, quantizers_left_unloaded
 from qzo_fx.errors import InputError
 from qzo_fx.pass_infra import PassResult
@@ -69,23 +67,14 @@ class PreparedModel(GraphModule):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         report = self.meta.get("qzo.capture")
         if kwargs and getattr(report, "constant_keywords", None):
-            kwargs = _take_constant_keywords(type(self).__name__, kwargs, report.constant_keywords)
+            kwargs = take_constant_keywords(type(self).__name__, kwargs, report.constant_keywords)
         try:
             return super().__call__(*args, **kwargs)
         except Exception as error:
-            static = getattr(report, "static_shapes", None)
-            shapes = [tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-            if static is not None and shapes != static:
-                raise InputError(f"{type(self).__name__} (prepared) was captured for the example's shapes only "
-                                 f"({static}); this call has {shapes}. Prepare it with dynamic_shapes=... naming the "
-                                 "dimensions that vary, or call it with the example's shapes.") from error
-            refused = _refused_arguments(self.forward, args, kwargs) if isinstance(error, TypeError) else None
-            if refused is None:
-                raise  # the arguments fit: the error is the model's own
-            raise InputError(f"{type(self).__name__} (prepared) was called with arguments its captured graph does not "
-                             f"take: {refused}. The graph takes {_signature_text(self.forward)}, the inputs of "
-                             "prepare()'s examples. Call it with those, or prepare again with the inputs you will "
-                             "pass (an attention_mask, labels) among example_inputs / example_kwargs.") from error
+            why = why_call_failed(self, report, args, kwargs, error)
+            if why is None:
+                raise  # the call fits the graph: the error is the model's own
+            raise InputError(f"{type(self).__name__} (prepared) {why}") from error
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Runs before the weights load; _initialize_unloaded runs after.
@@ -219,28 +208,10 @@ def each_mode(pass_fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
     return run
 
 
-def _take_constant_keywords(name: str, kwargs: dict[str, Any], constants: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` without the flags the graph was captured with (they are part of it); a flag
-    given another value than at capture cannot be honoured."""
-    for key, value in constants.items():
-        if key in kwargs and kwargs[key] != value:
-            raise InputError(f"{name} (prepared) was captured with {key}={value!r}, which is part of its graph; this "
-                             f"call passes {key}={kwargs[key]!r}. Prepare again with {key}={kwargs[key]!r} in "
-                             "example_kwargs.")
-    return {k: v for k, v in kwargs.items() if k not in constants}
 
 
-def _refused_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:
-    """Why ``forward`` cannot take these arguments (``None`` when it can)."""
-    try:
-        inspect.signature(forward).bind(*args, **kwargs)
-    except TypeError as error:
-        return str(error)
-    return None
 
 
-def _signature_text(forward: Callable[..., Any]) -> str:
-    return "(" + ", ".join(inspect.signature(forward).parameters) + ")"
 
 
 def _initialize_unloaded(module: nn.Module, incompatible_keys: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 import torch.nn as nn
 from torch.fx import GraphModule
 
+from qzo_fx.capture.call_errors import LOW_PRECISION
 from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.modal import each_mode
 from qzo_fx.capture.partial import prepare_partially
@@ -16,7 +17,7 @@ from qzo_fx.capture.tracing import CaptureReport, DynamicShapes
 from qzo_fx.capture.tracing import capture as capture_model
 from qzo_fx.config import QuantConfig
 from qzo_fx.context import QUANT_CONTAINER, PrepareContext
-from qzo_fx.errors import CaptureError, QzoError
+from qzo_fx.errors import CaptureError, ConfigError, QzoError
 from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
 from qzo_fx.passes.prepare.annotate import annotate
 from qzo_fx.passes.prepare.calibrate import calibrate
@@ -64,8 +65,9 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
         example_kwargs: keyword inputs for the same.
         capture: ``"auto"`` (symbolic trace, then torch.export, then partial capture),
             ``"symbolic"`` or ``"export"``.
-        dynamic_shapes: for torch.export captures: ``"auto"`` (batch, and the sequence of token
-            inputs and of 2-D float inputs, are dynamic; static if the model cannot have them),
+        dynamic_shapes: for torch.export captures: ``"auto"`` (the batch, the sequence of token
+            inputs and every dimension of 2-D and 3-D float inputs that the weights do not fix
+            are dynamic; static, with a warning, if the model cannot have them),
             ``False`` (the example's shapes only), or a ``torch.export`` ``dynamic_shapes`` spec.
             Symbolic traces take any shape the code does.
         instruments: pass instruments (e.g. ``PrintAfterPass()``, ``DumpPasses(dir)``).
@@ -82,6 +84,7 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise QzoError(f"config must be a qzo_fx.QuantConfig, got {type(config).__name__}.")
+    _refuse_low_precision(model)
     args = None if example_inputs is None else tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     try:
@@ -119,6 +122,15 @@ def _state_keys_of(model: nn.Module, prepared: nn.Module) -> nn.Module:
             if (f"{prefix}.{name}" if prefix else name) not in user:
                 module._non_persistent_buffers_set.add(name)
     return prepared
+
+
+def _refuse_low_precision(model: nn.Module) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.dtype in LOW_PRECISION:
+            raise ConfigError("model dtype", tensor.dtype, "float32 or float64 parameters",
+                              f"'{name}' is {tensor.dtype}: quantizer scales and the int32 bias grid are kept in "
+                              "float32. Prepare the float32 model (model.float()) and train it under "
+                              "torch.autocast(device_type, dtype=torch.bfloat16) for low-precision speed.")
 
 
 def _prepare_graph(gm: GraphModule, ctx: PrepareContext, instruments) -> GraphModule:

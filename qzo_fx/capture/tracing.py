@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _assign_attr
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map
 
 from qzo_fx.capture.hf import export_helpers, is_hf_model
@@ -103,6 +104,16 @@ class StateTracer(torch.fx.Tracer):
         super().__init__(*args, **kwargs)
         self.dropped_types: list[type] = []
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # torch.fx keeps every torch.nn module as one call. A composite one (TransformerEncoder,
+        # TransformerEncoderLayer) holds Linear layers that would then stay in float: trace into
+        # it. Attention and recurrent modules stay calls (prepare rewrites them as fused ops),
+        # and so do parametrized modules (their weight is computed, not a parameter).
+        leaf = super().is_leaf_module(m, module_qualified_name)
+        if leaf and next(m.children(), None) is not None:
+            return isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) or parametrize.is_parametrized(m)
+        return leaf
+
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, dict) and type(a) not in (dict, collections.OrderedDict):
             self.dropped_types.append(type(a))
@@ -128,12 +139,16 @@ def _shared_if_same(graphs: dict[bool, Graph]) -> dict[bool, Graph]:
 
 
 def _auto_dims(value: Any) -> Any:
-    """Dynamic dimensions of one example tensor: the batch, and the sequence of token inputs
-    (integer tensors) and of 2-D float inputs (audio); the rest stay as in the example."""
+    """Dynamic dimensions of one example tensor: the batch; the sequence of token inputs (integer
+    tensors); every dimension of 2-D and 3-D float inputs (audio, embedded sequences, Conv1d
+    signals), where the model's weights pin the feature or channel dimension themselves (an
+    AUTO dimension a weight fixes is taken as static). Images keep their height and width."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
+    if value.is_floating_point() and value.dim() <= 3:
+        return dict.fromkeys(range(value.dim()), torch.export.Dim.AUTO)
     dims = {0: torch.export.Dim.AUTO}
-    if value.dim() >= 2 and (not value.is_floating_point() or value.dim() == 2):
+    if value.dim() >= 2 and not value.is_floating_point():
         dims[1] = torch.export.Dim.AUTO
     return dims
 

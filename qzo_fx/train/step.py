@@ -120,6 +120,7 @@ class TrainStep:
         self._eps_cache: Optional[tuple] = None
         self._batches = BatchSignature()
         estimator.setup(self)
+        self._trainable = self._trainable_now()
         base_seed = getattr(estimator, "seed", None)
         drawn = int(torch.randint(0, 2**31 - 1, ()).item()) if base_seed is None else base_seed
         self.base_seed = distributed.broadcast_int(drawn)  # one seed, hence one s and u, on every rank
@@ -311,6 +312,10 @@ class TrainStep:
     def __call__(self, batch: Any) -> Tensor:
         start = time.perf_counter()
         self._batches.check(batch, self.step_index)
+        if self._trainable_now() != self._trainable:  # parameters frozen or unfrozen since the last step
+            self._eps_cache = None
+            self.estimator.setup(self)
+            self._trainable = self._trainable_now()
         self.check = FiniteCheck(enabled=self.on_nonfinite != "unchecked",
                                  sum_over_ranks=sharding.sum_over_ranks if self.sharded else None)
         earlier = self._set_aside_gradients()
@@ -331,6 +336,9 @@ class TrainStep:
         if self.strategy is not None:
             self.stats.strategy = self.strategy.chosen
         return loss
+
+    def _trainable_now(self) -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in self.model.parameters())
 
     def _set_aside_gradients(self) -> list[tuple[Tensor, Tensor]]:
         """The ``.grad`` tensors earlier calls left (gradient accumulation over micro-batches),

@@ -313,3 +313,25 @@ def test_quantized_recurrent_and_attention_models_pickle(tmp_path):
     trained = loaded.train()(x)
     torch.manual_seed(1)
     assert torch.equal(trained, qm.train()(x))  # dropout follows the mode after loading too
+
+
+def test_torch_transformer_layers_are_quantized_inside():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3))
+    x = torch.randn(2, 10, 16)
+    plain = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(x,)).eval()
+    for inputs in (x, torch.randn(3, 7, 16)):  # the example's shape and another
+        torch.testing.assert_close(plain(inputs), model.eval()(inputs), rtol=1e-5, atol=1e-6)
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=4), example_inputs=(x,))
+    targets = {q.target for q in qzo_fx.list_quantizers(qm)}
+    assert {f"0.layers.{i}.{name}.weight" for i in (0, 1) for name in ("linear1", "linear2")} <= targets
+
+
+def test_low_precision_models_get_a_clear_error(mlp):
+    x = torch.randn(2, mlp[0].in_features)
+    with pytest.raises(qzo_fx.ConfigError, match="autocast"):
+        qzo_fx.prepare(copy.deepcopy(mlp).bfloat16(), qzo_fx.QuantConfig(weight_bits=8), example_inputs=(x,))
+    qm = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
+    with pytest.raises(qzo_fx.InputError, match="float16"):
+        qm.half()(x.half())

@@ -249,6 +249,20 @@ def test_a_skipped_micro_batch_keeps_what_earlier_ones_accumulated(setup):
         assert torch.equal(p.grad, earlier[name])
 
 
+def test_freezing_between_steps_is_followed(setup):
+    qm, batch = setup
+    step = qzo_fx.train_step(qm, ce, qzo_fx.FOGZO(beta_min=0.99, total_steps=4, seed=0))
+    step(batch)
+    qm.fc1.requires_grad_(False)  # fine-tune the head only, from now on
+    qm.zero_grad(set_to_none=True)
+    step(batch)
+    assert qm.fc1.weight.grad is None and qm.fc2.weight.grad is not None
+    assert "fc1.weight" not in step.names
+    qm.fc1.requires_grad_(True)
+    step(batch)
+    assert "fc1.weight" in step.names and qm.fc1.weight.grad is not None
+
+
 def test_auto_settles_on_a_strategy(setup):
     qm, batch = setup
     step = qzo_fx.train_step(qm, ce, qzo_fx.FOGZO(seed=0), strategy="auto")

@@ -1,0 +1,64 @@
+"""Why a call to a prepared model failed, in the user's terms.
+
+A captured graph takes what prepare's examples were: those inputs (and flags bound at capture),
+shapes that were dynamic at capture, float32 parameters. A call outside that fails deep inside
+the graph with a reshape or dtype error; these checks, run only after a call failed, say which
+of the three it was and how to get past it.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+from qzo_fx.errors import InputError
+
+__all__ = ["take_constant_keywords", "why_call_failed"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def take_constant_keywords(name: str, kwargs: dict[str, Any], constants: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without the flags the graph was captured with (they are part of it); a flag
+    given another value than at capture cannot be honoured."""
+    for key, value in constants.items():
+        if key in kwargs and kwargs[key] != value:
+            raise InputError(f"{name} (prepared) was captured with {key}={value!r}, which is part of its graph; this "
+                             f"call passes {key}={kwargs[key]!r}. Prepare again with {key}={kwargs[key]!r} in "
+                             "example_kwargs.")
+    return {k: v for k, v in kwargs.items() if k not in constants}
+
+
+def why_call_failed(model: nn.Module, report: Any, args: tuple, kwargs: dict, error: Exception) -> Optional[str]:
+    """What about the call the graph cannot take (``None`` when the call fits it)."""
+    static = getattr(report, "static_shapes", None)
+    shapes = [tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+    if static is not None and shapes != static:
+        return (f"was captured for the example's shapes only ({static}); this call has {shapes}. Prepare it with "
+                "dynamic_shapes=... naming the dimensions that vary, or call it with the example's shapes.")
+    low = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
+    if low is not None:
+        return (f"failed with {low} parameters: its quantizers compute in float32. Keep it in float32 (qm.float()) "
+                "and run it under torch.autocast(device_type, dtype=torch.bfloat16) for low-precision speed.")
+    refused = _refused_arguments(model.forward, args, kwargs) if isinstance(error, TypeError) else None
+    if refused is None:
+        return None
+    return (f"was called with arguments its captured graph does not take: {refused}. The graph takes "
+            f"{_signature_text(model.forward)}, the inputs of prepare()'s examples. Call it with those, or prepare "
+            "again with the inputs you will pass (an attention_mask, labels) among example_inputs / example_kwargs.")
+
+
+def _refused_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:
+    try:
+        inspect.signature(forward).bind(*args, **kwargs)
+    except TypeError as error:
+        return str(error)
+    return None
+
+
+def _signature_text(forward: Callable[..., Any]) -> str:
+    return "(" + ", ".join(inspect.signature(forward).parameters) + ")"
