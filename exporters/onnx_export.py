@@ -101,8 +101,9 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
 def dynamic_shape_spec(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], sequence: bool = True) -> dict:
     """torch.export ``dynamic_shapes`` by forward-argument name: the batch (first axis) of every
     tensor input and, with ``sequence``, the second axis of integer inputs of 2 or more dims
-    (token ids, attention masks). ``Dim.AUTO`` lets torch.export keep an axis static where the
-    model fixes it, and find which dynamic axes are equal."""
+    (token ids, attention masks) and every axis of 2-D and 3-D float inputs (audio, embedded
+    sequences, time-major RNN inputs). ``Dim.AUTO`` lets torch.export keep an axis static where
+    the model fixes it (a feature axis), and find which dynamic axes are equal."""
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     spec: dict[str, Any] = {}
     for name, value in bound.arguments.items():
@@ -112,6 +113,8 @@ def dynamic_shape_spec(module: nn.Module, args: Sequence[Any], kwargs: dict[str,
         axes = {0: torch.export.Dim.AUTO}
         if sequence and value.dim() >= 2 and not value.is_floating_point():
             axes[1] = torch.export.Dim.AUTO
+        if sequence and value.is_floating_point() and value.dim() <= 3:
+            axes = dict.fromkeys(range(value.dim()), torch.export.Dim.AUTO)
         spec[name] = axes
     return spec
 
@@ -235,10 +238,17 @@ def _export_model(qm: nn.Module, lowered: nn.Module, args: tuple, kwargs: dict, 
     candidates = _shape_candidates(lowered, args, kwargs, dynamic_shapes)
     for i, shapes in enumerate(candidates):
         try:
-            return _translate(lowered, args, opset, shapes, kwargs)
+            model = _translate(lowered, args, opset, shapes, kwargs)
         except Exception as error:
             if i == len(candidates) - 1:
                 raise export_failure(qm, lowered, error) from error
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            continue
+        if shapes is None and len(candidates) > 1:
+            warnings.warn(f"{type(qm).__name__} was exported with the example's shapes only: no dimension could be "
+                          f"made dynamic ({reason[:300]}). The file takes only those shapes; pass dynamic_shapes=... "
+                          "to say which dimensions vary.", UserWarning, stacklevel=3)
+        return model
     raise AssertionError("unreachable")
 
 
@@ -267,9 +277,10 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
             "cuda"), Q/DQ for "tensorrt" and "portable".
         opset: default: 21 when any weight is <= 4 bits or blocked, else 18.
         fold_batchnorm: fold eval-mode BatchNorm into the preceding conv/linear.
-        dynamic_shapes: "auto" (the batch of every input and the sequence of integer inputs
-            are dynamic where the model allows; static otherwise), False (the example's shapes),
-            or a torch.export ``dynamic_shapes`` spec.
+        dynamic_shapes: "auto" (the batch of every input, the sequence of integer inputs and
+            every axis of 2-D and 3-D float inputs are dynamic where the model allows; static
+            otherwise, with a warning), False (the example's shapes), or a torch.export
+            ``dynamic_shapes`` spec.
         keep_debug_info: keep torch.onnx's per-node stack traces and module paths.
         example_kwargs: keyword inputs (tensors become ONNX inputs after the positional ones;
             other values are fixed at export).

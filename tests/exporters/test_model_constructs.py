@@ -46,6 +46,29 @@ def test_lstm_sequence_axis_is_declared_as_the_length_the_file_runs(tmp_path):
         session.run(None, {"idx": torch.randint(0, 30, (2, 10)).numpy()})
 
 
+class TimeMajor(nn.Module):
+    """PyTorch's default RNN layout: (sequence, batch, features), the batch on axis 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru, self.out = nn.GRU(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.gru(x)[0][-1])
+
+
+def test_a_time_major_rnn_exports_with_its_batch_dynamic(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 8)
+    qm = qzo_fx.prepare(TimeMajor(), W8A8, example_inputs=(x,))
+    result = qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx")
+    assert 1 in result.dynamic_axes["x"]
+    session = ort.InferenceSession(str(result.path))
+    probe = torch.randn(6, 5, 8)  # another batch
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"x": probe.numpy()})[0], qm.eval()(probe).numpy(), atol=1e-5)
+
+
 class Box:
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
