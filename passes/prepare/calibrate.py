@@ -12,10 +12,12 @@ to its running ones, so its eval mode is served too; a random-init network's eva
 right as its running statistics follow training. Each run is under ``no_grad`` with buffers
 (BatchNorm statistics) and the random number generators restored: calibration changes no state.
 
-An activation that is exactly zero on the examples (a ReLU dead at init) carries no range at
-all: its quantizer gets the median scale of the model's other activation quantizers (a typical
-range for later, non-zero values; :data:`MIN_ACTIVATION_SCALE` if there is none) and a warning
-names it. Any other range, however small, sets its own scale.
+An activation that is exactly zero on the examples (a ReLU dead at init), or float noise next
+to the model's other activations (at most :data:`NOISE_FRACTION` of their median range: the
+mean of a normalized tensor), carries no range: its quantizer gets the median scale of the
+model's other activation quantizers (a typical range for later values;
+:data:`MIN_ACTIVATION_SCALE` if there is none) and a warning names it. Any other range, however
+small, sets its own scale.
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ __all__ = ["calibrate", "pending_quantizers", "MIN_ACTIVATION_SCALE"]
 
 # The step given to an activation that was all zeros when no other activation gives a typical one.
 MIN_ACTIVATION_SCALE = 1e-5
+# An activation range at most this fraction of the model's median activation range is float
+# noise (a cancellation), not a range to fit a grid to.
+NOISE_FRACTION = 1e-6
 
 
 def pending_quantizers(gm: GraphModule) -> dict[str, Quantizer]:
@@ -89,31 +94,37 @@ def _observe(gm: GraphModule, training: bool, inputs, pending: dict[str, Quantiz
 
 
 def _initialize(pending: dict[str, Quantizer], seen: dict[str, list[Tensor]]) -> None:
-    empty = []
+    reach = {name: float(torch.cat(seen[name]).abs().max()) for name in pending if seen[name]}
+    active = [reach[n] for n, q in pending.items() if q.role == "activation" and reach.get(n, 0.0) > 0]
+    typical_reach = float(torch.tensor(active).median()) if active else 0.0
+    # No range at all, or only float noise next to the model's other activations (the mean of
+    # an InstanceNorm output: 1e-8 where values reach 1): a scale fit to it would saturate
+    # every later value. Such quantizers get the typical step of the others, with a warning.
+    degenerate = [n for n, q in pending.items() if q.role == "activation" and n in reach
+                  and reach[n] <= NOISE_FRACTION * typical_reach]
     for name, quantizer in pending.items():
-        if not seen[name]:
-            continue
-        values = torch.cat(seen[name])
-        if quantizer.role == "activation" and not bool(values.ne(0).any()):
-            empty.append(name)  # no range at all: set below, from the others
-            continue
-        quantizer.initialize(values)
-    if not empty:
-        return
+        if name in reach and name not in degenerate:
+            quantizer.initialize(torch.cat(seen[name]))
+    if degenerate:
+        _typical_step(pending, degenerate, reach)
+
+
+def _typical_step(pending: dict[str, Quantizer], degenerate: list[str], reach: dict[str, float]) -> None:
     scales = [float(q.scale.detach()) for n, q in pending.items()
-              if q.role == "activation" and n not in empty and bool(q.initialized) and q.scale.dim() == 0]
+              if q.role == "activation" and n not in degenerate and bool(q.initialized) and q.scale.dim() == 0]
     typical = float(torch.tensor(scales).median()) if scales else MIN_ACTIVATION_SCALE
-    for name in empty:
+    for name in degenerate:
         quantizer = pending[name]
-        qmin, _ = quantizer.spec.qrange
+        qmin, qmax = quantizer.spec.qrange
         # A grid from 0 upwards (unsigned) or centred (signed) with the typical step.
-        reach = typical * (quantizer.spec.qrange[1] - qmin)
-        quantizer.initialize(torch.tensor([0.0, reach] if qmin >= 0 else [-reach / 2, reach / 2]))
+        span = typical * (qmax - qmin)
+        quantizer.initialize(torch.tensor([0.0, span] if qmin >= 0 else [-span / 2, span / 2]))
+    shown = ", ".join(f"{n} (max |x| {reach[n]:.3g})" for n in degenerate[:8]) + (" ..." if len(degenerate) > 8 else "")
     warnings.warn(
-        f"{len(empty)} activation quantizer(s) saw only zeros on the example inputs and "
-        f"got the median step of the others ({typical:.3g}): {', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}. "
-        "Calibrate with representative inputs (example_inputs=...), or learn the scales "
-        "(QuantSpec(learn_scale=True)).", RuntimeWarning, stacklevel=4)
+        f"{len(degenerate)} activation quantizer(s) saw only zeros or float noise on the example inputs "
+        f"(at most {NOISE_FRACTION:g} of the others' typical range) and got the median step of the others "
+        f"({typical:.3g}): {shown}. Calibrate with representative inputs (example_inputs=...), or learn the "
+        "scales (QuantSpec(learn_scale=True)).", RuntimeWarning, stacklevel=5)
 
 
 def calibrate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:

@@ -240,6 +240,30 @@ def test_all_zero_activation_gets_a_typical_step_and_a_warning_naming_it():
     assert float(qm.qzo_quant.b_input.scale) == pytest.approx(float(qm.qzo_quant.a_input.scale))
 
 
+def test_a_float_noise_range_gets_a_typical_step_and_a_warning_naming_it():
+    class Pooled(nn.Module):
+        """The mean of an InstanceNorm output is ~1e-8 in train mode, not in eval mode."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, track_running_stats=True)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Pooled(), torch.randn(4, 3, 12, 12)
+    with pytest.warns(RuntimeWarning, match="float noise.*fc_input"):
+        qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
+    assert float(qm.qzo_quant.fc_input.scale) > 1e-3
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from their init, as training leaves them
+            model.train()(x)
+            qm.train()(x)
+        assert _rel(qm.eval()(x), model.eval()(x)) < 0.2  # not saturated at a 1e-8 grid
+
+
 def test_tiny_but_real_ranges_keep_their_own_scale():
     model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 4, bias=False))
     x = torch.randn(4, 8) * 1e-6
