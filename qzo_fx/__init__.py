@@ -19,6 +19,7 @@ from qzo_fx.errors import (
     ConfigError,
     ExportError,
     InputError,
+    MethodNotKeptError,
     NonFiniteLossError,
     PassError,
     QzoError,
@@ -61,5 +62,6 @@ __all__ = [
     "export_causal_lm", "generate", "write_genai_config",
     "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
     "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",
-    "CalibrationError", "TrainStepError", "NonFiniteLossError", "BatchError", "ExportError", "InputError", "ops",
+    "CalibrationError", "TrainStepError", "NonFiniteLossError", "BatchError", "ExportError", "InputError",
+    "MethodNotKeptError", "ops",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "BatchError",
     "ExportError",
     "InputError",
+    "MethodNotKeptError",
 ]
 
 
@@ -67,3 +68,7 @@ class ExportError(QzoError):
 
 class InputError(QzoError, TypeError):
     """A prepared model was called with arguments its captured graph does not take."""
+
+
+class MethodNotKeptError(QzoError, AttributeError):
+    """A method of the user's model class that the prepared GraphModule does not keep (``generate``)."""

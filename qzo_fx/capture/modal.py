@@ -21,7 +21,7 @@ from torch.package import sys_importer
 
 from qzo_fx.capture.call_errors import take_constant_keywords, why_call_failed
 from qzo_fx.capture.loading import initialize_unloaded, quantizers_left_unloaded
-from qzo_fx.errors import InputError
+from qzo_fx.errors import InputError, MethodNotKeptError
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["PreparedModel", "each_mode", "graph_of_mode", "distinct_modes"]
@@ -75,6 +75,20 @@ class PreparedModel(GraphModule):
             if why is None:
                 raise  # the call fits the graph: the error is the model's own
             raise InputError(f"{type(self).__name__} (prepared) {why}") from error
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError as error:
+            model_class = getattr(self.__dict__.get("meta", {}).get("qzo.capture"), "model_class", None)
+            if model_class is None or not hasattr(model_class, name):
+                raise
+            raise MethodNotKeptError(
+                f"{type(self).__name__} (prepared) has no '{name}': a prepared model is a torch.fx GraphModule "
+                f"that keeps {model_class.__name__}'s forward, modules, parameters and buffers, not its other "
+                "methods. Generation: qzo_fx.export_causal_lm(...) then qzo_fx.generate(...). Anything else: load "
+                "the trained weights into the model's own class (model.load_state_dict(qm.state_dict(), "
+                "strict=False); the qzo_quant.* keys are the quantizers').") from error
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Runs before the weights load; _initialize_unloaded runs after.

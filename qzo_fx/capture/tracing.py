@@ -47,6 +47,7 @@ class CaptureReport:
     specialized: dict[str, None] = field(default_factory=dict)  # forward arguments fixed to None
     dropped_types: list[type] = field(default_factory=list)  # dict subclasses a symbolic trace made dicts
     model_inputs: tuple[str, ...] = ()     # the user's forward's parameters, captured or not
+    model_class: Optional[type] = None     # the user's model's class (its methods are not kept)
     static_shapes: Optional[list[tuple[int, ...]]] = None  # the example's tensor shapes, where only those work
     constant_keywords: dict[str, Any] = field(default_factory=dict)  # **kwargs flags bound at capture
 
@@ -355,7 +356,8 @@ def capture(model: nn.Module, example_inputs: Optional[tuple[Any, ...]] = None,
     if method not in CAPTURE_METHODS:
         raise CaptureError(f"capture={method!r} is invalid: allowed {CAPTURE_METHODS}.")
     order = ["symbolic", "export"] if method == "auto" else [method]
-    report = CaptureReport(method="", model_inputs=tuple(inspect.signature(model.forward).parameters))
+    report = CaptureReport(method="", model_inputs=tuple(inspect.signature(model.forward).parameters),
+                           model_class=type(model))
     for name in order:
         try:
             with modes_kept(model):

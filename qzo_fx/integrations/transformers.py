@@ -148,6 +148,11 @@ class QzoTrainer(Trainer):
         if state_dict is None and self.args.should_save and self.model is not None:
             state_dict = _untied(self.model.state_dict())
         super()._save(output_dir, state_dict)
+        config = getattr(self.model, "config", None)
+        if self.args.should_save and hasattr(config, "save_pretrained"):
+            # Beside the weights, as a PreTrainedModel saves: the trained weights then load into the
+            # model's own class (from_pretrained; the quantizer keys are reported unused).
+            config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)

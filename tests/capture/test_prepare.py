@@ -335,3 +335,14 @@ def test_low_precision_models_get_a_clear_error(mlp):
     qm = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
     with pytest.raises(qzo_fx.InputError, match="float16"):
         qm.half()(x.half())
+
+
+def test_a_method_of_the_users_class_names_what_a_prepared_model_keeps():
+    class Scorer(nn.Linear):
+        def score(self, x):
+            return self(x).sum()
+
+    qm = qzo_fx.prepare(Scorer(4, 2), qzo_fx.QuantConfig(weight_bits=8))
+    assert not hasattr(qm, "score") and not hasattr(qm, "no_such_attribute")
+    with pytest.raises(qzo_fx.MethodNotKeptError, match="Scorer's forward"):
+        qm.score(torch.randn(1, 4))

@@ -142,3 +142,14 @@ def test_a_captured_mask_gives_the_float_models_masked_loss(tmp_path):
     model.train()
     expected = model(**batch).loss
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_saved_weights_load_into_the_models_own_class(tmp_path):
+    qm = _prepared()
+    trainer = QzoTrainer(model=qm, args=_args(tmp_path, max_steps=2), train_dataset=Tokens())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "final"))
+    trained = {k: v for k, v in qm.state_dict().items() if not k.startswith("qzo_quant.")}
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, trained[key]), key
