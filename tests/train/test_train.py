@@ -185,8 +185,11 @@ def test_ste_fraction_runs_plain_ste_first(setup):
 def test_nspsa_has_no_backward_and_writes_all_parameters(setup):
     qm, batch = setup
     step = qzo_fx.train_step(qm, ce, qzo_fx.NSPSA(n=3, seed=0), strategy="batched")
+    tracked = int(qm.bn.num_batches_tracked)
     step(batch)
-    assert step.stats.backward_passes == 0 and step.stats.forward_passes == 6
+    # 2n branches, and one no-grad pass of the model as it is for BatchNorm's running statistics.
+    assert step.stats.backward_passes == 0 and step.stats.forward_passes == 7
+    assert int(qm.bn.num_batches_tracked) == tracked + 1
     assert all(qm.get_parameter(n).grad is not None for n in ("fc1.weight", "fc1.bias", "bn.weight"))
 
 

@@ -74,7 +74,20 @@ class NSPSA(Estimator):
         branches = step.branches(directions, [(k, s) for k in range(self.n) for s in (1.0, -1.0)], eps)
         losses = step.branch_losses(branches, batch, rng_state)
         self._write(step, directions, branches, (losses[0::2] - losses[1::2]) / 2)
+        _update_norm_statistics(step, batch)
         return losses.mean()
+
+
+def _update_norm_statistics(step: Any, batch: Any) -> None:
+    """Branches leave BatchNorm's running statistics alone (each sees perturbed weights), and
+    n-SPSA has no unperturbed pass: without one forward of the model as it is, a train-mode
+    model's eval statistics would stay where prepare left them."""
+    if not step.model.training or not any(name.rpartition(".")[2] == "running_mean"
+                                          for name, _ in step.model.named_buffers()):
+        return
+    with torch.no_grad():
+        step.loss_fn(step.wrapper, batch)
+    step.stats.forward_passes += 1
 
 
 @dataclass(frozen=True)
