@@ -60,10 +60,22 @@ def unquantized_weights(gm: GraphModule) -> list[FloatWeight]:
             found += [FloatWeight(name, label, node.name) for name in _reads_weight(gm, node)]
         elif node.op == "call_module":
             module = modules.get(str(node.target))
-            if module is None or isinstance(module, _FLOAT_BY_DESIGN) or op_signature(node, modules) is not None:
+            if module is None or isinstance(module, _FLOAT_BY_DESIGN):
                 continue
+            label = type(module).__name__
+            if op_signature(node, modules) is not None:
+                weight = getattr(module, "weight", None)
+                if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.Parameter):
+                    continue
+                # The deprecated torch.nn.utils.weight_norm / spectral_norm: a hook computes
+                # ``weight`` from other parameters before each call, so there is none to quantize.
+                label += " (its weight is computed by a forward hook, not a parameter)"
             if isinstance(module, GraphModule) or any(name.endswith("qzo_quant") for name, _ in module.named_modules()):
                 continue  # a part prepared on its own (partial capture)
-            if any(p.dim() >= 2 for p in module.parameters()):
-                found.append(FloatWeight(str(node.target), type(module).__name__, node.name))
+            if _has_weights(module):
+                found.append(FloatWeight(str(node.target), label, node.name))
     return found
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in module.parameters())

@@ -131,8 +131,11 @@ class TrainStep:
         parameter; ``reuse_base``: sequential branches may reuse the base pass (:mod:`qzo_fx.train.reuse`)."""
         self.perturbed = perturbed_params(self.model, perturb)
         if not self.perturbed:
-            raise TrainStepError(f"{type(self.estimator).__name__}: the model has no parameter to perturb; "
-                                 "prepare it with a weight spec, or use perturb='all'.")
+            raise TrainStepError(f"{type(self.estimator).__name__}: the model has no parameter to perturb: no "
+                                 f"trainable weight feeds a quantizer (perturb={perturb!r}). Prepare it with a weight "
+                                 "spec "
+                                 "(qzo_fx.examine(model, example_inputs) lists the weights left in float, and why), "
+                                 "or pass perturb='all' to perturb the float parameters.")
         self.laws = [p.law for p in self.perturbed]
         self._use([p.name for p in self.perturbed], reuse_base)
 

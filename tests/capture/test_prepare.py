@@ -346,3 +346,12 @@ def test_a_method_of_the_users_class_names_what_a_prepared_model_keeps():
     assert not hasattr(qm, "score") and not hasattr(qm, "no_such_attribute")
     with pytest.raises(qzo_fx.MethodNotKeptError, match="Scorer's forward"):
         qm.score(torch.randn(1, 4))
+
+
+def test_a_weight_computed_by_a_hook_is_named_as_left_in_float():
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model(torch.randn(1, 8))  # the hook's weight, recomputed outside autograd: copyable
+    with pytest.warns(UserWarning, match=r"0 \(Linear \(its weight is computed by a forward hook"):
+        qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=4))
+    assert {q.target for q in qzo_fx.list_quantizers(qm)} == {"2.weight"}
