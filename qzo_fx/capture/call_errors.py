@@ -8,16 +8,18 @@ of the three it was and how to get past it.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.fx import Graph
 from torch.utils._pytree import tree_leaves
 
 from qzo_fx.errors import InputError
 
-__all__ = ["take_constant_keywords", "why_call_failed"]
+__all__ = ["take_constant_keywords", "why_call_failed", "uncalled_modules", "warn_hooks_that_cannot_run"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -62,3 +64,23 @@ def _refused_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -
 
 def _signature_text(forward: Callable[..., Any]) -> str:
     return "(" + ", ".join(inspect.signature(forward).parameters) + ")"
+
+
+def uncalled_modules(model: nn.Module, graphs: list[Graph]) -> list[tuple[str, nn.Module]]:
+    """Leaf modules of the tree that no graph calls: prepare turned their forward into graph ops
+    (a quantized Linear becomes a fake-quantized weight and a linear op)."""
+    called = {str(n.target) for g in graphs for n in g.nodes if n.op == "call_module"}
+    return [(name, m) for name, m in model.named_modules()
+            if name and name not in called and next(m.children(), None) is None and "qzo_quant" not in name]
+
+
+def warn_hooks_that_cannot_run(modules: list[tuple[str, nn.Module]], warned: set[str]) -> None:
+    """Warn once per module about forward hooks that will never be called."""
+    for name, module in modules:
+        if (module._forward_hooks or module._forward_pre_hooks) and name not in warned:
+            warned.add(name)
+            warnings.warn(f"forward hooks on '{name}' ({type(module).__name__}) will not run: the prepared graph "
+                          "computes this layer with graph ops (its weight fake-quantized), not by calling the "
+                          "module. Hook a module the graph calls (call_module nodes in qzo_fx.graph_code(qm)), or "
+                          "the model before prepare() where the float model is what you observe.",
+                          UserWarning, stacklevel=4)

@@ -19,7 +19,12 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
-from qzo_fx.capture.call_errors import take_constant_keywords, why_call_failed
+from qzo_fx.capture.call_errors import (
+    take_constant_keywords,
+    uncalled_modules,
+    warn_hooks_that_cannot_run,
+    why_call_failed,
+)
 from qzo_fx.capture.loading import initialize_unloaded, quantizers_left_unloaded
 from qzo_fx.errors import InputError, MethodNotKeptError
 from qzo_fx.pass_infra import PassResult
@@ -65,6 +70,10 @@ class PreparedModel(GraphModule):
         self._show(self.training)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_qzo_uncalled") is None:  # once: the graphs call the same modules after
+            self._qzo_uncalled = uncalled_modules(self, list(self.qzo_mode_graphs.values()))
+            self._qzo_hooks_warned: set[str] = set()
+        warn_hooks_that_cannot_run(self._qzo_uncalled, self._qzo_hooks_warned)
         report = self.meta.get("qzo.capture")
         if kwargs and getattr(report, "constant_keywords", None):
             kwargs = take_constant_keywords(type(self).__name__, kwargs, report.constant_keywords)

@@ -355,3 +355,14 @@ def test_a_weight_computed_by_a_hook_is_named_as_left_in_float():
     with pytest.warns(UserWarning, match=r"0 \(Linear \(its weight is computed by a forward hook"):
         qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=4))
     assert {q.target for q in qzo_fx.list_quantizers(qm)} == {"2.weight"}
+
+
+def test_a_hook_on_a_layer_the_graph_computes_itself_is_reported(mlp):
+    qm = qzo_fx.prepare(mlp, qzo_fx.QuantConfig(weight_bits=8))
+    x = torch.randn(2, mlp[0].in_features)
+    seen = []
+    qm.get_submodule("1").register_forward_hook(lambda m, i, o: seen.append("relu"))  # called by the graph
+    qm.get_submodule("2").register_forward_hook(lambda m, i, o: seen.append("linear"))  # inlined
+    with pytest.warns(UserWarning, match="hooks on '2' \\(Linear\\) will not run"):
+        qm(x)
+    assert seen == ["relu"]
