@@ -56,8 +56,12 @@ class PreparedModel(GraphModule):
             # module tree, so its state_dict holds every key of the model's (and what only the
             # eval graph reads).
             direct = [*root.named_children(), *root.named_parameters(recurse=False), *root.named_buffers(recurse=False)]
-            for name, _ in direct:
-                if not hasattr(self, name):
+            for name, value in direct:
+                # GraphModule rebuilds the path to each module its graph reads out of bare
+                # nn.Modules; the model's own container (a Sequential: indexing, len, iteration)
+                # holds the same leaves.
+                rebuilt = type(self._modules.get(name)) is nn.Module and type(value) is not nn.Module
+                if not hasattr(self, name) or rebuilt:
                     _copy_attr(root, self, name)
             for node in eval_graph.nodes:
                 if node.op in ("get_attr", "call_module") and not _has_target(self, str(node.target)):

@@ -366,3 +366,9 @@ def test_a_hook_on_a_layer_the_graph_computes_itself_is_reported(mlp):
     with pytest.warns(UserWarning, match="hooks on '2' \\(Linear\\) will not run"):
         qm(x)
     assert seen == ["relu"]
+
+
+def test_containers_stay_the_users_containers(mlp):
+    qm = qzo_fx.prepare(nn.Sequential(mlp, nn.Softmax(-1)), qzo_fx.QuantConfig(weight_bits=8))
+    assert isinstance(qm.get_submodule("0"), nn.Sequential) and len(qm.get_submodule("0")) == 3
+    assert [type(m) for m in qm.get_submodule("0")] == [nn.Linear, nn.ReLU, nn.Linear]
