@@ -164,7 +164,8 @@ def _check_provider(qm: nn.Module, path: Path, model: onnx.ModelProto, target: s
 
 def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *, target: str = "auto",
                 tolerance_steps: float = DEFAULT_TOLERANCE_STEPS, kwargs: Optional[dict[str, Any]] = None,
-                follow_ties: bool = True, runtime: str = "onnxruntime") -> ParityReport:
+                follow_ties: bool = True, runtime: str = "onnxruntime",
+                example_kwargs: Optional[dict[str, Any]] = None) -> ParityReport:
     """Run ``path`` in ONNX Runtime's default session and compare with ``qm`` in eval mode.
 
     The session is ``onnxruntime.InferenceSession(path)`` with default options, the one users
@@ -180,6 +181,8 @@ def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *,
     fails with that diagnosis (the file is right; the model is that sensitive to one code).
     ``follow_ties=False`` compares the outputs only.
 
+    ``kwargs`` (or ``example_kwargs``, as :func:`export_onnx` names them): keyword inputs.
+
     ``runtime="openvino"``: the same check in OpenVINO's CPU runtime, in f32 arithmetic (see
     :mod:`qzo_fx.exporters.openvino_runtime`), the second reader a portable file must satisfy.
 
@@ -188,7 +191,9 @@ def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *,
         >>> report.ok                                              # doctest: +SKIP
         True
     """
-    kwargs = dict(kwargs or {})
+    if kwargs is not None and example_kwargs is not None:
+        raise ExportError("verify_onnx got both kwargs= and example_kwargs=: they are one argument; pass one.")
+    kwargs = dict(kwargs if kwargs is not None else example_kwargs or {})
     with mode(qm, False), torch.no_grad():
         expected = [t.cpu().numpy() for t in tree_leaves(qm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
     path = Path(path)

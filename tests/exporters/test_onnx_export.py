@@ -252,3 +252,23 @@ def test_numbers_in_the_output_are_not_file_outputs(tmp_path):
     np.testing.assert_allclose(z, expected["z"].detach().numpy(), rtol=1e-6, atol=1e-6)
     assert y.shape == (5, 4)
     assert qzo_fx.verify_onnx(qm, tmp_path / "m.onnx", (x5,)).ok
+
+
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, gate=None):
+        return self.fc(x) * gate
+
+
+def test_keyword_inputs_are_named_alike_in_export_and_verify(tmp_path):
+    torch.manual_seed(0)
+    x, gate = torch.randn(2, 8), torch.rand(2, 4)
+    qm = qzo_fx.prepare(_Gated(), qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,),
+                        example_kwargs={"gate": gate})
+    path = qzo_fx.export_onnx(qm, (x,), tmp_path / "g.onnx", example_kwargs={"gate": gate}).path
+    assert qzo_fx.verify_onnx(qm, path, (x,), example_kwargs={"gate": gate}).ok
+    with pytest.raises(qzo_fx.ExportError, match="both"):
+        qzo_fx.verify_onnx(qm, path, (x,), kwargs={"gate": gate}, example_kwargs={"gate": gate})
