@@ -8,9 +8,10 @@ from torch.fx import GraphModule
 from qzo_fx.capture.modes import mode_graph
 from qzo_fx.capture.pipeline import list_quantizers, quantizer_containers
 from qzo_fx.errors import ExportError
+from qzo_fx.quant.op_table import op_signature
 from qzo_fx.quant.quantizer import quantizer_of
 
-__all__ = ["lint_target", "resolve_target", "full_range_int8_weights"]
+__all__ = ["lint_target", "resolve_target", "full_range_int8_weights", "float_weights_beside_quantized_inputs"]
 
 # Blocked int4 DequantizeLinear with block size 512 produced zeros in ONNX Runtime.
 _BROKEN_BLOCK_SIZES = (512,)
@@ -65,6 +66,25 @@ def full_range_int8_weights(qm: nn.Module) -> list[str]:
     return sorted(set(found))
 
 
+def float_weights_beside_quantized_inputs(qm: nn.Module) -> list[str]:
+    """Ops that read a float weight (no weight quantizer) from a quantized activation input."""
+    found = []
+    for prefix, _ in quantizer_containers(qm):
+        part = qm.get_submodule(prefix) if prefix else qm
+        if not isinstance(part, GraphModule):
+            continue
+        modules = dict(part.named_modules())
+        for node in mode_graph(part, False).nodes:
+            signature = op_signature(node, modules)  # a signature here: its weight is a bare parameter
+            if signature is None or signature.input_arg is None or len(node.args) <= signature.input_arg:
+                continue
+            source = node.args[signature.input_arg]
+            hit = quantizer_of(part, source) if isinstance(source, torch.fx.Node) else None
+            if hit is not None and hit[1].role == "activation":
+                found.append(f"{prefix}.{node.name}" if prefix else node.name)
+    return found
+
+
 def _has_quantized_input(gm: GraphModule, op: torch.fx.Node, weight: torch.fx.Node) -> bool:
     for arg in op.all_input_nodes:
         hit = quantizer_of(gm, arg) if arg is not weight else None
@@ -94,6 +114,13 @@ def _lint(qm: nn.Module, target: str, strict: bool, refuse: bool) -> list[str]:
         refusals.append(f"weights {saturating} use the full int8 range [-128, 127] beside quantized activations: "
                         f"{_SATURATION}. Prepare with QuantConfig(target='{target}') (7-bit weights, [-64, 63]; "
                         "the default) and train with it, or export for target='tensorrt' or 'cuda'.")
+    float_beside = float_weights_beside_quantized_inputs(qm) if activations else []
+    if float_beside:
+        refusals.append(f"ops {float_beside[:6]}{' ...' if len(float_beside) > 6 else ''} read float weights "
+                        "beside quantized activations: ONNX Runtime's default session quantizes such weights to "
+                        "int8 itself (its WeightBiasQuantization optimizer), so the file would compute another "
+                        "function than the model. Quantize their weights too (QuantConfig(weight_bits=8, "
+                        "activation_bits=8)), or leave their inputs in float.")
     broken = [q.name for q in weights if q.granularity == "per_group" and q.bits <= 4
               and _group_size(qm, q.name) in _BROKEN_BLOCK_SIZES]
     if broken:

@@ -272,3 +272,10 @@ def test_keyword_inputs_are_named_alike_in_export_and_verify(tmp_path):
     assert qzo_fx.verify_onnx(qm, path, (x,), example_kwargs={"gate": gate}).ok
     with pytest.raises(qzo_fx.ExportError, match="both"):
         qzo_fx.verify_onnx(qm, path, (x,), kwargs={"gate": gate}, example_kwargs={"gate": gate})
+
+
+def test_float_weights_beside_quantized_activations_are_refused_for_onnx_runtime(tmp_path):
+    # ORT's default session would quantize these weights itself: another function than the model.
+    qm = qzo_fx.prepare(MLP(), qzo_fx.QuantConfig(weight=None, activation_bits=8), example_inputs=(torch.randn(2, 16),))
+    with pytest.raises(qzo_fx.ExportError, match="WeightBiasQuantization"):
+        qzo_fx.export_onnx(qm, (torch.randn(2, 16),), tmp_path / "a.onnx")
