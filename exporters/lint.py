@@ -85,6 +85,27 @@ def float_weights_beside_quantized_inputs(qm: nn.Module) -> list[str]:
     return found
 
 
+_MATMUL_OPS = ("linear", "matmul", "mm")
+
+
+def qdq_matmul_weights(qm: nn.Module) -> list[str]:
+    """Weight quantizers of linears and matmuls whose inputs are not quantized (weight-only)."""
+    found = []
+    for prefix, _ in quantizer_containers(qm):
+        part = qm.get_submodule(prefix) if prefix else qm
+        if not isinstance(part, GraphModule):
+            continue
+        for node in mode_graph(part, False).nodes:
+            hit = quantizer_of(part, node)
+            if hit is None or hit[1].role != "weight":
+                continue
+            consumers = [u for u in node.users if u.op == "call_function"]
+            if any(getattr(u.target, "__name__", "").split(".")[0] in _MATMUL_OPS for u in consumers) and \
+                    not any(_has_quantized_input(part, u, node) for u in consumers):
+                found.append(f"{prefix}.{hit[0]}" if prefix else hit[0])
+    return sorted(set(found))
+
+
 def _has_quantized_input(gm: GraphModule, op: torch.fx.Node, weight: torch.fx.Node) -> bool:
     for arg in op.all_input_nodes:
         hit = quantizer_of(gm, arg) if arg is not weight else None
@@ -121,6 +142,13 @@ def _lint(qm: nn.Module, target: str, strict: bool, refuse: bool) -> list[str]:
                         "int8 itself (its WeightBiasQuantization optimizer), so the file would compute another "
                         "function than the model. Quantize their weights too (QuantConfig(weight_bits=8, "
                         "activation_bits=8)), or leave their inputs in float.")
+    qdq_matmuls = qdq_matmul_weights(qm) if target in ("portable", "tensorrt") else []
+    if qdq_matmuls:
+        findings.append(f"weight-only linears {qdq_matmuls[:4]}{' ...' if len(qdq_matmuls) > 4 else ''} are written "
+                        "as DequantizeLinear -> MatMul for this target; ONNX Runtime's CPU session rewrites that "
+                        "into MatMulNBits at accuracy level 4 (int8 activations), about one output step off the "
+                        "model. For ONNX Runtime export with target='cpu' (MatMulNBits at level 0, exact), or "
+                        "open the session with session.qdq_matmulnbits_accuracy_level set to 0.")
     broken = [q.name for q in weights if q.granularity == "per_group" and q.bits <= 4
               and _group_size(qm, q.name) in _BROKEN_BLOCK_SIZES]
     if broken:

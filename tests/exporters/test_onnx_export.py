@@ -276,6 +276,21 @@ def test_keyword_inputs_are_named_alike_in_export_and_verify(tmp_path):
 
 def test_float_weights_beside_quantized_activations_are_refused_for_onnx_runtime(tmp_path):
     # ORT's default session would quantize these weights itself: another function than the model.
-    qm = qzo_fx.prepare(MLP(), qzo_fx.QuantConfig(weight=None, activation_bits=8), example_inputs=(torch.randn(2, 16),))
+    qm = qzo_fx.prepare(MLP((16, 8, 4)), qzo_fx.QuantConfig(weight=None, activation_bits=8),
+                        example_inputs=(torch.randn(2, 16),))
     with pytest.raises(qzo_fx.ExportError, match="WeightBiasQuantization"):
         qzo_fx.export_onnx(qm, (torch.randn(2, 16),), tmp_path / "a.onnx")
+
+
+def test_portable_weight_only_linears_warn_about_ort_cpu_rewrite_and_the_way_out(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)), torch.randn(2, 8, 32)
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=4), example_inputs=(x,)).eval()
+    with pytest.warns(UserWarning, match="accuracy level 4"):
+        path = qzo_fx.export_onnx(qm, (x,), tmp_path / "p.onnx", target="portable").path
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = onnxruntime.InferenceSession(str(path), options)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, qm(x).numpy(), rtol=1e-5, atol=1e-6)
