@@ -291,6 +291,10 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
         >>> qzo_fx.export_onnx(qm, (torch.randn(2, 8),), "/tmp/l.onnx").opset
         21
     """
+    wide = next((n for n, t in qm.named_parameters() if t.dtype == torch.float64), None)
+    if wide is not None:
+        raise ExportError(f"'{wide}' is float64: the file stores float32 scales and weights, so export a float32 "
+                          "model (qm.float()); the float64 copy stays yours.")
     findings = lint_target(qm, target, strict=strict)
     for finding in findings:
         warnings.warn(finding, UserWarning, stacklevel=2)

@@ -197,6 +197,8 @@ def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *,
     with mode(qm, False), torch.no_grad():
         expected = [t.cpu().numpy() for t in tree_leaves(qm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
     path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"verify_onnx: no file at {path}; export it first (qzo_fx.export_onnx(qm, inputs, path)).")
     model = onnx.load(str(path))
     if runtime not in ("onnxruntime", "openvino"):
         raise ExportError(f"runtime={runtime!r} is invalid: allowed 'onnxruntime' or 'openvino'.")

@@ -9,9 +9,10 @@ from typing import Any, Optional, Sequence
 
 import torch.nn as nn
 from tabulate import tabulate
+from torch.fx import GraphModule
 
 from qzo_fx.capture.pipeline import list_quantizers, prepare
-from qzo_fx.config import QuantConfig
+from qzo_fx.config import QuantConfig, QuantSpec
 from qzo_fx.errors import QzoError
 from qzo_fx.inspect.graphs import draw_svg, graph_diff, tabular, to_dot
 
@@ -38,18 +39,29 @@ def load_factory(spec: str) -> tuple[nn.Module, Optional[tuple[Any, ...]]]:
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
-    return QuantConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits)
+    target = getattr(args, "target", "auto")
+    if target == "auto":
+        return QuantConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits)
+    # Train with the numerics the target runs: its weight range, and symmetric activations for
+    # TensorRT (which refuses zero points).
+    activation = None if args.activation_bits is None else QuantSpec(
+        bits=args.activation_bits, granularity="per_tensor", symmetric=target == "tensorrt")
+    return QuantConfig(weight_bits=args.weight_bits, activation=activation, target=target)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     model, inputs = load_factory(args.factory)
     qm = prepare(model, _config(args), example_inputs=inputs)
     rows = [(q.name, q.role, q.target, q.bits, q.granularity, q.scale_shape, q.ste) for q in list_quantizers(qm)]
-    print(f"captured with: {qm.meta['qzo.capture'].method}; {len(rows)} quantizers")
+    method = qm.meta["qzo.capture"].method if isinstance(qm, GraphModule) else "partial"
+    print(f"captured with: {method}; {len(rows)} quantizers")
     print(tabulate(rows, headers=["quantizer", "role", "target", "bits", "granularity", "scale", "ste"]))
     if args.table:
         print(tabular(qm))
-    print(graph_diff(model, qm) if inputs is None or qm.meta["qzo.capture"].method == "symbolic" else qm.code)
+    if not isinstance(qm, GraphModule):
+        print(qm.qzo_partial)
+    else:
+        print(graph_diff(model, qm) if inputs is None or method == "symbolic" else qm.code)
     if args.svg:
         try:
             print(f"wrote {draw_svg(qm, args.svg)}")
@@ -84,7 +96,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {result.path}: {result.size_bytes / 1024:.1f} KiB, opset {result.opset}, "
           f"dynamic batch {result.dynamic_batch}")
     print(tabulate(sorted(result.op_types.items()), headers=["ONNX op", "count"]))
-    report = verify_onnx(qm, result.path, inputs, target="cpu" if args.target == "auto" else args.target)
+    report = verify_onnx(qm, result.path, inputs, target="cpu" if args.target in ("auto", "portable") else args.target)
     print(report)
     return 0 if report.ok else 1
 
@@ -125,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model",
                         help="MODULE:FACTORY returning (model, example_inputs), or a saved prepared model (.pt)")
     export.add_argument("--out", default="model.onnx")
-    export.add_argument("--target", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    export.add_argument("--target", default="auto", choices=("auto", "cpu", "cuda", "tensorrt", "portable"))
     export.add_argument("--weight-bits", type=int, default=8)
     export.add_argument("--activation-bits", type=int, default=None)
     export.add_argument("--input-shape", default=None, help="for a saved model: e.g. 2,1,28,28")

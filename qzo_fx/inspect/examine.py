@@ -16,7 +16,7 @@ from qzo_fx.capture.partial import untraceable_modules
 from qzo_fx.capture.tracing import capture
 from qzo_fx.config import QuantConfig
 from qzo_fx.errors import CaptureError
-from qzo_fx.quant.op_table import op_signature
+from qzo_fx.quant.op_table import MODULE_TYPES, op_signature
 
 __all__ = ["examine", "ExamineReport", "Finding"]
 
@@ -84,7 +84,9 @@ def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
         for name, reason in untraceable_modules(model).items():
             findings.append(Finding("untraceable", name, _location(model.get_submodule(name) if name else model),
                                     reason, "run eagerly; prepare its traceable children on their own"))
-        return ExamineReport("partial capture (eager where untraceable, graph mode elsewhere)", [], findings)
+        # The traceable parts are prepared on their own: their quantizable layers are quantized.
+        layers = [name for name, m in model.named_modules() if type(m) in MODULE_TYPES]
+        return ExamineReport("partial capture (eager where untraceable, graph mode elsewhere)", layers, findings)
     modules = dict(gm.named_modules())
     quantizable = [n.name for n in gm.graph.nodes if op_signature(n, modules) is not None]
     findings = [Finding("capture", "", _location(model), f"{name}: {reason}", "use the next capture method")

@@ -43,9 +43,20 @@ def _quant_note(node: Node) -> str:
     return ", ".join(parts)
 
 
+def _one_graph(gm: nn.Module, what: str) -> GraphModule:
+    """``gm`` itself; a partially prepared model (an eager root with prepared parts) is refused
+    with the parts to pass instead."""
+    if isinstance(gm, GraphModule):
+        return gm
+    parts = [name for name, m in gm.named_modules() if isinstance(m, GraphModule) and name]
+    hint = f" Pass one of its prepared parts, e.g. qm.get_submodule({parts[0]!r}) (all: {parts[:6]})." if parts else ""
+    raise QzoError(f"{what} shows one graph, and {type(gm).__name__} is not a GraphModule (prepared partially, or "
+                   f"not prepared).{hint}")
+
+
 def tabular(gm: GraphModule) -> str:
     """The graph as a text table: opcode, name, target, args and the quantization note."""
-    rows = [[n.op, n.name, _target(n), _short(n.args), _quant_note(n)] for n in gm.graph.nodes]
+    rows = [[n.op, n.name, _target(n), _short(n.args), _quant_note(n)] for n in _one_graph(gm, "tabular").graph.nodes]
     return tabulate(rows, headers=["opcode", "name", "target", "args", "qzo"])
 
 
@@ -96,7 +107,7 @@ def graph_diff(before: CodeLike, after: CodeLike, context: int = 2) -> str:
 def to_networkx(gm: GraphModule) -> nx.DiGraph:
     """A DiGraph of the nodes; attributes ``op``, ``target`` and ``qzo`` (spec or quantizer)."""
     graph = nx.DiGraph()
-    for node in gm.graph.nodes:
+    for node in _one_graph(gm, "to_networkx").graph.nodes:
         graph.add_node(node.name, op=node.op, target=_target(node), qzo=_quant_note(node))
         for source in node.all_input_nodes:
             graph.add_edge(source.name, node.name)

@@ -294,3 +294,11 @@ def test_portable_weight_only_linears_warn_about_ort_cpu_rewrite_and_the_way_out
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, qm(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_float64_model_is_refused_with_the_way_out(tmp_path):
+    qm = qzo_fx.prepare(MLP((16, 8, 4)), qzo_fx.QuantConfig(weight_bits=4)).double()
+    with pytest.raises(qzo_fx.ExportError, match=r"qm.float\(\)"):
+        qzo_fx.export_onnx(qm, (torch.randn(2, 16, dtype=torch.float64),), tmp_path / "d.onnx")
+    with pytest.raises(qzo_fx.ExportError, match="no file"):
+        qzo_fx.verify_onnx(qm.float(), tmp_path / "missing.onnx", (torch.randn(2, 16),))

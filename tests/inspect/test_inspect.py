@@ -91,6 +91,14 @@ def test_cli_export_factory_and_saved_model(capsys, tmp_path):
     assert main(["export", str(saved), "--out", str(out)]) == 2
 
 
+def test_cli_export_trains_with_the_targets_numerics(capsys, tmp_path):
+    # TensorRT takes no zero points: the CLI prepares symmetric activations for it.
+    for target in ("tensorrt", "portable"):
+        assert main(["export", "tests.inspect.test_inspect:make_model", "--activation-bits", "8", "--target", target,
+                     "--out", str(tmp_path / f"{target}.onnx")]) == 0, capsys.readouterr()
+        assert "parity OK" in capsys.readouterr().out
+
+
 def test_cli_bench_quick_smoke(tmp_path):
     """`qzo-fx bench NAME --quick`: the quick FOGZO-vs-STE comparison runs end to end."""
     command = [sys.executable, "-m", "qzo_fx.cli", "bench", "fogzo_vs_ste", "--quick", "--out", str(tmp_path)]
