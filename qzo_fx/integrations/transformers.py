@@ -130,8 +130,9 @@ class QzoTrainer(Trainer):
         # training_step then refuses the ones the graph cannot take instead of losing them.
         super()._set_signature_columns_if_needed()
         report = getattr(self.model, "meta", {}).get("qzo.capture")
-        extra = [n for n in getattr(report, "model_inputs", ()) if n not in self._signature_columns]
-        self._signature_columns = [*self._signature_columns, *extra]
+        columns: list[str] = list(self._signature_columns or [])
+        extra = [n for n in getattr(report, "model_inputs", ()) if n not in columns]
+        self._signature_columns = columns + extra  # type: ignore[assignment]  # the Trainer declares it None
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -148,7 +149,7 @@ class QzoTrainer(Trainer):
         if state_dict is None and self.args.should_save and self.model is not None:
             state_dict = _untied(self.model.state_dict())
         super()._save(output_dir, state_dict)
-        config = getattr(self.model, "config", None)
+        config: Any = getattr(self.model, "config", None)
         if self.args.should_save and hasattr(config, "save_pretrained"):
             # Beside the weights, as a PreTrainedModel saves: the trained weights then load into the
             # model's own class (from_pretrained; the quantizer keys are reported unused).

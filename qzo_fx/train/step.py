@@ -347,7 +347,7 @@ class TrainStep:
         """The ``.grad`` tensors earlier calls left (gradient accumulation over micro-batches),
         taken off the parameters: the estimate is written into ``.grad`` and FOGZO's guide is read
         from it, so both must be this batch's alone. :func:`_add_back` sums them after."""
-        kept = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
+        kept: list[tuple[Tensor, Tensor]] = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
         for p, _ in kept:
             p.grad = None
         return kept
