@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from qzo_fx.errors import ConfigError
 
-__all__ = ["QuantSpec", "QuantConfig", "STE_KINDS", "SIGN_ONLY_STE_KINDS", "TARGETS"]
+__all__ = ["QuantSpec", "QuantConfig", "STE_KINDS", "SIGN_ONLY_STE_KINDS", "TARGETS", "check_field_types"]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 STE_KINDS = ("identity", "clipped", "hardtanh", "tanh", "approxsign", "lsq")
@@ -27,6 +27,25 @@ SCALE_INITS = ("maxabs", "mse", "percentile")
 TARGETS = ("cpu", "cuda", "tensorrt", "portable")
 # Targets whose W8A8 files may meet ONNX Runtime's CPU int8 kernels (see QuantConfig.target).
 _REDUCED_RANGE_TARGETS = ("cpu", "portable")
+
+
+_SCALAR_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(settings: object) -> None:
+    """Raise :class:`ConfigError` for a dataclass field whose value is not of its annotated
+    scalar type (``float``, ``int``, ``bool``, ``str``, or ``Optional`` of one): a string where a
+    number belongs would otherwise fail later, deep inside a comparison."""
+    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+        annotation = str(f.type).replace(" ", "")
+        optional = annotation.startswith("Optional[") and annotation.endswith("]")
+        core = annotation[len("Optional["):-1] if optional else annotation
+        expected = _SCALAR_TYPES.get(core)
+        value = getattr(settings, f.name)
+        if expected is None or (value is None and optional):
+            continue
+        if not isinstance(value, expected) or (isinstance(value, bool) and core in ("int", "float")):
+            raise ConfigError(f.name, value, f"a {core}" + (" or None" if optional else ""))
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,7 @@ class QuantSpec:
     reduce_range: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits", self.bits, "an int in 1..8")
         _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
         _check(self.ste in STE_KINDS, "ste", self.ste, f"one of {STE_KINDS}")
@@ -156,7 +176,15 @@ class QuantConfig:
     target: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check(self.target in TARGETS, "target", self.target, f"one of {TARGETS}")
+        for name in ("weight", "activation"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, QuantSpec), name, value,
+                   "a QuantSpec or None (e.g. QuantSpec(bits=4)), or use weight_bits= / activation_bits=")
+        _check(isinstance(self.overrides, Mapping), "overrides", self.overrides,
+               "a dict from module-name pattern or module type to a QuantSpec-field dict")
+        _check(isinstance(self.skip, (str, list, tuple)), "skip", self.skip, "a module-name pattern or a list of them")
         weight, activation = self.weight, self.activation
         if self.weight_bits is not None:
             weight = (weight or QuantSpec()).replace(bits=_bits("weight_bits", self.weight_bits))
@@ -168,7 +196,8 @@ class QuantConfig:
             _check_override(key, value)
         object.__setattr__(self, "weight", weight)
         object.__setattr__(self, "activation", activation)
-        object.__setattr__(self, "skip", tuple(self.skip))
+        # One pattern given as a string is that pattern, not its characters.
+        object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
 
     def resolve(self, module_name: str, module: Optional[nn.Module]) -> tuple[Optional[QuantSpec], Optional[QuantSpec]]:
         """The (weight, activation) specs for one module after overrides and skips."""

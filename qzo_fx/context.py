@@ -27,6 +27,9 @@ class PrepareContext:
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     mode_inputs: Optional[dict[bool, tuple[tuple[Any, ...], dict[str, Any]]]] = None
     quantizers: dict[tuple, str] = field(default_factory=dict)
+    # The user's modules by name: overrides keyed by module type match these (a torch.export
+    # capture rebuilds the module tree out of plain nn.Modules).
+    user_modules: dict[str, Any] = field(default_factory=dict)
 
     def inputs_for(self, training: bool) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
         """The (args, kwargs) that calibrate the graph of ``training``; None without examples."""

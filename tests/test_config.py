@@ -50,3 +50,33 @@ def test_bad_overrides_and_activation_granularity():
         QuantConfig(overrides={"x": {"weight": {"bitz": 3}}})
     with pytest.raises(ConfigError, match="per_tensor"):
         QuantConfig(activation=QuantSpec(granularity="per_channel"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: QuantSpec(percentile="99"), lambda: QuantSpec(bits=True), lambda: QuantConfig(weight={"bits": 4}),
+    lambda: QuantConfig(skip=None), lambda: QuantConfig(overrides=[("fc", {"bits": 4})]),
+    lambda: __import__("qzo_fx").FOGZO(beta_min="0.9"), lambda: __import__("qzo_fx").FOGZO(seed=1.5),
+    lambda: __import__("qzo_fx").NSPSA(eps="1e-3"), lambda: __import__("qzo_fx").ZOQO(lr=None),
+    lambda: __import__("qzo_fx").FOGZO(ste_fraction=0.5),  # a fraction of total_steps, which is unset
+], ids=["percentile-str", "bits-bool", "weight-dict", "skip-none", "overrides-list", "beta-str", "seed-float",
+        "eps-str", "lr-none", "ste-fraction-without-total"])
+def test_wrong_types_are_config_errors_naming_the_field(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_one_skip_pattern_given_as_a_string_is_that_pattern():
+    config = QuantConfig(weight_bits=4, skip="fc1")
+    assert config.skip == ("fc1",)
+    assert config.resolve("fc1", None) == (None, None) and config.resolve("f", None)[0] is not None
+
+
+def test_type_overrides_apply_to_torch_export_captures():
+    import torch
+
+    import qzo_fx
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    config = QuantConfig(weight_bits=4, overrides={nn.Linear: {"weight": {"bits": 2}}})
+    qm = qzo_fx.prepare(model, config, example_inputs=(torch.randn(2, 8),), capture="export")
+    assert {q.bits for q in qzo_fx.list_quantizers(qm) if q.role == "weight"} == {2}

@@ -80,7 +80,9 @@ def annotate(gm: GraphModule, *, ctx: PrepareContext) -> PassResult:
     modified, problems = False, []
     for node, sig in found:
         name = _owner(node, sig)
-        weight_spec, act_spec = (None, None) if node in drop else ctx.config.resolve(name, modules.get(name))
+        module = ctx.user_modules.get(name)
+        module = modules.get(name) if module is None else module
+        weight_spec, act_spec = (None, None) if node in drop else ctx.config.resolve(name, module)
         if sig.input_arg is None:
             act_spec = None
         weight = _weight_tensor(gm, node, sig)

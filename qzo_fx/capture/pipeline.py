@@ -106,7 +106,8 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
         partial.qzo_partial = parts  # type: ignore[assignment]  # an attribute, not a submodule
         return _state_keys_of(model, partial)
     gm.meta["qzo.capture"] = report
-    prepared = _state_keys_of(model, _prepare_graph(gm, PrepareContext(config, args, kwargs), instruments))
+    ctx = PrepareContext(config, args, kwargs, user_modules=dict(model.named_modules()))
+    prepared = _state_keys_of(model, _prepare_graph(gm, ctx, instruments))
     if getattr(model, "config", None) is not None and not hasattr(prepared, "config"):
         # A Hugging Face model's configuration: what saving beside the weights (QzoTrainer) and
         # reloading them into the model's class (from_pretrained) need.

@@ -65,7 +65,11 @@ def perturbed_params(model: nn.Module, perturb: str) -> list[PerturbedParam]:
         for quantizer in container.children():
             if isinstance(quantizer, Quantizer) and quantizer.role == "weight":
                 name = f"{prefix}.{quantizer.target}" if prefix else quantizer.target
-                param = model.get_parameter(name)
+                try:
+                    param = model.get_parameter(name)
+                except AttributeError as error:  # to_integer_codes replaced the latent weights by codes
+                    raise TrainStepError(f"'{name}' is held as integer codes (to_integer_codes): train it with "
+                                         "qzo_fx.ZOQO(...), or call qzo_fx.to_latent_weights(model) first.") from error
                 row = smoothing_of(quantizer.spec.ste, quantizer.spec.bits)
                 chosen.setdefault(id(param), PerturbedParam(name, quantizer, EPS_BAR[row], NOISE_LAW[row]))
     if perturb == "all":

@@ -95,6 +95,8 @@ class TrainStep:
                                  f"ZOQO(...), got {estimator!r}.")
         if on_nonfinite not in NONFINITE:
             raise TrainStepError(f"on_nonfinite={on_nonfinite!r} is invalid: allowed {NONFINITE}.")
+        if not isinstance(max_chunk, int) or isinstance(max_chunk, bool) or max_chunk < 1:
+            raise TrainStepError(f"max_chunk={max_chunk!r} is invalid: allowed an int >= 1 (branches per pass).")
         if strategy not in STRATEGIES:
             raise TrainStepError(f"strategy={strategy!r} is invalid: allowed {STRATEGIES}.")
         # Under DDP the base pass goes through the wrapper (its backward all-reduces the STE
@@ -274,6 +276,18 @@ class TrainStep:
         self.check.add("branch losses", losses)
         self.check.watch("branch losses", losses)
         return losses
+
+    def update_norm_statistics(self, batch: Any) -> None:
+        """One no-grad forward of the model as it is, for BatchNorm's running statistics: the
+        branches leave them alone (each sees perturbed weights), so an estimator without a base
+        pass (n-SPSA, the sign methods, ZOQO) would leave a train-mode model's eval statistics
+        where prepare left them. Nothing to do in eval mode or without BatchNorm."""
+        if not self.model.training or not any(name.rpartition(".")[2] == "running_mean"
+                                              for name, _ in self.model.named_buffers()):
+            return
+        with torch.no_grad():
+            self.loss_fn(self.wrapper, batch)
+        self.stats.forward_passes += 1
 
     def mean_over_ranks(self, value: Tensor) -> Tensor:
         return distributed.all_reduce_mean(value.reshape(1))[0]

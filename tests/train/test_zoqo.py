@@ -156,3 +156,30 @@ def test_zo_sign_variants(variant):
     else:  # mean_i sign(c_i) u_i: a combination of the noise, not a sign vector
         assert len(grad.unique()) > 3 and bool((c[0::2] != c[1::2]).any())
     assert step.stats.backward_passes == 0
+
+
+def test_one_bit_codes_stay_on_the_sign_grid():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 5))
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    qm = qzo_fx.to_integer_codes(qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=1), example_inputs=(x,)))
+    step = qzo_fx.train_step(qm.train(), ce, qzo_fx.ZOQO(seed=0))
+    before = {n: q.codes.clone() for n, q in qm.qzo_quant.named_children()}
+    for _ in range(3):
+        step((x, y))
+    for name, q in qm.qzo_quant.named_children():
+        assert set(q.codes.unique().tolist()) <= {-1, 1}, name
+    assert any(not torch.equal(q.codes, before[n]) for n, q in qm.qzo_quant.named_children())  # codes moved
+    with torch.no_grad():
+        coded = qm.eval()(x)
+        assert torch.equal(qzo_fx.to_latent_weights(qm).eval()(x), coded)
+
+
+def test_zoqo_updates_batchnorm_running_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    qm = qzo_fx.to_integer_codes(qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=4), example_inputs=(x,)))
+    step = qzo_fx.train_step(qm.train(), ce, qzo_fx.ZOQO(seed=0))
+    step((x, y))
+    assert int(qm.get_buffer("1.num_batches_tracked")) == 1

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
+from qzo_fx.config import check_field_types
 from qzo_fx.errors import TrainStepError
 from qzo_fx.train.estimators.base import PERTURB, Estimator, check_setting
 from qzo_fx.train.estimators.ste import ste_step
@@ -78,6 +79,7 @@ class FOGZO(Estimator):
     guide_share: Optional[float] = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_setting(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an int >= 1")
         check_setting(self.beta_min is None or 0.0 <= self.beta_min <= 1.0, "beta_min", self.beta_min,
                       "a float in [0, 1]")
@@ -87,6 +89,8 @@ class FOGZO(Estimator):
                       "None when beta_min is given (set one of the two)")
         check_setting(self.schedule in ("linear", "constant"), "schedule", self.schedule, "'linear' or 'constant'")
         check_setting(0.0 <= self.ste_fraction < 1.0, "ste_fraction", self.ste_fraction, "a float in [0, 1)")
+        check_setting(self.ste_fraction == 0.0 or self.total_steps > 0, "ste_fraction", self.ste_fraction,
+                      "0 unless total_steps is set (it is a fraction of total_steps)")
         check_setting(self.perturb in PERTURB, "perturb", self.perturb, f"one of {PERTURB}")
         check_setting(self.normalize in ("global", "per_tensor"), "normalize", self.normalize,
                       "'global' or 'per_tensor'")

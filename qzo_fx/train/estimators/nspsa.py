@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from qzo_fx.config import check_field_types
 from qzo_fx.train.directions import Directions
 from qzo_fx.train.estimators.base import PERTURB, Estimator, check_setting
 from qzo_fx.train.rng import RngState
@@ -42,6 +43,7 @@ class NSPSA(Estimator):
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_setting(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an int >= 1")
         check_setting(self.noise in ("smoothing", "gaussian"), "noise", self.noise, "'smoothing' or 'gaussian'")
         check_setting(self.eps is None or self.eps > 0, "eps", self.eps, "None or a float > 0")
@@ -74,20 +76,8 @@ class NSPSA(Estimator):
         branches = step.branches(directions, [(k, s) for k in range(self.n) for s in (1.0, -1.0)], eps)
         losses = step.branch_losses(branches, batch, rng_state)
         self._write(step, directions, branches, (losses[0::2] - losses[1::2]) / 2)
-        _update_norm_statistics(step, batch)
+        step.update_norm_statistics(batch)
         return losses.mean()
-
-
-def _update_norm_statistics(step: Any, batch: Any) -> None:
-    """Branches leave BatchNorm's running statistics alone (each sees perturbed weights), and
-    n-SPSA has no unperturbed pass: without one forward of the model as it is, a train-mode
-    model's eval statistics would stay where prepare left them."""
-    if not step.model.training or not any(name.rpartition(".")[2] == "running_mean"
-                                          for name, _ in step.model.named_buffers()):
-        return
-    with torch.no_grad():
-        step.loss_fn(step.wrapper, batch)
-    step.stats.forward_passes += 1
 
 
 @dataclass(frozen=True)

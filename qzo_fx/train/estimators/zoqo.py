@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from qzo_fx.config import check_field_types
 from qzo_fx.train.estimators.base import Estimator, check_setting
 from qzo_fx.train.noise import UNIFORM_HALF_WIDTH, noise_key
 from qzo_fx.train.rng import RngState
@@ -44,6 +45,7 @@ class ZOQO(Estimator):
     fwd_equivalents = 2
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_setting(self.lr >= 0, "lr", self.lr, "a float >= 0 (0 = one grid step)")
         check_setting(self.mu >= 0, "mu", self.mu, "a float >= 0 (0 = one grid step)")
         check_setting(self.noise in ("gaussian", "uniform"), "noise", self.noise, "'gaussian' or 'uniform'")
@@ -72,8 +74,8 @@ class ZOQO(Estimator):
             j = self._noise(step, i, q.codes, torch.clamp_min(torch.floor(self.mu / s), 1))
             qmin, qmax = q.spec.qrange
             noise.append(j)
-            plus.append((q.codes + j).clamp_(qmin, qmax) - q.codes)     # codes + d+ = clip(codes + j)
-            minus.append(q.codes - (q.codes - j).clamp_(qmin, qmax))    # codes - d- = clip(codes - j)
+            plus.append(_on_grid(q, q.codes, q.codes + j) - q.codes)     # codes + d+ = clip(codes + j)
+            minus.append(q.codes - _on_grid(q, q.codes, q.codes - j))    # codes - d- = clip(codes - j)
         deltas = [plus, minus]
         branches = step.explicit_branches(deltas, [(0, 1.0), (1, -1.0)])
         losses = step.branch_losses(branches, batch, rng_state)
@@ -83,6 +85,14 @@ class ZOQO(Estimator):
         with torch.no_grad():
             for q, j, s in zip(quantizers, noise, steps):
                 moves = torch.clamp_min(torch.floor(self.lr / s), 1)
-                qmin, qmax = q.spec.qrange
-                q.codes.copy_((q.codes - (moves * direction * torch.sign(j)).to(q.codes.dtype)).clamp(qmin, qmax))
+                q.codes.copy_(_on_grid(q, q.codes, q.codes - (moves * direction * torch.sign(j)).to(q.codes.dtype)))
+        step.update_norm_statistics(batch)
         return losses.mean()
+
+
+def _on_grid(q: Any, codes: Tensor, moved: Tensor) -> Tensor:
+    """``moved`` clipped to the quantizer's codes. The 1-bit sign grid is {-1, +1}: a move
+    through 0 lands on the other sign (0 would be a weight of zero, not on the grid)."""
+    qmin, qmax = q.spec.qrange
+    clipped = moved.clamp(qmin, qmax)
+    return torch.where(clipped == 0, -codes, clipped) if q.is_sign else clipped
