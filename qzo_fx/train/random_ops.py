@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
-__all__ = ["uses_randomness"]
+__all__ = ["uses_randomness", "uses_aten_dropout"]
 
 _RANDOM_FUNCTIONS = {
     torch.rand, torch.randn, torch.rand_like, torch.randn_like, torch.randint, torch.randint_like,
@@ -42,3 +42,15 @@ def uses_randomness(model: nn.Module) -> bool:
         if isinstance(module, GraphModule) and any(_random_node(n) for n in module.graph.nodes):
             return True
     return False
+
+
+_ATEN_DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default,
+                  torch.ops.aten.feature_dropout.default, torch.ops.aten.alpha_dropout.default}
+
+
+def uses_aten_dropout(model: nn.Module) -> bool:
+    """True if a traced graph calls aten's dropout (a torch.export capture): under vmap it draws
+    its masks in another order than eagerly, on a CPU too (measured: other branch losses)."""
+    return any(isinstance(m, GraphModule) and any(n.op == "call_function" and n.target in _ATEN_DROPOUTS
+                                                  for n in m.graph.nodes)
+               for m in model.modules())

@@ -321,8 +321,9 @@ class TrainStep:
 
     def refuse_batched_masks(self, why: str) -> None:
         if self.strategy is not None and self.strategy.chosen == "batched" and masks_differ(self.strategy.ctx):
-            raise TrainStepError(f"{why}, but with strategy='batched' on CUDA the branches' dropout masks are not "
-                                 "the base pass's (see qzo_fx.train.random_ops): use strategy='sequential', "
+            raise TrainStepError(f"{why}, but with strategy='batched' here (CUDA, or dropout in a torch.export graph) "
+                                 "the branches' dropout masks are not the base pass's (see qzo_fx.train.random_ops): "
+                                 "use strategy='sequential', "
                                  "'inplace' or 'auto'.")
 
     # ------------------------------------------------------------------ the step

@@ -268,6 +268,18 @@ def test_freezing_between_steps_is_followed(setup):
     assert "fc1.weight" in step.names and qm.fc1.weight.grad is not None
 
 
+def test_batched_branches_warn_where_export_graph_dropout_draws_other_masks():
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(DropNet(), qzo_fx.QuantConfig(weight_bits=4), example_inputs=(torch.randn(8, 12),),
+                        capture="export").train()
+    batch = (torch.randn(32, 12), torch.randint(0, 4, (32,)))
+    step = qzo_fx.train_step(qm, ce, qzo_fx.NSPSA(n=2, seed=0), strategy="batched")
+    with pytest.warns(RuntimeWarning, match="torch.export graph"):
+        step(batch)
+    from qzo_fx.train.strategies import masks_differ
+    assert masks_differ(step.strategy.ctx)  # so strategy="auto" never picks batched here
+
+
 def test_auto_settles_on_a_strategy(setup):
     qm, batch = setup
     step = qzo_fx.train_step(qm, ce, qzo_fx.FOGZO(seed=0), strategy="auto")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qzo_fx.train.random_ops import uses_randomness
+from qzo_fx.train.random_ops import uses_aten_dropout, uses_randomness
 from qzo_fx.train.rng import RngState
 from qzo_fx.train.strategies.base import Branches, BranchModel, Strategy, StrategyContext, apply_delta
 
@@ -23,7 +23,9 @@ __all__ = ["Batched", "masks_differ"]
 
 def masks_differ(ctx: StrategyContext) -> bool:
     """True where batched branches cannot see the base pass's dropout masks: a model that draws
-    random numbers, on CUDA."""
+    random numbers, on CUDA; or aten dropout in a torch.export graph, on any device."""
+    if uses_aten_dropout(ctx.model) and ctx.model.training:
+        return True
     return any(p.device.type == "cuda" for p in ctx.params) and uses_randomness(ctx.model)
 
 
@@ -38,9 +40,9 @@ class Batched(Strategy):
         ctx, graph = self.ctx, self._graph()
         if not self._warned and masks_differ(ctx):
             self._warned = True
-            warnings.warn("strategy='batched' on CUDA with random ops (dropout): the branches share one mask "
-                          "with each other but not with the base pass, because CUDA's fused dropout draws "
-                          "masks differently from vmap. Use strategy='sequential' for the base pass's masks.",
+            warnings.warn("strategy='batched' with dropout drawn differently under vmap (CUDA's fused dropout, or "
+                          "aten dropout in a torch.export graph): the branches share one mask with each other but "
+                          "not with the base pass. Use strategy='sequential' for the base pass's masks.",
                           RuntimeWarning, stacklevel=4)
 
         def one(*values: Tensor) -> Tensor:
