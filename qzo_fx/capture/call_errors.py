@@ -42,6 +42,11 @@ def why_call_failed(model: nn.Module, report: Any, args: tuple, kwargs: dict, er
     if static is not None and shapes != static:
         return (f"was captured for the example's shapes only ({static}); this call has {shapes}. Prepare it with "
                 "dynamic_shapes=... naming the dimensions that vary, or call it with the example's shapes.")
+    fixed = _fixed_dim_mismatch(model.forward, getattr(report, "input_dims", None) or {}, args, kwargs)
+    if fixed:
+        return (f"takes {fixed}: the model fixed that size at capture (torch.export found that it branches on or "
+                "reshapes by it). Call it with that size, or prepare with dynamic_shapes=... and a model that "
+                "allows other sizes.")
     low = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
     if low is not None:
         return (f"failed with {low} parameters: its quantizers compute in float32. Keep it in float32 (qm.float()) "
@@ -52,6 +57,22 @@ def why_call_failed(model: nn.Module, report: Any, args: tuple, kwargs: dict, er
     return (f"was called with arguments its captured graph does not take: {refused}. The graph takes "
             f"{_signature_text(model.forward)}, the inputs of prepare()'s examples. Call it with those, or prepare "
             "again with the inputs you will pass (an attention_mask, labels) among example_inputs / example_kwargs.")
+
+
+def _fixed_dim_mismatch(forward: Callable[..., Any], dims: dict, args: tuple, kwargs: dict) -> Optional[str]:
+    """The first input dimension the call gives another size than the graph fixed."""
+    try:
+        bound = inspect.signature(forward).bind(*args, **kwargs).arguments
+    except TypeError:
+        return None
+    for name, expected in dims.items():
+        value = bound.get(name)
+        if not isinstance(value, Tensor) or value.dim() != len(expected):
+            continue
+        for axis, size in enumerate(expected):
+            if size is not None and value.shape[axis] != size:
+                return f"'{name}' with dimension {axis} of size {size} only, and this call has {value.shape[axis]}"
+    return None
 
 
 def _refused_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:

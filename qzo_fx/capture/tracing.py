@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph_module import _assign_attr
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map
@@ -50,6 +51,7 @@ class CaptureReport:
     model_class: Optional[type] = None     # the user's model's class (its methods are not kept)
     static_shapes: Optional[list[tuple[int, ...]]] = None  # the example's tensor shapes, where only those work
     constant_keywords: dict[str, Any] = field(default_factory=dict)  # **kwargs flags bound at capture
+    input_dims: dict[str, tuple[Optional[int], ...]] = field(default_factory=dict)  # None: dynamic
 
 
 @contextlib.contextmanager
@@ -245,6 +247,34 @@ def _export_modes(model: nn.Module, args, kwargs, spec, patched: bool = False) -
     return modules
 
 
+def _note_fixed_dims(model: nn.Module, module: GraphModule, spec: Any, report: CaptureReport) -> None:
+    """Dim.AUTO lets torch.export fix a dimension the model branches on or reshapes by (a
+    sequence of exactly 8) without an error. Record each input's dimensions as the graph has
+    them (an int where fixed) so that a call with another size gets an InputError, and warn
+    about the dimensions that were asked to be dynamic."""
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    requested = spec if isinstance(spec, dict) else dict(zip((n.name for n in placeholders), spec))
+    shapes, fixed = {}, {}
+    for node in placeholders:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        shapes[node.name] = dims = tuple(int(d) if is_concrete_int(d) else None for d in value.shape)
+        asked = requested.get(node.name)
+        # A float input's feature axis is fixed by the weights that read it, as expected; a token
+        # input's sequence is fixed only where the model branches on or reshapes by its length.
+        lost = [f"dim {d} = {dims[d]}" for d in asked if d < len(dims) and dims[d] is not None] \
+            if isinstance(asked, dict) and not value.is_floating_point() else []
+        if lost:
+            fixed[node.name] = ", ".join(lost)
+    report.input_dims = shapes
+    if fixed and report.shapes == "batch and sequence dimensions":
+        report.shapes = f"batch; fixed by the model: {fixed}"
+        warnings.warn(f"{type(model).__name__} was captured with these input dimensions fixed by the model "
+                      f"(torch.export found that it branches on or reshapes by them): {fixed}. Calls with other "
+                      "sizes raise InputError.", UserWarning, stacklevel=5)
+
+
 def _tensor_shapes(inputs: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
 
@@ -276,6 +306,8 @@ def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Capt
                       "dimensions vary.", UserWarning, stacklevel=4)
         report.static_shapes = _tensor_shapes((args, kwargs))
     root = modules[True]
+    if spec is not None:
+        _note_fixed_dims(model, root, spec, report)
     _adopt_eval_state(root, modules[False])
     root.training = model.training
     return PreparedModel(root, _shared_if_same({True: root.graph, False: modules[False].graph}), type(model).__name__)

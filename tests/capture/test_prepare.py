@@ -372,3 +372,27 @@ def test_containers_stay_the_users_containers(mlp):
     qm = qzo_fx.prepare(nn.Sequential(mlp, nn.Softmax(-1)), qzo_fx.QuantConfig(weight_bits=8))
     assert isinstance(qm.get_submodule("0"), nn.Sequential) and len(qm.get_submodule("0")) == 3
     assert [type(m) for m in qm.get_submodule("0")] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+class _FixedLength(nn.Module):
+    """Reshapes by its sequence length where it is 8: torch.export fixes that dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(4, 4)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        b, t, _ = h.shape
+        if t == 8:
+            h = h * 2
+        return self.fc(h.reshape(b, t, 4, 4).sum(-1))
+
+
+def test_a_dimension_the_model_fixes_is_said_at_capture_and_at_the_call():
+    ids = torch.randint(0, 50, (2, 8))
+    with pytest.warns(UserWarning, match="dim 1 = 8"):
+        qm = qzo_fx.prepare(_FixedLength(), qzo_fx.QuantConfig(weight_bits=8), example_inputs=(ids,))
+    assert qm(torch.randint(0, 50, (5, 8))).shape == (5, 8, 4)  # the batch stays dynamic
+    with pytest.raises(qzo_fx.InputError, match="dimension 1 of size 8 only"):
+        qm(torch.randint(0, 50, (2, 11)))
