@@ -1,6 +1,8 @@
 """Target lint: configs that will not run, or will not accelerate, on an ONNX Runtime target."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule
@@ -50,38 +52,45 @@ _SATURATION = ("ONNX Runtime's CPU int8 kernels (QLinearConv, QGemm, QLinearMatM
                "full int8 range, so the file computes wrong results there")
 
 
+def _eval_nodes(qm: nn.Module) -> Iterator[tuple[str, GraphModule, torch.fx.Node]]:
+    """``(prefix, part, node)`` over the eval graph of every prepared part (the root, or the
+    parts of a partially captured model)."""
+    for prefix, _ in quantizer_containers(qm):
+        part = qm.get_submodule(prefix) if prefix else qm
+        if isinstance(part, GraphModule):
+            for node in mode_graph(part, False).nodes:
+                yield prefix, part, node
+
+
+def _named(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def full_range_int8_weights(qm: nn.Module) -> list[str]:
     """Weight quantizers on the full signed 8-bit grid that feed an op whose input is also quantized."""
     found = []
-    for prefix, _ in quantizer_containers(qm):
-        part = qm.get_submodule(prefix) if prefix else qm
-        if not isinstance(part, GraphModule):
+    for prefix, part, node in _eval_nodes(qm):
+        hit = quantizer_of(part, node)
+        if hit is None or hit[1].role != "weight" or hit[1].spec.qrange[0] > -128:
             continue
-        for node in mode_graph(part, False).nodes:
-            hit = quantizer_of(part, node)
-            if hit is None or hit[1].role != "weight" or hit[1].spec.qrange[0] > -128:
-                continue
-            if any(_has_quantized_input(part, user, node) for user in node.users):
-                found.append(f"{prefix}.{hit[0]}" if prefix else hit[0])
+        if any(_has_quantized_input(part, user, node) for user in node.users):
+            found.append(_named(prefix, hit[0]))
     return sorted(set(found))
 
 
 def float_weights_beside_quantized_inputs(qm: nn.Module) -> list[str]:
     """Ops that read a float weight (no weight quantizer) from a quantized activation input."""
-    found = []
-    for prefix, _ in quantizer_containers(qm):
-        part = qm.get_submodule(prefix) if prefix else qm
-        if not isinstance(part, GraphModule):
+    found, modules = [], {}
+    for prefix, part, node in _eval_nodes(qm):
+        if id(part) not in modules:
+            modules[id(part)] = dict(part.named_modules())
+        signature = op_signature(node, modules[id(part)])  # found: its weight is a bare parameter
+        if signature is None or signature.input_arg is None or len(node.args) <= signature.input_arg:
             continue
-        modules = dict(part.named_modules())
-        for node in mode_graph(part, False).nodes:
-            signature = op_signature(node, modules)  # a signature here: its weight is a bare parameter
-            if signature is None or signature.input_arg is None or len(node.args) <= signature.input_arg:
-                continue
-            source = node.args[signature.input_arg]
-            hit = quantizer_of(part, source) if isinstance(source, torch.fx.Node) else None
-            if hit is not None and hit[1].role == "activation":
-                found.append(f"{prefix}.{node.name}" if prefix else node.name)
+        source = node.args[signature.input_arg]
+        hit = quantizer_of(part, source) if isinstance(source, torch.fx.Node) else None
+        if hit is not None and hit[1].role == "activation":
+            found.append(_named(prefix, node.name))
     return found
 
 
@@ -91,18 +100,14 @@ _MATMUL_OPS = ("linear", "matmul", "mm")
 def qdq_matmul_weights(qm: nn.Module) -> list[str]:
     """Weight quantizers of linears and matmuls whose inputs are not quantized (weight-only)."""
     found = []
-    for prefix, _ in quantizer_containers(qm):
-        part = qm.get_submodule(prefix) if prefix else qm
-        if not isinstance(part, GraphModule):
+    for prefix, part, node in _eval_nodes(qm):
+        hit = quantizer_of(part, node)
+        if hit is None or hit[1].role != "weight":
             continue
-        for node in mode_graph(part, False).nodes:
-            hit = quantizer_of(part, node)
-            if hit is None or hit[1].role != "weight":
-                continue
-            consumers = [u for u in node.users if u.op == "call_function"]
-            if any(getattr(u.target, "__name__", "").split(".")[0] in _MATMUL_OPS for u in consumers) and \
-                    not any(_has_quantized_input(part, u, node) for u in consumers):
-                found.append(f"{prefix}.{hit[0]}" if prefix else hit[0])
+        consumers = [u for u in node.users if u.op == "call_function"]
+        if any(getattr(u.target, "__name__", "").split(".")[0] in _MATMUL_OPS for u in consumers) and \
+                not any(_has_quantized_input(part, u, node) for u in consumers):
+            found.append(_named(prefix, hit[0]))
     return sorted(set(found))
 
 
