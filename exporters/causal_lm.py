@@ -151,6 +151,10 @@ def quantized_copy(qm: nn.Module, model: nn.Module, ort_kernels: bool) -> tuple[
     lm = copy.deepcopy(model).eval()
     trained = {k: v for k, v in qm.state_dict().items() if k in lm.state_dict()}
     missing = sorted(set(lm.state_dict()) - set(trained))
+    coded = [name for name, q in qm.named_modules() if isinstance(q, Quantizer) and hasattr(q, "codes")]
+    if missing and coded:
+        raise ExportError(f"export_causal_lm: the prepared model holds its weights as integer codes "
+                          f"(to_integer_codes; {len(coded)} quantizers): call qzo_fx.to_latent_weights(qm) first.")
     if missing:
         raise ExportError(f"export_causal_lm: {missing[:3]}... are not in the prepared model: pass the model "
                           "that qzo_fx.prepare() was given.")

@@ -269,10 +269,12 @@ def _note_fixed_dims(model: nn.Module, module: GraphModule, spec: Any, report: C
             fixed[node.name] = ", ".join(lost)
     report.input_dims = shapes
     if fixed and report.shapes == "batch and sequence dimensions":
-        report.shapes = f"batch; fixed by the model: {fixed}"
-        warnings.warn(f"{type(model).__name__} was captured with these input dimensions fixed by the model "
-                      f"(torch.export found that it branches on or reshapes by them): {fixed}. Calls with other "
-                      "sizes raise InputError.", UserWarning, stacklevel=5)
+        report.shapes = f"batch; fixed at capture: {fixed}"
+        ones = any(v.endswith("= 1") for text in fixed.values() for v in text.split(", "))
+        why = ("torch.export fixes a dimension of size 1 in the example: give examples of size 2 or more"
+               if ones else "torch.export found that the model branches on or reshapes by them")
+        warnings.warn(f"{type(model).__name__} was captured with these input dimensions fixed ({why}): {fixed}. "
+                      "Calls with other sizes raise InputError.", UserWarning, stacklevel=5)
 
 
 def _tensor_shapes(inputs: Any) -> list[tuple[int, ...]]:

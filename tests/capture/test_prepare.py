@@ -396,3 +396,10 @@ def test_a_dimension_the_model_fixes_is_said_at_capture_and_at_the_call():
     assert qm(torch.randint(0, 50, (5, 8))).shape == (5, 8, 4)  # the batch stays dynamic
     with pytest.raises(qzo_fx.InputError, match="dimension 1 of size 8 only"):
         qm(torch.randint(0, 50, (2, 11)))
+
+
+def test_an_example_of_size_one_is_named_as_what_fixed_the_dimension():
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match="size 1 in the example"):
+        qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8), example_inputs=(torch.randint(0, 50, (1, 6)),),
+                       capture="export")
