@@ -20,6 +20,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 from torch.fx import GraphModule
 
+from qzo_fx.capture.export_inputs import auto_dims
 from qzo_fx.errors import ExportError
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.export_errors import OnnxStageError, export_failure
@@ -99,24 +100,12 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
 
 
 def dynamic_shape_spec(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], sequence: bool = True) -> dict:
-    """torch.export ``dynamic_shapes`` by forward-argument name: the batch (first axis) of every
-    tensor input and, with ``sequence``, the second axis of integer inputs of 2 or more dims
-    (token ids, attention masks) and every axis of 2-D and 3-D float inputs (audio, embedded
-    sequences, time-major RNN inputs). ``Dim.AUTO`` lets torch.export keep an axis static where
-    the model fixes it (a feature axis), and find which dynamic axes are equal."""
+    """torch.export ``dynamic_shapes`` by forward-argument name: the dimensions capture makes
+    dynamic too (:func:`qzo_fx.capture.export_inputs.auto_dims`), or with ``sequence=False`` the
+    batch only. ``Dim.AUTO`` lets torch.export keep an axis static where the model fixes it, and
+    find which dynamic axes are equal."""
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    spec: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            spec[name] = None
-            continue
-        axes = {0: torch.export.Dim.AUTO}
-        if sequence and value.dim() >= 2 and not value.is_floating_point():
-            axes[1] = torch.export.Dim.AUTO
-        if sequence and value.is_floating_point() and value.dim() <= 3:
-            axes = dict.fromkeys(range(value.dim()), torch.export.Dim.AUTO)
-        spec[name] = axes
-    return spec
+    return {name: auto_dims(value, sequence) for name, value in bound.arguments.items()}
 
 
 def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> list:

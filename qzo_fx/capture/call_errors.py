@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.fx import Graph
-from torch.utils._pytree import tree_leaves
 
 from qzo_fx.errors import InputError
 
@@ -37,16 +36,11 @@ def take_constant_keywords(name: str, kwargs: dict[str, Any], constants: dict[st
 
 def why_call_failed(model: nn.Module, report: Any, args: tuple, kwargs: dict, error: Exception) -> Optional[str]:
     """What about the call the graph cannot take (``None`` when the call fits it)."""
-    static = getattr(report, "static_shapes", None)
-    shapes = [tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-    if static is not None and shapes != static:
-        return (f"was captured for the example's shapes only ({static}); this call has {shapes}. Prepare it with "
-                "dynamic_shapes=... naming the dimensions that vary, or call it with the example's shapes.")
     fixed = _fixed_dim_mismatch(model.forward, getattr(report, "input_dims", None) or {}, args, kwargs)
     if fixed:
-        return (f"takes {fixed}: the model fixed that size at capture (torch.export found that it branches on or "
-                "reshapes by it). Call it with that size, or prepare with dynamic_shapes=... and a model that "
-                "allows other sizes.")
+        return (f"takes {fixed}: that size was fixed at capture ({getattr(report, 'shapes', '')}; prepare() "
+                "warned why). Call it with that size, or prepare it with dynamic_shapes=... naming the dimensions "
+                "that vary.")
     low = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
     if low is not None:
         return (f"failed with {low} parameters: its quantizers compute in float32. Keep it in float32 (qm.float()) "

@@ -235,12 +235,6 @@ def each_mode(pass_fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
     return run
 
 
-
-
-
-
-
-
 def _initialize_unloaded(module: nn.Module, incompatible_keys: Any) -> None:
     if getattr(module, "_qzo_unloaded", None):
         initialize_unloaded(module, module._qzo_unloaded)

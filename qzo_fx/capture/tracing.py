@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import inspect
 import io
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph_module import _assign_attr
 from torch.nn.utils import parametrize
-from torch.utils._pytree import tree_leaves, tree_map
 
+from qzo_fx.capture.export_inputs import (
+    DynamicShapes,
+    constant_keywords,
+    distinct_tensors,
+    export_spec,
+    fixed_token_dims,
+    input_dims,
+    keywords_bound,
+)
 from qzo_fx.capture.hf import export_helpers, is_hf_model
 from qzo_fx.capture.modal import PreparedModel
 from qzo_fx.errors import CaptureError
@@ -37,7 +43,6 @@ __all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "StateTracer", "modes_
 CAPTURE_METHODS = ("auto", "symbolic", "export")
 # ``dynamic_shapes``: "auto" (batch and sequence dynamic), False (the example's shapes), or a
 # torch.export dynamic_shapes spec of the user's.
-DynamicShapes = Union[str, bool, Any]
 
 
 @dataclass
@@ -49,7 +54,6 @@ class CaptureReport:
     dropped_types: list[type] = field(default_factory=list)  # dict subclasses a symbolic trace made dicts
     model_inputs: tuple[str, ...] = ()     # the user's forward's parameters, captured or not
     model_class: Optional[type] = None     # the user's model's class (its methods are not kept)
-    static_shapes: Optional[list[tuple[int, ...]]] = None  # the example's tensor shapes, where only those work
     constant_keywords: dict[str, Any] = field(default_factory=dict)  # **kwargs flags bound at capture
     input_dims: dict[str, tuple[Optional[int], ...]] = field(default_factory=dict)  # None: dynamic
 
@@ -141,57 +145,12 @@ def _shared_if_same(graphs: dict[bool, Graph]) -> dict[bool, Graph]:
     return {True: graphs[True], False: graphs[True] if same else graphs[False]}
 
 
-def _auto_dims(value: Any) -> Any:
-    """Dynamic dimensions of one example tensor: the batch; the sequence of token inputs (integer
-    tensors); every dimension of 2-D and 3-D float inputs (audio, embedded sequences, Conv1d
-    signals), where the model's weights pin the feature or channel dimension themselves (an
-    AUTO dimension a weight fixes is taken as static). Images keep their height and width."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return None
-    if value.is_floating_point() and value.dim() <= 3:
-        return dict.fromkeys(range(value.dim()), torch.export.Dim.AUTO)
-    dims = {0: torch.export.Dim.AUTO}
-    if value.dim() >= 2 and not value.is_floating_point():
-        dims[1] = torch.export.Dim.AUTO
-    return dims
 
 
-def _export_spec(model: nn.Module, args, kwargs, dynamic: DynamicShapes):
-    """torch.export's ``dynamic_shapes`` for these inputs (keyed by argument name with kwargs)."""
-    if dynamic is False or dynamic is None:
-        return None
-    if dynamic != "auto":
-        return dynamic
-    if not kwargs:
-        return tree_map(_auto_dims, tuple(args))
-    names = _positional_names(model, len(args))
-    return {**{n: tree_map(_auto_dims, a) for n, a in zip(names, args)},
-            **{k: tree_map(_auto_dims, v) for k, v in kwargs.items()}}
 
 
-def constant_keywords(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The example keywords that hold no tensor and reach the forward through ``**kwargs``
-    (Hugging Face's ``output_hidden_states=True``, ``return_dict=False``)."""
-    parameters = inspect.signature(model.forward).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return {}
-    return {k: v for k, v in kwargs.items()
-            if k not in parameters and not any(isinstance(t, torch.Tensor) for t in tree_leaves(v))}
 
 
-@contextlib.contextmanager
-def _keywords_bound(model: nn.Module, constants: dict[str, Any]) -> Iterator[None]:
-    # torch.export cannot give dynamic shapes beside keywords that go through **kwargs (it fails
-    # matching the spec to them), so those constants are bound to the forward for the capture,
-    # and the prepared model takes them back at each call (PreparedModel.__call__).
-    if not constants:
-        yield
-        return
-    model.forward = functools.partial(model.forward, **constants)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del model.forward
 
 
 @contextlib.contextmanager
@@ -209,27 +168,10 @@ def _quiet() -> Iterator[None]:
             log.setLevel(level)
 
 
-def _distinct_tensors(inputs: Any) -> Any:
-    """``inputs`` with every tensor that appears a second time replaced by a copy.
-
-    torch.export takes two arguments that are one tensor object as one input, so the graph reads
-    the first wherever either is used. ``example_kwargs={"labels": ids}`` next to ``(ids,)``, the
-    usual causal-LM example, would give a model that embeds its labels."""
-    seen: set[int] = set()
-
-    def distinct(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        if id(value) in seen:
-            return value.clone()
-        seen.add(id(value))
-        return value
-
-    return tree_map(distinct, inputs)
 
 
 def _export_once(model: nn.Module, args, kwargs, spec, patched: bool = False) -> GraphModule:
-    args, kwargs = _distinct_tensors((tuple(args), dict(kwargs or {})))
+    args, kwargs = distinct_tensors((tuple(args), dict(kwargs or {})))
     with _quiet(), export_helpers(model, patched):
         program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=spec, strict=False)
     # check_guards=False: no guard submodule; the mode methods torch replaces are restored below.
@@ -247,44 +189,10 @@ def _export_modes(model: nn.Module, args, kwargs, spec, patched: bool = False) -
     return modules
 
 
-def _note_fixed_dims(model: nn.Module, module: GraphModule, spec: Any, report: CaptureReport) -> None:
-    """Dim.AUTO lets torch.export fix a dimension the model branches on or reshapes by (a
-    sequence of exactly 8) without an error. Record each input's dimensions as the graph has
-    them (an int where fixed) so that a call with another size gets an InputError, and warn
-    about the dimensions that were asked to be dynamic."""
-    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
-    requested = spec if isinstance(spec, dict) else dict(zip((n.name for n in placeholders), spec))
-    shapes, fixed = {}, {}
-    for node in placeholders:
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            continue
-        shapes[node.name] = dims = tuple(int(d) if is_concrete_int(d) else None for d in value.shape)
-        asked = requested.get(node.name)
-        # A float input's feature axis is fixed by the weights that read it, as expected; a token
-        # input's sequence is fixed only where the model branches on or reshapes by its length.
-        lost = [f"dim {d} = {dims[d]}" for d in asked if d < len(dims) and dims[d] is not None] \
-            if isinstance(asked, dict) and not value.is_floating_point() else []
-        if lost:
-            fixed[node.name] = ", ".join(lost)
-    report.input_dims = shapes
-    if fixed and report.shapes == "batch and sequence dimensions":
-        report.shapes = f"batch; fixed at capture: {fixed}"
-        ones = any(v.endswith("= 1") for text in fixed.values() for v in text.split(", "))
-        why = ("torch.export fixes a dimension of size 1 in the example: give examples of size 2 or more"
-               if ones else "torch.export found that the model branches on or reshapes by them")
-        warnings.warn(f"{type(model).__name__} was captured with these input dimensions fixed ({why}): {fixed}. "
-                      "Calls with other sizes raise InputError.", UserWarning, stacklevel=5)
 
 
-def _tensor_shapes(inputs: Any) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
 
 
-def _positional_names(model: nn.Module, count: int) -> list[str]:
-    names = [p.name for p in inspect.signature(model.forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return names[:count]
 
 
 def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
@@ -293,8 +201,8 @@ def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Capt
     report.specialized = {}  # torch.export takes None arguments as constants itself
     report.constant_keywords = constant_keywords(model, kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k not in report.constant_keywords}
-    spec = _export_spec(model, args, kwargs, dynamic)
-    with _keywords_bound(model, report.constant_keywords):
+    spec = export_spec(model, args, kwargs, dynamic)
+    with keywords_bound(model, report.constant_keywords):
         try:
             modules = _export_modes(model, args, kwargs, spec)
         except Exception as error:
@@ -306,13 +214,24 @@ def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Capt
                       f"make its batch and sequence dimensions dynamic ({report.failures.get('dynamic shapes', '')}). "
                       "Calls with other shapes raise InputError; pass dynamic_shapes=... to prepare() to say which "
                       "dimensions vary.", UserWarning, stacklevel=4)
-        report.static_shapes = _tensor_shapes((args, kwargs))
     root = modules[True]
+    report.input_dims = input_dims(root)  # calls with another size of a fixed one get an InputError
     if spec is not None:
-        _note_fixed_dims(model, root, spec, report)
+        _warn_fixed_token_dims(model, fixed_token_dims(root, spec, report.input_dims), report)
     _adopt_eval_state(root, modules[False])
     root.training = model.training
     return PreparedModel(root, _shared_if_same({True: root.graph, False: modules[False].graph}), type(model).__name__)
+
+
+def _warn_fixed_token_dims(model: nn.Module, fixed: dict[str, str], report: CaptureReport) -> None:
+    if not fixed or report.shapes != "batch and sequence dimensions":
+        return
+    report.shapes = f"batch; fixed at capture: {fixed}"
+    ones = any(v.endswith("= 1") for text in fixed.values() for v in text.split(", "))
+    why = ("torch.export fixes a dimension of size 1 in the example: give examples of size 2 or more"
+           if ones else "torch.export found that the model branches on or reshapes by them")
+    warnings.warn(f"{type(model).__name__} was captured with these input dimensions fixed ({why}): {fixed}. "
+                  "Calls with other sizes raise InputError.", UserWarning, stacklevel=5)
 
 
 def _export_fallback(model: nn.Module, args, kwargs, dynamic: DynamicShapes, spec, error: Exception,
