@@ -98,31 +98,16 @@ class QzoTrainer(Trainer):
         _refuse_uncaptured_inputs(prepared, inputs, batch, self.compute_loss_func is not None)
         step = self._step_for(model)
         micro_steps = max(int(getattr(self, "current_gradient_accumulation_steps", 1)), 1)
-        kept = None
-        if self._qzo_micro:  # earlier micro-batches' share, set aside: the step starts from no .grad
-            kept = [(p, p.grad) for p in model.parameters() if p.grad is not None]
-            for p, _ in kept:
-                p.grad = None
-        loss = step(batch)
-        self._accumulate(model, kept, micro_steps)
+        loss = step(batch)  # adds this micro-batch's estimate to .grad, as backward would
         self._qzo_micro = (self._qzo_micro + 1) % micro_steps
+        if self._qzo_micro == 0 and micro_steps > 1:
+            # The last micro-batch: the mean of the k estimates, as the STE gradients of the
+            # k losses scaled by 1/k would be (the optimizer steps next).
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(micro_steps)
         return loss.detach() / micro_steps
-
-    @staticmethod
-    def _accumulate(model: nn.Module, kept: Optional[list], micro_steps: int) -> None:
-        """``.grad`` <- what earlier micro-batches left + this estimate / micro_steps (the step
-        replaces ``.grad`` with its estimate)."""
-        if micro_steps == 1:
-            return
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(micro_steps)
-            for p, earlier in kept or ():
-                if p.grad is None:
-                    p.grad = earlier
-                else:
-                    p.grad.add_(earlier)
 
     def _set_signature_columns_if_needed(self) -> None:
         # The Trainer keeps the dataset columns the model's forward takes. The prepared forward
