@@ -14,10 +14,8 @@ estimator (:mod:`qzo_fx.train.estimators`) owns the step's math.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -28,7 +26,9 @@ from torch.fx import GraphModule
 from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.errors import NonFiniteLossError, TrainStepError
 from qzo_fx.train import distributed, sharding
+from qzo_fx.train.accumulation import add_back, set_aside_gradients
 from qzo_fx.train.batches import BatchSignature
+from qzo_fx.train.checkpoint import restore_step_state, step_state
 from qzo_fx.train.checks import FiniteCheck
 from qzo_fx.train.compilation import Compiler, CompileSetting
 from qzo_fx.train.directions import Directions
@@ -39,9 +39,9 @@ from qzo_fx.train.perturbed import PerturbedParam, code_tensors, perturbed_param
 from qzo_fx.train.reuse import TAPS, BaseTaps
 from qzo_fx.train.rng import RngState
 from qzo_fx.train.sharding import Shards
+from qzo_fx.train.stats import StepStats
 from qzo_fx.train.strategies import (
     STRATEGIES,
-    Auto,
     Branches,
     BranchModel,
     Strategy,
@@ -54,32 +54,6 @@ from qzo_fx.train.workspace import Workspace
 __all__ = ["train_step", "TrainStep", "StepStats"]
 
 NONFINITE = ("raise", "skip", "unchecked")
-
-
-@dataclass
-class StepStats:
-    """Compute accounting (fwd = 1, bwd = 2 forward-pass equivalents), timing and faults."""
-
-    steps: int = 0
-    forward_passes: int = 0
-    backward_passes: int = 0
-    branch_seconds: float = 0.0
-    step_seconds: float = 0.0
-    beta: Optional[float] = None
-    nonfinite_skips: int = 0
-    zero_gradient_fallbacks: int = 0
-    strategy: Optional[str] = None
-    last_branch_losses: list[float] = field(default_factory=list)
-
-    @property
-    def fwd_equivalents(self) -> int:
-        return self.forward_passes + 2 * self.backward_passes
-
-
-def _describe(estimator: Any) -> str:
-    """The estimator's settings without its seed (a checkpoint restores the seed itself)."""
-    fields = dataclasses.fields(estimator) if dataclasses.is_dataclass(estimator) else ()
-    return repr(dataclasses.replace(estimator, seed=None)) if any(f.name == "seed" for f in fields) else repr(estimator)
 
 
 class TrainStep:
@@ -121,6 +95,7 @@ class TrainStep:
         self.shards: Optional[Shards] = None
         self._eps_cache: Optional[tuple] = None
         self._batches = BatchSignature()
+        self._has_running_stats = any(name.rpartition(".")[2] == "running_mean" for name, _ in model.named_buffers())
         estimator.setup(self)
         self._trainable = self._trainable_now()
         base_seed = getattr(estimator, "seed", None)
@@ -135,9 +110,8 @@ class TrainStep:
         if not self.perturbed:
             raise TrainStepError(f"{type(self.estimator).__name__}: the model has no parameter to perturb: no "
                                  f"trainable weight feeds a quantizer (perturb={perturb!r}). Prepare it with a weight "
-                                 "spec "
-                                 "(qzo_fx.examine(model, example_inputs) lists the weights left in float, and why), "
-                                 "or pass perturb='all' to perturb the float parameters.")
+                                 "spec (qzo_fx.examine(model, example_inputs) lists the weights left in float, and "
+                                 "why), or pass perturb='all' to perturb the float parameters.")
         self.laws = [p.law for p in self.perturbed]
         self._use([p.name for p in self.perturbed], reuse_base)
 
@@ -282,8 +256,7 @@ class TrainStep:
         branches leave them alone (each sees perturbed weights), so an estimator without a base
         pass (n-SPSA, the sign methods, ZOQO) would leave a train-mode model's eval statistics
         where prepare left them. Nothing to do in eval mode or without BatchNorm."""
-        if not self.model.training or not any(name.rpartition(".")[2] == "running_mean"
-                                              for name, _ in self.model.named_buffers()):
+        if not self.model.training or not self._has_running_stats:
             return
         with torch.no_grad():
             self.loss_fn(self.wrapper, batch)
@@ -323,20 +296,20 @@ class TrainStep:
         if self.strategy is not None and self.strategy.chosen == "batched" and masks_differ(self.strategy.ctx):
             raise TrainStepError(f"{why}, but with strategy='batched' here (CUDA, or dropout in a torch.export graph) "
                                  "the branches' dropout masks are not the base pass's (see qzo_fx.train.random_ops): "
-                                 "use strategy='sequential', "
-                                 "'inplace' or 'auto'.")
+                                 "use strategy='sequential', 'inplace' or 'auto'.")
 
     # ------------------------------------------------------------------ the step
     def __call__(self, batch: Any) -> Tensor:
         start = time.perf_counter()
         self._batches.check(batch, self.step_index)
-        if self._trainable_now() != self._trainable:  # parameters frozen or unfrozen since the last step
+        trainable = self._trainable_now()
+        if trainable != self._trainable:  # parameters frozen or unfrozen since the last step
             self._eps_cache = None
             self.estimator.setup(self)
-            self._trainable = self._trainable_now()
+            self._trainable = trainable
         self.check = FiniteCheck(enabled=self.on_nonfinite != "unchecked",
                                  sum_over_ranks=sharding.sum_over_ranks if self.sharded else None)
-        earlier = self._set_aside_gradients()
+        earlier = set_aside_gradients(self.model)
         try:
             with self._batches.guarded(batch, self.model, self.step_index):
                 loss = self.estimator.run(self, batch)
@@ -347,7 +320,7 @@ class TrainStep:
             if failures:
                 self._nonfinite(failures)
         finally:
-            _add_back(earlier)
+            add_back(earlier)
         self.step_index += 1
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - start
@@ -358,14 +331,6 @@ class TrainStep:
     def _trainable_now(self) -> tuple[bool, ...]:
         return tuple(p.requires_grad for p in self.model.parameters())
 
-    def _set_aside_gradients(self) -> list[tuple[Tensor, Tensor]]:
-        """The ``.grad`` tensors earlier calls left (gradient accumulation over micro-batches),
-        taken off the parameters: the estimate is written into ``.grad`` and FOGZO's guide is read
-        from it, so both must be this batch's alone. :func:`_add_back` sums them after."""
-        kept: list[tuple[Tensor, Tensor]] = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
-        for p, _ in kept:
-            p.grad = None
-        return kept
 
     def _nonfinite(self, failures: list[str]) -> None:
         self.stats.nonfinite_skips += 1
@@ -384,34 +349,10 @@ class TrainStep:
     def state_dict(self) -> dict[str, Any]:
         """Schedule position, seed, counters, the chosen strategy and the torch RNG state: saved
         with the model and optimizer, a resumed run follows the same trajectory bit for bit."""
-        auto = self.strategy if isinstance(self.strategy, Auto) else None
-        return {"step_index": self.step_index, "base_seed": self.base_seed, "stats": dataclasses.asdict(self.stats),
-                "estimator": _describe(self.estimator), "torch_rng": torch.get_rng_state(),
-                "strategy": None if self.strategy is None else self.strategy.chosen,
-                "timings": None if auto is None else auto.timings, "batch_signature": self._batches.signature,
-                "batch_shapes": self._batches.shapes}
+        return step_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("estimator") != _describe(self.estimator):
-            raise TrainStepError(f"checkpoint was written for {state.get('estimator')}, this step uses "
-                                 f"{_describe(self.estimator)}; build the step with the same estimator to resume.")
-        self.step_index, self.base_seed = state["step_index"], state["base_seed"]
-        self.stats = StepStats(**state["stats"])
-        self._batches.signature = state.get("batch_signature")
-        self._batches.shapes = state.get("batch_shapes")
-        torch.set_rng_state(state["torch_rng"])
-        if isinstance(self.strategy, Auto) and state.get("timings") is not None:
-            self.strategy.timings = {k: list(v) for k, v in state["timings"].items() if k in self.strategy.candidates}
-            self.strategy.settled = state["strategy"] if state["strategy"] in self.strategy.candidates else None
-
-
-def _add_back(earlier: list[tuple[Tensor, Tensor]]) -> None:
-    """``.grad`` <- what earlier calls left + this step's gradient, as ``backward`` accumulates."""
-    with torch.no_grad():
-        for p, grad in earlier:
-            if p.grad is not None:
-                grad.add_(p.grad)
-            p.grad = grad
+        restore_step_state(self, state)
 
 
 def train_step(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], estimator: Optional[Estimator] = None, *,
