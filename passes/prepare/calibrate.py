@@ -94,7 +94,8 @@ def _observe(gm: GraphModule, training: bool, inputs, pending: dict[str, Quantiz
 
 
 def _initialize(pending: dict[str, Quantizer], seen: dict[str, list[Tensor]]) -> None:
-    reach = {name: float(torch.cat(seen[name]).abs().max()) for name in pending if seen[name]}
+    values = {name: torch.cat(seen[name]) for name in pending if seen[name]}
+    reach = {name: float(v.abs().max()) for name, v in values.items()}
     active = [reach[n] for n, q in pending.items() if q.role == "activation" and reach.get(n, 0.0) > 0]
     typical_reach = float(torch.tensor(active).median()) if active else 0.0
     # No range at all, or only float noise next to the model's other activations (the mean of
@@ -104,7 +105,7 @@ def _initialize(pending: dict[str, Quantizer], seen: dict[str, list[Tensor]]) ->
                   and reach[n] <= NOISE_FRACTION * typical_reach]
     for name, quantizer in pending.items():
         if name in reach and name not in degenerate:
-            quantizer.initialize(torch.cat(seen[name]))
+            quantizer.initialize(values[name])
     if degenerate:
         _typical_step(pending, degenerate, reach)
 
