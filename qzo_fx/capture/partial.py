@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from qzo_fx.capture.modal import PreparedModel
-from qzo_fx.capture.tracing import StateTracer, modes_kept
+from qzo_fx.capture.tracing import CaptureReport, StateTracer, modes_kept, trace_modes
 
 __all__ = ["PartialReport", "prepare_partially", "untraceable_modules"]
 
@@ -40,12 +40,17 @@ class PartialReport:
 
 
 class _LeafTracer(StateTracer):
-    def __init__(self, leaves: set[nn.Module]) -> None:
+    # ``leaves`` defaults to none: unpickling a part re-traces it with ``tracer_cls()``.
+    def __init__(self, leaves: Optional[set[nn.Module]] = None) -> None:
         super().__init__()
-        self.leaves = leaves
+        self.leaves = leaves if leaves is not None else set()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def _trace_error(module: nn.Module, leaves: set[nn.Module]) -> Optional[str]:
@@ -53,7 +58,7 @@ def _trace_error(module: nn.Module, leaves: set[nn.Module]) -> Optional[str]:
         _LeafTracer(leaves).trace(module)
         return None
     except Exception as error:
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return _reason(error)
 
 
 def untraceable_modules(model: nn.Module) -> dict[str, str]:
@@ -93,14 +98,17 @@ def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Modul
     return seen
 
 
-def _trace_modes(module: nn.Module, leaves: set[nn.Module]) -> PreparedModel:
-    graphs = {}
-    for training in (True, False):
-        with modes_kept(module, training):
-            graphs[training] = _LeafTracer(leaves).trace(module)
-    same = graphs[True].python_code("self").src == graphs[False].python_code("self").src
-    return PreparedModel(module, {True: graphs[True], False: graphs[True] if same else graphs[False]},
-                         type(module).__name__)
+def _trace_modes(module: nn.Module, leaves: set[nn.Module], seen: Optional[Inputs]) -> PreparedModel:
+    """``module`` traced in both modes as a whole model is: the arguments that were None in the
+    inputs it received in a mode are traced as None in that mode (``if position_bias is None:``
+    takes the branch the model takes). Without example inputs, its None defaults are."""
+    seen = seen or {}
+    fallback = next(iter(seen.values()), ((), {}))  # a mode it was not called in: the other's
+    inputs = {training: seen.get(training, fallback) for training in (True, False)}
+    report = CaptureReport("symbolic")
+    gm = trace_modes(module, inputs, report, lambda: _LeafTracer(leaves))
+    gm.meta["qzo.capture"] = report
+    return gm
 
 
 def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
@@ -127,7 +135,11 @@ def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
         if seen is None and args is not None:
             report.skipped[name] = "not called with the example inputs"
             return module
-        gm = _trace_modes(module, leaves)
+        try:
+            gm = _trace_modes(module, leaves, seen)
+        except Exception as error:  # the branch its None arguments take does not trace: keep it float
+            report.skipped[name] = f"traced with its None arguments as None: {_reason(error)}"
+            return module
         inner = sorted({str(n.target) for graph in gm.qzo_mode_graphs.values() for n in graph.nodes
                         if n.op == "call_module" and gm.get_submodule(str(n.target)) in leaves})
         report.graph.append(name)

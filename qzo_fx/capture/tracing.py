@@ -16,7 +16,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -35,10 +35,11 @@ from qzo_fx.capture.export_inputs import (
 )
 from qzo_fx.capture.hf import export_helpers, is_hf_model
 from qzo_fx.capture.modal import PreparedModel
+from qzo_fx.capture.none_arguments import check_none_arguments, expect_none, none_arguments
 from qzo_fx.errors import CaptureError
 from qzo_fx.quant.op_table import multi_head_attention, recurrent
 
-__all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "StateTracer", "modes_kept", "none_arguments"]
+__all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "StateTracer", "modes_kept", "none_arguments", "trace_modes"]
 
 CAPTURE_METHODS = ("auto", "symbolic", "export")
 # ``dynamic_shapes``: "auto" (batch and sequence dynamic), False (the example's shapes), or a
@@ -72,42 +73,23 @@ def modes_kept(model: nn.Module, training: Optional[bool] = None) -> Iterator[No
             m.training = flag
 
 
-def none_arguments(model: nn.Module, args, kwargs) -> dict[str, None]:
-    """Forward arguments that are None in this call (given as None or left at a None default).
-
-    Symbolic tracing would turn them into graph inputs and follow ``if mask is not None:`` as if
-    a tensor were given; they are traced as the constant None instead.
-    """
-    try:
-        signature = inspect.signature(model.forward)
-        bound = signature.bind_partial(*(args or ()), **(kwargs or {}))
-    except (TypeError, ValueError):
-        return {}
-    found = {}
-    for name, parameter in signature.parameters.items():
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        value = bound.arguments.get(name, parameter.default)
-        if value is None:
-            found[name] = None
-    return found
-
-
 class StateTracer(torch.fx.Tracer):
     """``torch.fx.Tracer`` that records buffer reads as graph values: an in-place update of a
     buffer (BatchNorm's ``num_batches_tracked.add_(1)`` in a module's own forward) then becomes
     part of the graph instead of running once, at trace time.
 
-    It also notes each dict subclass it turns into a graph value (``dropped_types``): torch.fx
-    rebuilds tuples, lists and named tuples as they were but every dict as a plain dict, so a
-    Hugging Face ``ModelOutput`` (``out.logits``) would come back as ``out["logits"]``."""
+    torch.fx rebuilds tuples, lists and named tuples as they were but writes every dict as a
+    ``{...}`` literal. An ``OrderedDict`` (torchvision's segmentation models return one) is
+    rebuilt by a call of its class on that literal; any other dict subclass is noted in
+    ``dropped_types``, since it comes back a plain dict (a Hugging Face ``ModelOutput``:
+    ``out.logits`` would become ``out["logits"]``)."""
 
     proxy_buffer_attributes = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # The functions prepare puts into graphs stay single calls when a graph's code is traced
-        # again (unpickling): their Python bodies branch on values a trace does not have.
-        kwargs.setdefault("autowrap_functions", (recurrent, multi_head_attention))
+        # The functions prepare and capture put into graphs stay single calls when a graph's code
+        # is traced again (unpickling): their Python bodies branch on values a trace does not have.
+        kwargs.setdefault("autowrap_functions", (recurrent, multi_head_attention, expect_none))
         super().__init__(*args, **kwargs)
         self.dropped_types: list[type] = []
 
@@ -122,21 +104,49 @@ class StateTracer(torch.fx.Tracer):
         return leaf
 
     def create_arg(self, a: Any) -> Any:
-        if isinstance(a, dict) and type(a) not in (dict, collections.OrderedDict):
+        if type(a) is collections.OrderedDict:
+            # Its constructor takes the plain dict, in the same order: the graph returns the type.
+            return self.create_node("call_function", collections.OrderedDict, (super().create_arg(dict(a)),), {})
+        if isinstance(a, dict) and type(a) is not dict:
             self.dropped_types.append(type(a))
         return super().create_arg(a)
 
 
-def _symbolic(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
-    report.specialized = none_arguments(model, args, kwargs)
+ModeInputs = Mapping[bool, tuple[Any, Any]]  # mode -> (args, kwargs) the module is called with
+
+
+def trace_modes(model: nn.Module, inputs: ModeInputs, report: CaptureReport,
+                tracer: Callable[[], StateTracer] = StateTracer) -> PreparedModel:
+    """Symbolic trace of ``model`` in each mode, with the forward arguments that are None in
+    that mode's inputs traced as the constant None (:func:`none_arguments`).
+
+    Args:
+        model: the module to trace (a whole model, or a part of one under partial capture).
+        inputs: the ``(args, kwargs)`` it is called with in train (True) and eval (False) mode.
+        report: gets ``specialized`` (the arguments None in both modes) and ``dropped_types``.
+        tracer: builds the tracer of each mode.
+
+    Returns:
+        The prepared model holding both graphs.
+    """
     graphs: dict[bool, Graph] = {}
+    fixed: dict[bool, dict[str, None]] = {}
     for training in (True, False):
+        fixed[training] = none_arguments(model, *inputs[training])
         with modes_kept(model, training):
-            tracer = StateTracer()
-            graphs[training] = tracer.trace(model, concrete_args=report.specialized or None)
-        report.dropped_types.extend(t for t in tracer.dropped_types if t not in report.dropped_types)
-    report.shapes = "all dimensions (symbolic trace)"
+            mode_tracer = tracer()
+            graphs[training] = mode_tracer.trace(model, concrete_args=fixed[training] or None)
+        check_none_arguments(graphs[training], model, fixed[training])
+        report.dropped_types.extend(t for t in mode_tracer.dropped_types if t not in report.dropped_types)
+    # Each graph refuses a value for its own None arguments; the report names those of both modes.
+    report.specialized = {name: None for name in fixed[True] if name in fixed[False]}
     return PreparedModel(model, _shared_if_same(graphs), type(model).__name__)
+
+
+def _symbolic(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: CaptureReport) -> PreparedModel:
+    gm = trace_modes(model, {True: (args, kwargs), False: (args, kwargs)}, report)
+    report.shapes = "all dimensions (symbolic trace)"
+    return gm
 
 
 def _shared_if_same(graphs: dict[bool, Graph]) -> dict[bool, Graph]:
@@ -245,15 +255,31 @@ def _export_fallback(model: nn.Module, args, kwargs, dynamic: DynamicShapes, spe
               bool(getattr(config, "use_cache", None))),
              ("dynamic shapes", lambda: _export_modes(model, args, kwargs, None, patched=is_hf),
               dynamic == "auto" and spec is not None)]
-    for what, attempt, applies in steps:
-        if not applies:
-            continue
-        report.failures[what] = _reason(error)
-        try:
-            return attempt(), None if what == "dynamic shapes" else spec
-        except Exception as retry:
-            error = retry
-    raise error
+    with _cache_flag_restored_on_failure(config):
+        for what, attempt, applies in steps:
+            if not applies:
+                continue
+            report.failures[what] = _reason(error)
+            try:
+                return attempt(), None if what == "dynamic shapes" else spec
+            except Exception as retry:
+                error = retry
+        raise error
+
+
+@contextlib.contextmanager
+def _cache_flag_restored_on_failure(config: Any) -> Iterator[None]:
+    """Set ``config.use_cache`` back when no retry exports the model: the cache retry turns it
+    off on prepare's copy, and the partial capture that follows prepares that same copy, which
+    must still return its cache as the user's model does."""
+    kept = hasattr(config, "use_cache")
+    saved = getattr(config, "use_cache", None)
+    try:
+        yield
+    except BaseException:
+        if kept:
+            config.use_cache = saved
+        raise
 
 
 def _without_cache(model: nn.Module, args, kwargs, spec, patched: bool) -> dict[bool, GraphModule]:
