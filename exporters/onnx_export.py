@@ -22,6 +22,7 @@ from torch.fx import GraphModule
 
 from qzo_fx.capture.export_inputs import auto_dims
 from qzo_fx.errors import ExportError
+from qzo_fx.example_inputs import positional_inputs
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.export_errors import OnnxStageError, export_failure
 from qzo_fx.exporters.library_ops import translation_table
@@ -255,7 +256,8 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
 
     Args:
         qm: a prepared model (it is not changed: lowering works on a copy).
-        example_inputs: positional inputs for tracing (batch >= 2 keeps the batch dynamic).
+        example_inputs: positional inputs for tracing, a tuple or one tensor (batch >= 2 keeps the batch
+            dynamic).
         path: where to write the ``.onnx`` file.
         target: "auto" (the ONNX Runtime providers here), "cpu", "cuda", "tensorrt" or
             "portable" (any runtime): the lint refuses what would compute wrong results there
@@ -280,6 +282,7 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
         >>> qzo_fx.export_onnx(qm, (torch.randn(2, 8),), "/tmp/l.onnx").opset
         21
     """
+    example_inputs = positional_inputs(example_inputs, "export_onnx") or ()
     wide = next((n for n, t in qm.named_parameters() if t.dtype == torch.float64), None)
     if wide is not None:
         raise ExportError(f"'{wide}' is float64: the file stores float32 scales and weights, so export a float32 "
@@ -292,7 +295,7 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     chosen = opset or (_INT4_OPSET if needs_int4 else _INT8_OPSET)
     if chosen < _INT4_OPSET and needs_int4:
         raise ExportError(f"opset={opset}: int4 or blocked weights need opset >= {_INT4_OPSET}; leave opset unset.")
-    model = _export_model(qm, lowered, tuple(example_inputs), dict(example_kwargs or {}), chosen, dynamic_shapes)
+    model = _export_model(qm, lowered, example_inputs, dict(example_kwargs or {}), chosen, dynamic_shapes)
     check_no_random_ops(model, type(qm).__name__)
     pack_low_bit_weights(model, lowered_meta(lowered).get(PACKABLE_KEY, {}))
     if not keep_debug_info:

@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from qzo_fx.capture.modes import mode
 from qzo_fx.errors import ExportError
+from qzo_fx.example_inputs import positional_inputs
 from qzo_fx.exporters.openvino_runtime import OpenVinoSession
 from qzo_fx.exporters.runtime import available_targets, onnx_session
 from qzo_fx.exporters.ties import TieCount, probe_model, tie_resolved_outputs
@@ -194,6 +195,7 @@ def verify_onnx(qm: nn.Module, path: Union[str, Path], inputs: Sequence[Any], *,
     if kwargs is not None and example_kwargs is not None:
         raise ExportError("verify_onnx got both kwargs= and example_kwargs=: they are one argument; pass one.")
     kwargs = dict(kwargs if kwargs is not None else example_kwargs or {})
+    inputs = positional_inputs(inputs, "verify_onnx") or ()
     with mode(qm, False), torch.no_grad():
         expected = [t.cpu().numpy() for t in tree_leaves(qm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
     path = Path(path)

@@ -8,7 +8,9 @@ resolved specs in ``node.meta``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -16,7 +18,8 @@ import torch.nn as nn
 
 from qzo_fx.errors import ConfigError
 
-__all__ = ["QuantSpec", "QuantConfig", "STE_KINDS", "SIGN_ONLY_STE_KINDS", "TARGETS", "check_field_types"]
+__all__ = ["QuantSpec", "QuantConfig", "STE_KINDS", "SIGN_ONLY_STE_KINDS", "TARGETS", "check_field_types",
+           "known_keywords"]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 STE_KINDS = ("identity", "clipped", "hardtanh", "tanh", "approxsign", "lsq")
@@ -48,6 +51,27 @@ def check_field_types(settings: object) -> None:
             raise ConfigError(f.name, value, f"a {core}" + (" or None" if optional else ""))
 
 
+def known_keywords(cls: type) -> type:
+    """Class decorator for a settings dataclass: an unknown keyword raises :class:`ConfigError`
+    naming the closest fields (``QuantConfig(bits=4)``), where the generated ``__init__`` would
+    raise a bare ``TypeError``."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def checked_init(self, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+                hint = f"Did you mean {' or '.join(close)}?" if close else ""
+                raise ConfigError(key, kwargs[key], f"{cls.__name__}'s keywords {names}", hint)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init  # type: ignore[method-assign]
+    return cls
+
+
+@known_keywords
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is fake-quantized.
@@ -129,6 +153,7 @@ SpecLike = Union[QuantSpec, Mapping[str, Any], None]
 _INHERIT = object()
 
 
+@known_keywords
 @dataclass(frozen=True)
 class QuantConfig:
     """Which tensors to quantize, and how.
@@ -246,8 +271,8 @@ def _check_override(key: object, value: object) -> None:
         if isinstance(spec, Mapping):
             try:
                 QuantSpec().replace(**spec)
-            except TypeError as error:
-                raise ConfigError(f"overrides[{key!r}][{role!r}]", spec, "fields of QuantSpec") from error
+            except (TypeError, ConfigError) as error:
+                raise ConfigError(f"overrides[{key!r}][{role!r}]", spec, "fields of QuantSpec", str(error)) from error
         elif spec is not None and not isinstance(spec, QuantSpec):
             raise ConfigError(f"overrides[{key!r}][{role!r}]", spec, "a QuantSpec, a dict of its fields, or None")
     if "activation" in value:

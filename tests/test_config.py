@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch.nn as nn
 
+import qzo_fx
 from qzo_fx import ConfigError, QuantConfig, QuantSpec, QzoError
 
 
@@ -80,3 +81,13 @@ def test_type_overrides_apply_to_torch_export_captures():
     config = QuantConfig(weight_bits=4, overrides={nn.Linear: {"weight": {"bits": 2}}})
     qm = qzo_fx.prepare(model, config, example_inputs=(torch.randn(2, 8),), capture="export")
     assert {q.bits for q in qzo_fx.list_quantizers(qm) if q.role == "weight"} == {2}
+
+
+@pytest.mark.parametrize("build, wrong, meant", [
+    (lambda: qzo_fx.QuantConfig(bits=4), "bits", "weight_bits"),
+    (lambda: qzo_fx.QuantSpec(bit=4), "bit", "bits"),
+    (lambda: qzo_fx.FOGZO(steps=10), "steps", "total_steps"),
+])
+def test_an_unknown_keyword_names_the_closest_field(build, wrong, meant):
+    with pytest.raises(qzo_fx.ConfigError, match=f"{wrong}=.*Did you mean {meant}"):
+        build()

@@ -18,6 +18,7 @@ from qzo_fx.capture.tracing import capture as capture_model
 from qzo_fx.config import QuantConfig
 from qzo_fx.context import QUANT_CONTAINER, PrepareContext
 from qzo_fx.errors import CaptureError, ConfigError, QzoError
+from qzo_fx.example_inputs import positional_inputs
 from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
 from qzo_fx.passes.prepare.annotate import annotate
 from qzo_fx.passes.prepare.calibrate import calibrate
@@ -59,7 +60,8 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
     Args:
         model: any ``nn.Module``.
         config: what to quantize; default 8-bit per-channel weights, float activations.
-        example_inputs: positional inputs; needed for activation calibration and torch.export.
+        example_inputs: positional inputs (a tuple, or one tensor); needed for activation
+            calibration and torch.export.
             Forward arguments that are None here (or left at a None default) are captured as
             the constant None.
         example_kwargs: keyword inputs for the same.
@@ -85,7 +87,7 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
     if not isinstance(config, QuantConfig):
         raise QzoError(f"config must be a qzo_fx.QuantConfig, got {type(config).__name__}.")
     _refuse_low_precision(model)
-    args = None if example_inputs is None else tuple(example_inputs)
+    args = positional_inputs(example_inputs, "prepare")
     kwargs = dict(example_kwargs or {})
     try:
         copied = copy.deepcopy(model)

@@ -16,6 +16,7 @@ from qzo_fx.capture.partial import untraceable_modules
 from qzo_fx.capture.tracing import capture
 from qzo_fx.config import QuantConfig
 from qzo_fx.errors import CaptureError
+from qzo_fx.example_inputs import positional_inputs
 from qzo_fx.quant.op_table import MODULE_TYPES, op_signature
 
 __all__ = ["examine", "ExamineReport", "Finding"]
@@ -76,7 +77,7 @@ def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
         graph mode (symbolic)
     """
     model = copy.deepcopy(model)
-    args = None if example_inputs is None else tuple(example_inputs)
+    args = positional_inputs(example_inputs, "examine")
     try:
         gm, report = capture(model, args, dict(example_kwargs or {}), "auto")
     except CaptureError as error:

@@ -54,12 +54,12 @@ class BatchSignature:
         saved = [(b, b.detach().clone()) for b in model.buffers()]
         try:
             yield
-        except QzoError:
-            raise
         except Exception as error:
             with torch.no_grad():
                 for buffer, value in saved:
                     buffer.copy_(value)
+            if isinstance(error, QzoError):
+                raise
             raise BatchError(f"step {step_index}: the model failed on a batch of shapes {shapes}, where the first "
                              f"batch had {self.shapes}: {type(error).__name__}: {error}. Nothing was changed; "
                              "fix the data pipeline.") from error

@@ -34,6 +34,7 @@ from qzo_fx.train.compilation import Compiler, CompileSetting
 from qzo_fx.train.directions import Directions
 from qzo_fx.train.estimators import STE, Estimator
 from qzo_fx.train.graphs import BranchGraphs
+from qzo_fx.train.loss_call import checked_loss
 from qzo_fx.train.noise import Noise
 from qzo_fx.train.perturbed import PerturbedParam, code_tensors, perturbed_params
 from qzo_fx.train.reuse import TAPS, BaseTaps
@@ -76,7 +77,7 @@ class TrainStep:
         # Under DDP the base pass goes through the wrapper (its backward all-reduces the STE
         # gradient); branches, parameters and quantizers live on the wrapped module.
         self.wrapper, self.model = model, distributed.unwrap(model)
-        self.loss_fn, self.estimator, self.requested_strategy = loss_fn, estimator, strategy
+        self.loss_fn, self.estimator, self.requested_strategy = checked_loss(loss_fn), estimator, strategy
         self.on_nonfinite, self.max_chunk = on_nonfinite, max_chunk
         self.stats, self.step_index = StepStats(), 0
         self.noise, self.workspace = Noise(noise), Workspace()
@@ -299,7 +300,11 @@ class TrainStep:
                                  "use strategy='sequential', 'inplace' or 'auto'.")
 
     # ------------------------------------------------------------------ the step
-    def __call__(self, batch: Any) -> Tensor:
+    def __call__(self, *batch: Any) -> Tensor:
+        """One step on ``batch``; ``step(x, y)`` is ``step((x, y))``, as a DataLoader yields it."""
+        if not batch:
+            raise TrainStepError("a step needs a batch: step(batch), or step(x, y) for step((x, y)).")
+        batch = batch[0] if len(batch) == 1 else batch
         start = time.perf_counter()
         self._batches.check(batch, self.step_index)
         trainable = self._trainable_now()

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from qzo_fx.config import check_field_types
+from qzo_fx.config import check_field_types, known_keywords
 from qzo_fx.errors import TrainStepError
 from qzo_fx.train.estimators.base import PERTURB, Estimator, check_setting
 from qzo_fx.train.estimators.ste import ste_step
@@ -33,6 +33,7 @@ def beta_for_share(share: float, dim: int, noise: str = "per_coordinate") -> flo
     return share * dim / (1.0 - share + share * dim)
 
 
+@known_keywords
 @dataclass(frozen=True)
 class FOGZO(Estimator):
     """First-order-guided zeroth-order estimator.

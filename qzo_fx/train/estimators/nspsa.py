@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from qzo_fx.config import check_field_types
+from qzo_fx.config import check_field_types, known_keywords
 from qzo_fx.train.directions import Directions
 from qzo_fx.train.estimators.base import PERTURB, Estimator, check_setting
 from qzo_fx.train.rng import RngState
@@ -16,6 +16,7 @@ from qzo_fx.train.rng import RngState
 __all__ = ["NSPSA", "ZOSign"]
 
 
+@known_keywords
 @dataclass(frozen=True)
 class NSPSA(Estimator):
     """n-direction SPSA: ``G = mean_i [L(th + eps u_i) - L(th - eps u_i)] / 2 * u_i / eps``.
@@ -80,6 +81,7 @@ class NSPSA(Estimator):
         return losses.mean()
 
 
+@known_keywords
 @dataclass(frozen=True)
 class ZOSign(NSPSA):
     """Sign-based zeroth-order SGD on latent weights; two different methods, named apart:

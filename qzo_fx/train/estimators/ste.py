@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from qzo_fx.config import known_keywords
 from qzo_fx.train.estimators.base import Estimator
 
 __all__ = ["STE", "ste_step"]
@@ -19,6 +20,7 @@ def ste_step(step: Any, batch: Any) -> Tensor:
     return loss
 
 
+@known_keywords
 @dataclass(frozen=True)
 class STE(Estimator):
     """Plain straight-through estimator: one forward, one backward.

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from qzo_fx.config import check_field_types
+from qzo_fx.config import check_field_types, known_keywords
 from qzo_fx.train.estimators.base import Estimator, check_setting
 from qzo_fx.train.noise import UNIFORM_HALF_WIDTH, noise_key
 from qzo_fx.train.rng import RngState
@@ -15,6 +15,7 @@ from qzo_fx.train.rng import RngState
 __all__ = ["ZOQO"]
 
 
+@known_keywords
 @dataclass(frozen=True)
 class ZOQO(Estimator):
     """Zeroth-order quantized optimization: weights stay integer codes on the grid.

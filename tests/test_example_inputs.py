@@ -1,0 +1,39 @@
+"""Example inputs given as one tensor, as torch.onnx.export takes them, mean one argument everywhere."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+import qzo_fx
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+def test_one_tensor_is_one_input_from_prepare_to_the_runtime(tmp_path):
+    x = torch.randn(2, 3, 8, 8)  # batch 2: tuple(x) would be two (3, 8, 8) arguments
+    model = _model()
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=x)
+    assert qzo_fx.examine(model, x) is not None
+    qm.eval()
+    path = qzo_fx.export_onnx(qm, x, tmp_path / "m.onnx").path
+    session = ort.InferenceSession(str(path))
+    assert len(session.get_inputs()) == 1
+    probe = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = qm(probe).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0]
+    assert np.abs(got - expected).max() <= np.abs(expected).max() / 127
+    assert qzo_fx.verify_onnx(qm, path, probe).ok
+
+
+def test_a_dict_of_example_inputs_names_example_kwargs():
+    with pytest.raises(qzo_fx.InputError, match="example_kwargs"):
+        qzo_fx.prepare(_model(), qzo_fx.QuantConfig(), example_inputs={"x": torch.randn(2, 3, 8, 8)})
