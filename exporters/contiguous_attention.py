@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from qzo_fx.exporters.attention_4d import attention_in_4d
 from qzo_fx.pass_infra import PassResult
 
 __all__ = ["contiguous_attention"]
 
 aten = torch.ops.aten
 _ATTENTION = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
-              aten.scaled_dot_product_attention.default}
+              aten.scaled_dot_product_attention.default, attention_in_4d}
 # Fused variants that torch.export can record: their first output is the attention.
 _FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default}
 

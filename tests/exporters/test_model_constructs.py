@@ -125,3 +125,34 @@ def test_transformers_grouped_mm_exports_and_matches_for_any_routing(tmp_path):
             expected = qm.eval()(probe, probe_ends).numpy()
         got = session.run(None, dict(zip(names, (probe.numpy(), probe_ends.numpy()))))[0]
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=str(routed))
+
+
+class MaskUnitAttention(nn.Module):
+    """Attention within windows, as Hiera's mask units: [batch, heads, windows, tokens, dim]."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, windows: int = 4):
+        super().__init__()
+        self.heads, self.windows = heads, windows
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        b, t, c = x.shape
+        qkv = self.qkv(x).reshape(b, -1, self.windows, 3, self.heads, c // self.heads).permute(3, 0, 4, 2, 1, 5)
+        q, k, v = qkv.unbind(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 3).reshape(b, t, c))
+
+
+def test_five_dimensional_attention_exports_and_matches(tmp_path):
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 8, 16), torch.rand(2, 8 // 4) > 0.3  # tokens per window: 2
+    qm = qzo_fx.prepare(MaskUnitAttention(), W8A8, example_inputs=(x, mask))
+    result = qzo_fx.export_onnx(qm.eval(), (x, mask), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(result.path))
+    probe, probe_mask = torch.randn(3, 8, 16), torch.rand(2, 2) > 0.3
+    probe_mask[:, 0] = True  # every query attends somewhere
+    with torch.no_grad():
+        expected = qm(probe, probe_mask).numpy()
+    got = session.run(None, dict(zip([i.name for i in session.get_inputs()], (probe.numpy(), probe_mask.numpy()))))
+    assert np.abs(got[0] - expected).max() <= np.abs(expected).max() / 127
+    assert qzo_fx.verify_onnx(qm, result.path, (probe, probe_mask)).ok
