@@ -3,119 +3,118 @@
 ``BN(conv(x, (q - z) s) + b) = conv(x, (q - z) (s k)) + (b - mu) k + beta`` with
 ``k = gamma / sqrt(var + eps)``: the integer codes stay as trained and ``k`` goes into the
 dequantization scale, multiplied, never divided by gamma (timm zero-initialises some gammas).
-Channels with ``k <= 0`` would need negative scales, so such a BatchNorm is left in place.
+
+After a quantized weight the eval graph already computes this fold
+(:mod:`qzo_fx.passes.prepare.fold_eval_batchnorm`): each site is ``where(ok, conv(x,
+folded_weight(...), folded_bias(...)), bn)``, and here it becomes the plain conv with the folded
+scale and the bias the graph computed (int32 codes where it rounds them). Where ``ok`` is false
+now (some ``k <= 0``, which would need negative scales) the BatchNorm stays, as the graph computes
+it. After a float weight the BatchNorm folds directly into a scaled weight and a float bias.
 """
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
-import torch.nn as nn
 from torch.fx import GraphModule, Node
 
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.exporters.lower_bias import constant_value, int32_bias
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.passes.prepare.round_folded_bias import (
-    FOLDABLE_BATCHNORMS,
-    FOLDABLE_PRODUCERS,
-    folded_bias,
-    is_folded_bias_rounding,
-)
+from qzo_fx.passes.prepare.batchnorm_site import BatchNormSite, batchnorm_site, feeds_only
+from qzo_fx.passes.prepare.fold_eval_batchnorm import FOLDABLE_PRODUCERS, FoldedSite, folded_site
+from qzo_fx.passes.prepare.folded_batchnorm_ops import batchnorm_scale, folded_bias_parts, folded_weight_scale
 
 __all__ = ["fold_batchnorm"]
 
 
-def _foldable(gm: GraphModule, bn_node: Node):
-    if bn_node.op != "call_module":
-        return None
-    bn = gm.get_submodule(str(bn_node.target))
-    # Exact types only: subclasses (timm's BatchNormAct2d) add an activation a fold would drop.
-    if type(bn) not in FOLDABLE_BATCHNORMS or bn.training or bn.running_mean is None:
-        return None
-    producer = bn_node.args[0]
-    if not isinstance(producer, Node) or producer.target not in FOLDABLE_PRODUCERS or len(producer.users) != 1:
-        return None
-    weight = producer.args[1]
-    k = (bn.weight.detach() if bn.affine else 1.0) / torch.sqrt(bn.running_var + bn.eps)
-    if weight.op == "call_function" and weight.target is torch.ops.qzo.dequantize.default:
-        scale = gm.get_buffer(str(weight.args[1].target))
-        if (k <= 0).any() or (scale.dim() > 0 and weight.args[3] != 0):
-            return None  # negative scales, or scales not along output channels
-    elif weight.op != "get_attr":
-        return None
-    return bn, producer, weight, k
+def _constant(gm: GraphModule, value: object) -> object:
+    found = constant_value(gm, value)
+    return found.detach() if isinstance(found, torch.Tensor) else found
 
 
-def _fold(gm: GraphModule, bn: nn.Module, producer: Node, weight: Node, k: torch.Tensor, rounding: Optional[Node],
-          tag: str) -> None:
-    if weight.op == "get_attr":  # a float weight: scale it directly (a new buffer; nothing shared changes)
-        w = operator.attrgetter(str(weight.target))(gm)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_weight", w.detach() * k.reshape(shape))
-        with gm.graph.inserting_before(producer):
-            producer.update_arg(1, gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_weight"))
-    else:
-        scale_target = str(weight.args[1].target)
-        scale = gm.get_buffer(scale_target)
-        folded = scale * k.reshape((-1,) + (1,) * max(scale.dim() - 1, 0)) if scale.dim() else scale * k
-        owner, _, name = scale_target.rpartition(".")
-        gm.get_submodule(owner).register_buffer(name, folded.contiguous())
-        if scale.dim() == 0:
-            # A per-tensor scale times k is per channel; a per-channel zero point must follow.
-            zero_target = str(weight.args[2].target)
-            zero = gm.get_buffer(zero_target)
-            z_owner, _, z_name = zero_target.rpartition(".")
-            gm.get_submodule(z_owner).register_buffer(z_name, zero.expand(k.shape).contiguous())
-            weight.update_arg(3, 0)
-    _set_bias(producer, _folded_bias_node(gm, bn, producer, k, rounding, tag))
+def _scale_dequantize(gm: GraphModule, dequantize: Node, k: torch.Tensor) -> None:
+    """Multiply the scale a ``qzo.dequantize`` node reads by ``k`` (per output channel)."""
+    scale_target = str(dequantize.args[1].target)
+    scale = gm.get_buffer(scale_target)
+    owner, _, name = scale_target.rpartition(".")
+    gm.get_submodule(owner).register_buffer(name, folded_weight_scale(scale, k).contiguous())
+    if scale.dim() == 0:
+        # A per-tensor scale times k is per channel; a per-channel zero point must follow.
+        zero_target = str(dequantize.args[2].target)
+        zero = gm.get_buffer(zero_target)
+        z_owner, _, z_name = zero_target.rpartition(".")
+        gm.get_submodule(z_owner).register_buffer(z_name, zero.expand(k.shape).contiguous())
+        dequantize.update_arg(3, 0)
 
 
-def _folded_bias_node(gm: GraphModule, bn: nn.Module, producer: Node, k: torch.Tensor, rounding: Optional[Node],
-                      tag: str) -> Node:
-    """The folded bias ``(b - mean) k + beta``: int32 codes + DequantizeLinear at ``s_x * s_w * k``
-    where the eval graph rounds it (an integer kernel adds it so), else a float initializer."""
+def _bias_node(gm: GraphModule, site: FoldedSite, k: torch.Tensor, tag: str) -> Node:
+    """The bias the eval graph computed: int32 codes + DequantizeLinear where it rounds, else float."""
+    bias, mean, _, _, beta, _, input_scale, weight_scale = [_constant(gm, a) for a in site.bias.args]
+    value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
+    if step is not None:
+        return int32_bias(gm, f"{tag}_bias", value, step, before=site.producer)
+    gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_bias", value)
+    with gm.graph.inserting_before(site.producer):
+        return gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_bias")
+
+
+def _fold_site(gm: GraphModule, site: FoldedSite) -> None:
+    weight_in, _, var, gamma, eps = site.weight.args
+    if bool(_constant(gm, site.ok)):
+        k = batchnorm_scale(_constant(gm, var), _constant(gm, gamma), eps)
+        _scale_dequantize(gm, weight_in, k)
+        site.rewire(weight_in, _bias_node(gm, site, k, site.batchnorm.name + "_folded"))
+        site.where.replace_all_uses_with(site.producer)
+    else:  # the BatchNorm stays: the conv gets back its own weight and bias
+        site.rewire(weight_in, site.bias.args[0])
+        site.where.replace_all_uses_with(site.batchnorm)
+    for node in (site.where, site.ok, site.weight, site.bias, site.batchnorm):
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+def _float_weight_site(gm: GraphModule, node: Node) -> BatchNormSite | None:
+    """A BatchNorm after a float weight (the eval graph left it unfolded)."""
+    site = batchnorm_site(gm, node)
+    if site is None or (node.op == "call_module" and gm.get_submodule(str(node.target)).training):
+        return None
+    producer = site.input
+    if producer.target not in FOLDABLE_PRODUCERS or not feeds_only(producer, node) or len(producer.args) < 2:
+        return None
+    return site if isinstance(producer.args[1], Node) and producer.args[1].op == "get_attr" else None
+
+
+def _fold_float_weight(gm: GraphModule, site: BatchNormSite) -> None:
+    producer, tag = site.input, site.tag + "_folded"
+    mean, var, gamma, beta = [None if t is None else t.detach() for t in site.tensors(gm)]
+    k = batchnorm_scale(var, gamma, site.eps)
+    w = operator.attrgetter(str(producer.args[1].target))(gm).detach()
+    container = gm.get_submodule(EXPORT_CONTAINER)
+    container.register_buffer(f"{tag}_weight", w * k.reshape((-1,) + (1,) * (w.dim() - 1)))
     bias = producer.args[2] if len(producer.args) > 2 else None
-    # A float parameter, or an int32 bias already lowered to dequantize(codes): its value either way.
-    if rounding is None:
-        b = constant_value(gm, bias).detach() if isinstance(bias, Node) else torch.zeros_like(k)
-        shift = bn.bias.detach() if bn.affine else torch.zeros_like(k)
-        gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_bias", (b - bn.running_mean) * k + shift)
-        with gm.graph.inserting_before(producer):
-            return gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_bias")
-    # The values the eval graph rounds, from the same reads (the quantizers' scales included).
-    reads = [constant_value(gm, a) for a in rounding.args[1:]]
-    with torch.no_grad():
-        value, step, _ = folded_bias(*[r.detach() if isinstance(r, torch.Tensor) else r for r in reads])
-    return int32_bias(gm, f"{tag}_bias", value, step, before=producer)
-
-
-def _set_bias(producer: Node, bias: Node) -> None:
-    args = list(producer.args) + [None] * (3 - len(producer.args))
-    args[2] = bias
-    producer.args = tuple(args)
-
-
-def _rounding_of(bn_node: Node) -> Optional[Node]:
-    """The eval graph's int32 rounding of this BatchNorm's folded bias, if it has one."""
-    return next((user for user in bn_node.users if is_folded_bias_rounding(user) and user.args[0] is bn_node), None)
+    value, _ = folded_bias_parts(_constant(gm, bias) if isinstance(bias, Node) else None, mean, k, beta, None, None)
+    container.register_buffer(f"{tag}_bias", value)
+    with gm.graph.inserting_before(producer):
+        producer.update_arg(1, gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_weight"))
+        args = list(producer.args) + [None] * (3 - len(producer.args))
+        args[2] = gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_bias")
+        producer.args = tuple(args)
+    site.node.replace_all_uses_with(producer)
+    gm.graph.erase_node(site.node)
 
 
 def fold_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:
     export_container(gm)
     modified = False
     for node in list(gm.graph.nodes):
-        match = _foldable(gm, node)
-        if match is None:
+        site = folded_site(node)
+        if site is not None:
+            _fold_site(gm, site)
+            modified = True
             continue
-        bn, producer, weight, k = match
-        rounding = _rounding_of(node)
-        _fold(gm, bn, producer, weight, k.detach(), rounding, tag=str(node.target).replace(".", "_") + "_folded")
-        if rounding is not None:  # now in the bias codes
-            rounding.replace_all_uses_with(producer)
-            gm.graph.erase_node(rounding)
-        node.replace_all_uses_with(producer)
-        gm.graph.erase_node(node)
-        modified = True
+        plain = _float_weight_site(gm, node)
+        if plain is not None:
+            _fold_float_weight(gm, plain)
+            modified = True
     return PassResult(gm, modified)

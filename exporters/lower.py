@@ -16,7 +16,7 @@ from qzo_fx.exporters.fold_batchnorm import fold_batchnorm
 from qzo_fx.exporters.gather_quantized import lower_quantized_gather
 from qzo_fx.exporters.lower_activations import lower_activations
 from qzo_fx.exporters.lower_bias import lower_bias
-from qzo_fx.exporters.lower_bias_rounding import lower_bias_rounding
+from qzo_fx.exporters.lower_folding_ops import lower_folding_ops
 from qzo_fx.exporters.lower_weights import lower_weights
 from qzo_fx.exporters.matmul_nbits import lower_matmul_nbits
 from qzo_fx.pass_infra import Pass, PassManager
@@ -28,8 +28,8 @@ LOWERING_PIPELINE = (
     Pass("lower_bias", lower_bias, "int32-rounded biases -> int32 codes + DequantizeLinear"),
     Pass("lower_weights", lower_weights, "latent weights -> integer codes + DequantizeLinear (STE gone)"),
     Pass("lower_activations", lower_activations, "activation STE -> Q/DQ with typed zero points"),
-    Pass("fold_batchnorm", fold_batchnorm, "BatchNorm into dequantization scales and biases (int32 where rounded)"),
-    Pass("lower_bias_rounding", lower_bias_rounding, "folded-bias rounding of BatchNorms kept: plain ops"),
+    Pass("fold_batchnorm", fold_batchnorm, "BatchNorm into dequantization scales and biases (as the eval graph)"),
+    Pass("lower_folding_ops", lower_folding_ops, "BatchNorm-folding ops of sites not folded: plain ops"),
     Pass("lower_matmul_nbits", lower_matmul_nbits, "blocked 2/4/8-bit linears -> ORT MatMulNBits (ORT formats)"),
     Pass("lower_quantized_gather", lower_quantized_gather, "embeddings gather codes, dequantize only those rows"),
     Pass("attention_4d", attention_4d, "attention over 5-D and wider inputs with its leading dims folded"),

@@ -23,9 +23,9 @@ from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
 from qzo_fx.passes.prepare.annotate import annotate
 from qzo_fx.passes.prepare.calibrate import calibrate
 from qzo_fx.passes.prepare.cleanup import cleanup
+from qzo_fx.passes.prepare.fold_eval_batchnorm import fold_eval_batchnorm
 from qzo_fx.passes.prepare.insert_qdq import insert_qdq
 from qzo_fx.passes.prepare.quantize_bias import quantize_bias
-from qzo_fx.passes.prepare.round_folded_bias import round_folded_bias
 from qzo_fx.quant.quantizer import Quantizer, QuantizerInfo
 
 __all__ = ["prepare", "PREPARE_PIPELINE", "list_quantizers", "quantizer_containers"]
@@ -38,7 +38,7 @@ PREPARE_PIPELINE = (
     Pass("calibrate", calibrate, "set activation scales from the example inputs, seen in both modes"),
     Pass("quantize_bias", each_mode(quantize_bias),
          "round biases of integer-kernel ops to int32 at s_x*s_w, as ORT does"),
-    Pass("round_folded_bias", round_folded_bias, "eval graph: int32 rounding of biases that BN folding creates"),
+    Pass("fold_eval_batchnorm", fold_eval_batchnorm, "eval graph: BatchNorms computed folded, as the file"),
     Pass("cleanup", each_mode(cleanup), "drop reads that functionalization left unused"),
 )
 

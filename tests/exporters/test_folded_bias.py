@@ -10,12 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import qzo_fx
 from qzo_fx.capture.modes import mode_graph
-from qzo_fx.passes.prepare.round_folded_bias import is_folded_bias_rounding
+from qzo_fx.passes.prepare.fold_eval_batchnorm import is_folded_site
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 W8A8 = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
@@ -86,6 +87,44 @@ def test_folded_bias_is_int32_and_all_three_agree_without_ties(conv_bias, tmp_pa
     assert report.ok and report.ties == 0 and report.raw_steps < 1e-3, str(report)
 
 
+class _BatchNormRelu(nn.BatchNorm2d):
+    """A BatchNorm subclass that adds its activation, as timm's BatchNormAct2d does: symbolic
+    capture traces into it, so the graph holds ``F.batch_norm`` (and a shape assert), not a module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected a 4-D input")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return torch.relu(x)
+
+
+def _conv_bn_relu_subclass() -> nn.Module:
+    model = _conv_bn()
+    fused = _BatchNormRelu(8)
+    fused.load_state_dict(model[1].state_dict())
+    return nn.Sequential(model[0], fused, model[3])
+
+
+@pytest.mark.parametrize("build, capture", [(_conv_bn_relu_subclass, "auto"), (_conv_bn, "export")],
+                         ids=["functional-batch-norm", "torch-export-aten-batch-norm"])
+def test_functional_batchnorm_folds_like_a_module(build, capture, tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    qm = qzo_fx.prepare(build(), W8A8, example_inputs=(x,), capture=capture)
+    qm.train()
+    for seed in range(3):  # running statistics as training leaves them
+        qm(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(seed)))
+    result = qzo_fx.export_onnx(qm.eval(), (x,), tmp_path / "m.onnx")
+    assert "BatchNormalization" not in result.op_types
+    assert _conv_biases(onnx.load(str(result.path))) == [("DequantizeLinear", "INT32")] * 2
+    probe = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        expected = qm(probe).numpy()
+    for runtime, got in _runtimes(result.path, probe).items():
+        assert _steps_apart(expected, got) < 1e-3, runtime
+    report = qzo_fx.verify_onnx(qm, result.path, (probe,))
+    assert report.ok and report.ties == 0, str(report)
+
+
 def test_int32_codes_are_the_folded_bias_at_input_times_folded_weight_step(tmp_path):
     model = _conv_bn()
     x = torch.randn(2, 3, 16, 16)
@@ -106,12 +145,12 @@ def test_int32_codes_are_the_folded_bias_at_input_times_folded_weight_step(tmp_p
     np.testing.assert_array_equal(codes, np.round(folded / step).astype(np.int32))
 
 
-def test_only_the_eval_graph_rounds_and_the_rounding_follows_training(tmp_path):
+def test_only_the_eval_graph_folds_and_the_fold_follows_training(tmp_path):
     model = _conv_bn()
     x = torch.randn(4, 3, 16, 16)
     qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
-    assert not any(is_folded_bias_rounding(n) for n in mode_graph(qm, True).nodes)
-    assert sum(is_folded_bias_rounding(n) for n in mode_graph(qm, False).nodes) == 1
+    assert not any(is_folded_site(n) for n in mode_graph(qm, True).nodes)
+    assert sum(is_folded_site(n) for n in mode_graph(qm, False).nodes) == 1
     # Train mode: BatchNorm normalizes with batch statistics (each channel's mean is its beta).
     with torch.no_grad():
         bn = qm.train().get_submodule("1")
@@ -162,7 +201,7 @@ def test_linear_batchnorm1d_and_an_unfolded_export(tmp_path):
         expected = qm.eval()(probe).numpy()
     folded = qzo_fx.export_onnx(qm, (x,), tmp_path / "folded.onnx")
     assert _conv_biases(onnx.load(str(folded.path))) == [("DequantizeLinear", "INT32")] * 2
-    # Unfolded, the file computes the model's rounding error itself (constants ORT folds).
+    # Unfolded, the file computes the fold itself from its constants, as the eval graph does.
     unfolded = qzo_fx.export_onnx(qm, (x,), tmp_path / "unfolded.onnx", fold_batchnorm=False)
     assert "BatchNormalization" in unfolded.op_types
     for result in (folded, unfolded):
@@ -187,3 +226,29 @@ def test_a_systematic_bias_deviation_is_not_taken_for_ties(tmp_path):
     onnx.save(file, str(tmp_path / "off.onnx"))
     report = qzo_fx.verify_onnx(qm, tmp_path / "off.onnx", (x,))
     assert not report.ok and report.unexplained > 0, str(report)
+
+
+def test_eval_mode_computes_the_batchnorm_and_its_gradients_as_the_unfolded_model(tmp_path):
+    """The folded eval graph is the same function as conv -> BatchNorm (up to the int32 bias
+    rounding), and training in eval mode gets the unfolded form's straight-through gradients."""
+    model = _conv_bn(conv_bias=True)
+    x = torch.randn(4, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,)).eval()
+    quant = qm.qzo_quant
+    conv, bn, head = qm.get_submodule("0"), qm.get_submodule("1"), qm.get_submodule("3")
+
+    def reference(inputs):
+        y = F.conv2d(quant.get_submodule("0_input")(inputs), quant.get_submodule("0_weight")(conv.weight), conv.bias)
+        y = torch.relu(F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+        return F.conv2d(quant.get_submodule("3_input")(y), quant.get_submodule("3_weight")(head.weight), head.bias)
+
+    grads = []
+    for forward in (qm, reference):
+        qm.zero_grad()
+        out = forward(x)
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in (conv.weight, conv.bias, bn.weight, bn.bias)]))
+    (folded, folded_grads), (plain, plain_grads) = grads
+    assert _steps_apart(plain.numpy(), folded.numpy()) < 0.05  # the int32 bias rounding, far below a step
+    for got, expected in zip(folded_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-4)

@@ -104,6 +104,7 @@ HUGGINGFACE = {
     "hf/electra": encoder("ElectraConfig", "ElectraForSequenceClassification", embedding_size=16, **_BERT),
     "hf/albert": encoder("AlbertConfig", "AlbertModel", embedding_size=16, **_BERT),
     "hf/deberta_v2": encoder("DebertaV2Config", "DebertaV2ForSequenceClassification", **_BERT),
+    "hf/longformer": encoder("LongformerConfig", "LongformerModel", attention_window=4, pad_token_id=1, **_BERT),
     # encoder-decoders
     "hf/t5": seq2seq("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64,
                      num_layers=2, num_heads=4),
@@ -113,8 +114,13 @@ HUGGINGFACE = {
     "hf/marian": seq2seq("MarianConfig", "MarianMTModel", vocab_size=VOCAB, d_model=32, encoder_layers=2,
                          decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                          decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, decoder_start_token_id=0),
+    "hf/m2m100": seq2seq("M2M100Config", "M2M100ForConditionalGeneration", vocab_size=VOCAB, d_model=32,
+                         encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1,
+                         bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
     # audio
     "hf/wav2vec2": audio("Wav2Vec2Config", "Wav2Vec2ForCTC", **_CONV_AUDIO),
+    "hf/wavlm": audio("WavLMConfig", "WavLMForCTC", num_buckets=32, max_bucket_distance=64, **_CONV_AUDIO),
     "hf/whisper": whisper(),
     # vision
     "hf/vit": vision("ViTConfig", "ViTForImageClassification", patch_size=8, hidden_size=32, num_hidden_layers=2,

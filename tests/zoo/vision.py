@@ -40,6 +40,17 @@ def tv_class(module: str, cls: str, size: int, **kwargs) -> Entry:
     return Entry("torchvision", build, "torchvision")
 
 
+def tv_segmentation(name: str, size: int = 64) -> Entry:
+    """A torchvision segmentation builder (its output: an OrderedDict of masks)."""
+    def build() -> Case:
+        torchvision_shim()
+        import torchvision
+
+        model = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=10)
+        return Case(model, _images(size))
+    return Entry("torchvision", build, "torchvision")
+
+
 def _convnext_blocks():
     from torchvision.models.convnext import CNBlockConfig
 
@@ -66,6 +77,8 @@ TIMM = {
     "timm/mobilevit_xxs": timm_model("mobilevit_xxs"),
     "timm/ghostnet_050": timm_model("ghostnet_050", drop_rate=0.2),
     "timm/efficientvit_b0": timm_model("efficientvit_b0"),
+    # Attention within mask units: 5-D scaled_dot_product_attention.
+    "timm/hiera_tiny_224": timm_model("hiera_tiny_224", img_size=64, drop_path_rate=0.1),
 }
 
 TORCHVISION = {
@@ -87,4 +100,5 @@ TORCHVISION = {
                              depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], stochastic_depth_prob=0.2),
     "tv/convnext_tiny": tv_class("convnext", "ConvNeXt", 64, block_setting=_convnext_blocks,
                                  stochastic_depth_prob=0.1),
+    "tv/deeplabv3_mobilenet_v3_large": tv_segmentation("deeplabv3_mobilenet_v3_large"),
 }

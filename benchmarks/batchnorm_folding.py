@@ -1,0 +1,69 @@
+"""What folding captured-functional BatchNorm buys in ONNX Runtime: the same prepared W8A8 model
+exported with ``fold_batchnorm=False`` (BatchNormalization kept between conv and quantizer, the
+conv then runs in float) and with the default (folded into the conv's scales and int32 bias).
+
+    python benchmarks/batchnorm_folding.py [--rounds 10]
+
+Models at random init, 4 x 3 x 128 x 128, W8A8 defaults: Hugging Face ResNet-50 (torch.export
+capture: ``aten.batch_norm``), timm RegNetY-002 and EfficientNet-B0 (``BatchNormAct2d``, traced
+into: ``F.batch_norm``). One ORT thread; rounds interleaved, the ratio is the median of per-round
+ratios. Parity of the folded file is printed too (verify_onnx, default session).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.zoo's torchvision shim
+
+from timing import interleaved_rounds, medians, paired_ratio  # noqa: E402
+
+import qzo_fx  # noqa: E402
+
+
+def _models() -> dict:
+    from tests.zoo.models import torchvision_shim
+
+    torchvision_shim()
+    import timm
+    import transformers
+
+    torch.manual_seed(0)
+    return {"hf/resnet50": transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=10)),
+            "timm/regnety_002": timm.create_model("regnety_002", num_classes=10),
+            "timm/efficientnet_b0": timm.create_model("efficientnet_b0", num_classes=10)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    x = torch.randn(4, 3, 128, 128)
+    feed_x = x.numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in _models().items():
+            qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
+            qm.eval()
+            runs, ops = {}, {}
+            for fold in (False, True):
+                path = Path(tmp) / f"{name.replace('/', '_')}_{fold}.onnx"
+                ops[fold] = qzo_fx.export_onnx(qm, x, path, fold_batchnorm=fold).op_types.get("BatchNormalization", 0)
+                session = qzo_fx.onnx_session(path, "cpu", threads=1)
+                feed = {session.get_inputs()[0].name: feed_x}
+                runs["folded" if fold else "kept"] = lambda s=session, f=feed: s.run(None, f)
+            samples = interleaved_rounds(runs, args.rounds, block=3)
+            times = medians(samples)
+            parity = qzo_fx.verify_onnx(qm, path, (x,))
+            print(f"{name}: BatchNormalization nodes {ops[False]} -> {ops[True]}; kept {times['kept'] * 1e3:.1f} ms, "
+                  f"folded {times['folded'] * 1e3:.1f} ms, folded/kept {paired_ratio(samples, 'folded', 'kept'):.3f}; "
+                  f"parity {'OK' if parity.ok else 'FAILED'} ({parity.raw_steps:.3f} steps)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

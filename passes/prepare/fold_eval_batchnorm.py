@@ -1,0 +1,168 @@
+"""Compute the eval graph's BatchNorms folded, as the exported file does.
+
+Export folds an eval-mode BatchNorm into the quantized conv or linear before it (weight scale
+``s_w k``, bias ``B`` as int32 codes where an integer kernel adds it; see
+:mod:`qzo_fx.passes.prepare.folded_batchnorm_ops`). This pass makes the eval graph compute that
+same function with the same operations, so that the model, ``onnx.reference`` and ONNX Runtime
+round the same values::
+
+    y = bn(conv(x, fq(W), b))
+      ->  ok = batchnorm_foldable(var, gamma)
+          y = where(ok, conv(x, folded_weight(fq(W), ...), folded_bias(b, ...)), bn(...))
+
+The fold is recomputed at every call from the BatchNorm's parameters and running statistics and
+from the quantizers' scales, so it follows training and re-calibration. Where some ``k <= 0``
+the file keeps the BatchNorm, and so does the graph (the ops pass the weight and bias through and
+``ok`` selects the BatchNorm's output).
+
+Only the eval graph changes: in train mode BatchNorm normalizes with batch statistics and nothing
+is folded. A model whose two modes share one graph gets its own eval graph here. BatchNorms are
+found however they were captured (:mod:`.batchnorm_site`); those after a float weight are left to
+the exporter's plain fold.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from qzo_fx.capture.modal import graph_of_mode
+from qzo_fx.pass_infra import PassResult
+from qzo_fx.passes.prepare.batchnorm_site import BatchNormSite, batchnorm_site, feeds_only
+from qzo_fx.passes.prepare.folded_batchnorm_ops import batchnorm_foldable, folded_bias, folded_weight
+from qzo_fx.quant.quantizer import Quantizer, quantizer_of
+
+__all__ = ["fold_eval_batchnorm", "FOLDABLE_PRODUCERS", "is_folded_site", "FoldedSite", "folded_site"]
+
+aten = torch.ops.aten
+# The ops export folds a BatchNorm into.
+FOLDABLE_PRODUCERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, aten.conv1d.default, aten.conv2d.default,
+                      aten.conv3d.default, aten.linear.default}
+_FOLDABLE, _WEIGHT, _BIAS = (op._opoverload for op in (batchnorm_foldable, folded_weight, folded_bias))
+
+
+def _quantizer(gm: GraphModule, value: object) -> Optional[Quantizer]:
+    found = quantizer_of(gm, value) if isinstance(value, Node) else None
+    return None if found is None else found[1]
+
+
+def _scales(gm: GraphModule, producer: Node) -> Optional[tuple[Node, Optional[Node]]]:
+    """``(weight scale read, input scale read or None)`` when ``producer``'s weight is quantized per
+    tensor or per output channel (what a fold into the scale takes); the input scale where the
+    input is quantized per tensor too (an integer kernel, which rounds the bias)."""
+    if len(producer.args) < 2:
+        return None
+    weight, x = producer.args[1], producer.args[0]
+    w_q = _quantizer(gm, weight)
+    if w_q is None or w_q.role != "weight" or w_q.is_sign or w_q.group_size or w_q.axis not in (0, -1):
+        return None
+    x_q = _quantizer(gm, x)
+    integer = x_q is not None and x_q.role == "activation" and not x_q.is_sign and x_q.scale.dim() == 0
+    return weight.args[1], x.args[1] if integer else None
+
+
+def _bias_of(producer: Node) -> object:
+    return producer.args[2] if len(producer.args) > 2 else producer.kwargs.get("bias")
+
+
+def _set_bias(producer: Node, bias: object) -> None:
+    if len(producer.args) > 2 or "bias" not in producer.kwargs:
+        args = list(producer.args) + [None] * (3 - len(producer.args))
+        args[2] = bias
+        producer.args = tuple(args)
+    else:
+        producer.update_kwarg("bias", bias)
+
+
+def _site(gm: GraphModule, node: Node) -> Optional[tuple[BatchNormSite, Node, Node, Optional[Node]]]:
+    if any(is_folded_site(user) for user in node.users):
+        return None  # done already
+    site = batchnorm_site(gm, node)
+    if site is None:
+        return None
+    producer = site.input
+    if producer.target not in FOLDABLE_PRODUCERS or not feeds_only(producer, site.node):
+        return None
+    scales = _scales(gm, producer)
+    return None if scales is None else (site, producer, *scales)
+
+
+def _fold(gm: GraphModule, site: BatchNormSite, producer: Node, w_scale: Node, x_scale: Optional[Node]) -> None:
+    graph = gm.graph
+    with graph.inserting_before(producer):
+        # Reads of their own: passes that rewrite the quantizers' nodes leave these in place.
+        mean, var, gamma, beta = [None if path is None else graph.get_attr(path)
+                                  for path in (site.mean, site.var, site.weight, site.bias)]
+        scales = [None if read is None else graph.get_attr(str(read.target)) for read in (w_scale, x_scale)]
+        weight = graph.call_function(_WEIGHT, (producer.args[1], scales[0], var, gamma, site.eps))
+        bias = graph.call_function(_BIAS, (_bias_of(producer), mean, var, gamma, beta, site.eps, scales[1],
+                                           scales[0]))
+    producer.update_arg(1, weight)
+    _set_bias(producer, bias)
+    with graph.inserting_after(site.node):
+        ok = graph.call_function(_FOLDABLE, (var, gamma, site.eps, True))
+    with graph.inserting_after(ok):
+        chosen = graph.call_function(torch.where, (ok, producer, site.node))
+    for new in (weight, bias, ok, chosen):
+        if "nn_module_stack" in site.node.meta:
+            new.meta["nn_module_stack"] = site.node.meta["nn_module_stack"]
+    site.node.replace_all_uses_with(chosen, delete_user_cb=lambda user: user is not chosen)
+
+
+def is_folded_site(node: object) -> bool:
+    """True for the ``where(ok, conv, bn)`` nodes this pass inserts."""
+    return (isinstance(node, Node) and node.op == "call_function" and node.target is torch.where
+            and len(node.args) == 3 and isinstance(node.args[0], Node) and node.args[0].target is _FOLDABLE)
+
+
+class FoldedSite:
+    """The nodes of one folded site: ``where(ok, producer(x, weight, bias), bn)``."""
+
+    def __init__(self, where: Node) -> None:
+        self.where, (self.ok, self.producer, self.batchnorm) = where, where.args
+        self.weight, self.bias = self.producer.args[1], _bias_of(self.producer)
+
+    def rewire(self, weight: Node, bias: object) -> None:
+        """Give the producer ``weight`` and ``bias`` in place of the folding ops."""
+        self.producer.update_arg(1, weight)
+        _set_bias(self.producer, bias)
+
+
+def folded_site(node: Node) -> Optional[FoldedSite]:
+    """The site ``node`` closes, when it is one of this pass's ``where`` nodes."""
+    return FoldedSite(node) if is_folded_site(node) else None
+
+
+def _own_eval_graph(gm: GraphModule) -> None:
+    """Give the eval mode a graph of its own where both modes share one."""
+    graphs = gm.qzo_mode_graphs
+    if graphs[True] is graphs[False]:
+        graphs[False] = copy.deepcopy(graphs[True])
+
+
+def fold_eval_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:
+    """Compute the eval graph's foldable BatchNorms folded, as the exported file (see the module).
+
+    Example:
+        >>> import torch, qzo_fx
+        >>> from qzo_fx.passes.prepare.fold_eval_batchnorm import is_folded_site
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> qm = qzo_fx.prepare(m, qzo_fx.QuantConfig(activation_bits=8), example_inputs=(torch.randn(2, 3, 8, 8),))
+        >>> sum(is_folded_site(n) for n in qm.qzo_mode_graphs[False].nodes)
+        1
+    """
+    if not hasattr(gm, "qzo_mode_graphs"):
+        return PassResult(gm, False)  # one graph for both modes: nothing is eval-only
+    with graph_of_mode(gm, False):
+        if not any(_site(gm, node) is not None for node in gm.graph.nodes):
+            return PassResult(gm, False)
+    _own_eval_graph(gm)
+    with graph_of_mode(gm, False):
+        for site in [site for node in gm.graph.nodes if (site := _site(gm, node)) is not None]:
+            _fold(gm, *site)
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, True)
