@@ -2,8 +2,9 @@
 
     python benchmarks/tie_rate.py
 
-Five CNNs at random init (torchvision and timm ResNet-18, timm MobileNetV3-large and RegNetY-002,
-a small Hugging Face ResNet), W8A8 defaults, three STE steps with Adam so that BatchNorm
+Nine CNNs at random init (torchvision and timm ResNet-18, timm MobileNetV3-large, RegNetY-002 and
+EfficientNet-B0, a small Hugging Face ResNet, torchvision ShuffleNetV2, MobileNetV2 and MNASNet),
+W8A8 defaults, three STE steps with Adam so that BatchNorm
 statistics and weights move, then export and ``verify_onnx`` on six batches of eight 64 x 64
 images. A *tie* is a code where torch's value lies within float precision of a rounding boundary
 and ORT's kernels land on the other side (``verify_onnx`` follows them); fewer ties means fewer
@@ -38,7 +39,11 @@ def _models():
             "timm/resnet18": timm.create_model("resnet18", num_classes=10),
             "timm/mobilenetv3_large_100": timm.create_model("mobilenetv3_large_100", num_classes=10),
             "timm/regnety_002": timm.create_model("regnety_002", num_classes=10),
-            "hf/resnet": transformers.ResNetForImageClassification(small)}
+            "hf/resnet": transformers.ResNetForImageClassification(small),
+            "timm/efficientnet_b0": timm.create_model("efficientnet_b0", num_classes=10),
+            "tv/shufflenet_v2_x0_5": torchvision.models.shufflenet_v2_x0_5(num_classes=10),
+            "tv/mobilenet_v2": torchvision.models.mobilenet_v2(num_classes=10),
+            "tv/mnasnet0_5": torchvision.models.mnasnet0_5(num_classes=10)}
 
 
 def _logits(out):
