@@ -12,7 +12,7 @@ import difflib
 import fnmatch
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, TypeVar, Union
 
 import torch.nn as nn
 
@@ -51,11 +51,14 @@ def check_field_types(settings: object) -> None:
             raise ConfigError(f.name, value, f"a {core}" + (" or None" if optional else ""))
 
 
-def known_keywords(cls: type) -> type:
+_Settings = TypeVar("_Settings", bound=type)
+
+
+def known_keywords(cls: _Settings) -> _Settings:
     """Class decorator for a settings dataclass: an unknown keyword raises :class:`ConfigError`
     naming the closest fields (``QuantConfig(bits=4)``), where the generated ``__init__`` would
     raise a bare ``TypeError``."""
-    init = cls.__init__
+    init = cls.__init__  # type: ignore[misc]
     names = [f.name for f in dataclasses.fields(cls) if f.init]
 
     @functools.wraps(init)
@@ -67,7 +70,7 @@ def known_keywords(cls: type) -> type:
                 raise ConfigError(key, kwargs[key], f"{cls.__name__}'s keywords {names}", hint)
         init(self, *args, **kwargs)
 
-    cls.__init__ = checked_init  # type: ignore[method-assign]
+    cls.__init__ = checked_init  # type: ignore[misc]
     return cls
 
 
