@@ -5,11 +5,12 @@
 dequantization scale, multiplied, never divided by gamma (timm zero-initialises some gammas).
 
 After a quantized weight the eval graph already computes this fold
-(:mod:`qzo_fx.passes.prepare.fold_eval_batchnorm`): each site is ``where(ok, conv(x,
-folded_weight(...), folded_bias(...)), bn)``, and here it becomes the plain conv with the folded
-scale and the bias the graph computed (int32 codes where it rounds them). Where ``ok`` is false
-now (some ``k <= 0``, which would need negative scales) the BatchNorm stays, as the graph computes
-it. After a float weight the BatchNorm folds directly into a scaled weight and a float bias.
+(:mod:`qzo_fx.passes.prepare.fold_eval_batchnorm`): the conv reads ``folded_weight(...)`` and
+``folded_bias(...)``, and here they become the codes' DequantizeLinear with the scale ``s k`` and
+the bias the graph computed (int32 codes where it rounds them). Where some ``k <= 0`` (a negative
+or zero scale) the weight is ``DequantizeLinear(q) * k`` and the bias float, the graph's
+operations again. After a float weight the BatchNorm folds directly into a scaled weight and a
+float bias.
 """
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ from qzo_fx.exporters.lower_bias import constant_value, int32_bias
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.passes.prepare.batchnorm_site import BatchNormSite, batchnorm_site, feeds_only
 from qzo_fx.passes.prepare.fold_eval_batchnorm import FOLDABLE_PRODUCERS, FoldedSite, folded_site
-from qzo_fx.passes.prepare.folded_batchnorm_ops import batchnorm_scale, folded_bias_parts, folded_weight_scale
+from qzo_fx.passes.prepare.folded_batchnorm_ops import (
+    batchnorm_scale,
+    foldable,
+    folded_bias_parts,
+    folded_weight_scale,
+)
 
 __all__ = ["fold_batchnorm"]
 
@@ -48,28 +54,32 @@ def _scale_dequantize(gm: GraphModule, dequantize: Node, k: torch.Tensor) -> Non
         dequantize.update_arg(3, 0)
 
 
-def _bias_node(gm: GraphModule, site: FoldedSite, k: torch.Tensor, tag: str) -> Node:
-    """The bias the eval graph computed: int32 codes + DequantizeLinear where it rounds, else float."""
-    bias, mean, _, _, beta, _, input_scale, weight_scale = [_constant(gm, a) for a in site.bias.args]
-    value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
-    if step is not None:
-        return int32_bias(gm, f"{tag}_bias", value, step, before=site.producer)
-    gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_bias", value)
-    with gm.graph.inserting_before(site.producer):
-        return gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_bias")
+def _float_bias(gm: GraphModule, value: torch.Tensor, name: str, before: Node) -> Node:
+    gm.get_submodule(EXPORT_CONTAINER).register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(f"{EXPORT_CONTAINER}.{name}")
 
 
 def _fold_site(gm: GraphModule, site: FoldedSite) -> None:
     weight_in, _, var, gamma, eps = site.weight.args
-    if bool(_constant(gm, site.ok)):
-        k = batchnorm_scale(_constant(gm, var), _constant(gm, gamma), eps)
+    k = batchnorm_scale(_constant(gm, var), _constant(gm, gamma), eps)
+    bias, mean, _, _, beta, _, input_scale, weight_scale = [_constant(gm, a) for a in site.bias.args]
+    tag = site.producer.name + "_folded"
+    if foldable(k):  # into the codes' scale, the bias on the int32 grid where the graph rounds it
         _scale_dequantize(gm, weight_in, k)
-        site.rewire(weight_in, _bias_node(gm, site, k, site.batchnorm.name + "_folded"))
-        site.where.replace_all_uses_with(site.producer)
-    else:  # the BatchNorm stays: the conv gets back its own weight and bias
-        site.rewire(weight_in, site.bias.args[0])
-        site.where.replace_all_uses_with(site.batchnorm)
-    for node in (site.where, site.ok, site.weight, site.bias, site.batchnorm):
+        value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
+        rounded = step is not None
+        new_bias = int32_bias(gm, f"{tag}_bias", value, step, before=site.producer) if rounded else \
+            _float_bias(gm, value, f"{tag}_bias", site.producer)
+        site.rewire(weight_in, new_bias)
+    else:  # some k <= 0 (no negative scales): w k after the DequantizeLinear, a float bias, as the graph
+        rank = _constant(gm, weight_in.args[0]).dim()
+        gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_k", k.reshape((-1,) + (1,) * (rank - 1)))
+        with gm.graph.inserting_before(site.producer):
+            scaled = gm.graph.call_function(torch.mul, (weight_in, gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_k")))
+        value, _ = folded_bias_parts(bias, mean, k, beta, None, None)
+        site.rewire(scaled, _float_bias(gm, value, f"{tag}_bias", site.producer))
+    for node in (site.weight, site.bias):
         if not node.users:
             gm.graph.erase_node(node)
 

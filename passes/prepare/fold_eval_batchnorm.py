@@ -6,14 +6,12 @@ Export folds an eval-mode BatchNorm into the quantized conv or linear before it 
 same function with the same operations, so that the model, ``onnx.reference`` and ONNX Runtime
 round the same values::
 
-    y = bn(conv(x, fq(W), b))
-      ->  ok = batchnorm_foldable(var, gamma)
-          y = where(ok, conv(x, folded_weight(fq(W), ...), folded_bias(b, ...)), bn(...))
+    y = bn(conv(x, fq(W), b))  ->  y = conv(x, folded_weight(fq(W), ...), folded_bias(b, ...))
 
 The fold is recomputed at every call from the BatchNorm's parameters and running statistics and
-from the quantizers' scales, so it follows training and re-calibration. Where some ``k <= 0``
-the file keeps the BatchNorm, and so does the graph (the ops pass the weight and bias through and
-``ok`` selects the BatchNorm's output).
+from the quantizers' scales, so it follows training and re-calibration. The BatchNorm module (or
+its functional call's buffers) stays in the model and its ``state_dict``; only the eval graph
+stops calling it.
 
 Only the eval graph changes: in train mode BatchNorm normalizes with batch statistics and nothing
 is folded. A model whose two modes share one graph gets its own eval graph here. BatchNorms are
@@ -32,7 +30,7 @@ from torch.fx import GraphModule, Node
 from qzo_fx.capture.modal import graph_of_mode
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.passes.prepare.batchnorm_site import BatchNormSite, batchnorm_site, feeds_only
-from qzo_fx.passes.prepare.folded_batchnorm_ops import batchnorm_foldable, folded_bias, folded_weight
+from qzo_fx.passes.prepare.folded_batchnorm_ops import folded_bias, folded_weight
 from qzo_fx.quant.quantizer import Quantizer, quantizer_of
 
 __all__ = ["fold_eval_batchnorm", "FOLDABLE_PRODUCERS", "is_folded_site", "FoldedSite", "folded_site"]
@@ -41,7 +39,7 @@ aten = torch.ops.aten
 # The ops export folds a BatchNorm into.
 FOLDABLE_PRODUCERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, aten.conv1d.default, aten.conv2d.default,
                       aten.conv3d.default, aten.linear.default}
-_FOLDABLE, _WEIGHT, _BIAS = (op._opoverload for op in (batchnorm_foldable, folded_weight, folded_bias))
+_WEIGHT, _BIAS = (op._opoverload for op in (folded_weight, folded_bias))
 
 
 def _quantizer(gm: GraphModule, value: object) -> Optional[Quantizer]:
@@ -78,8 +76,6 @@ def _set_bias(producer: Node, bias: object) -> None:
 
 
 def _site(gm: GraphModule, node: Node) -> Optional[tuple[BatchNormSite, Node, Node, Optional[Node]]]:
-    if any(is_folded_site(user) for user in node.users):
-        return None  # done already
     site = batchnorm_site(gm, node)
     if site is None:
         return None
@@ -102,28 +98,24 @@ def _fold(gm: GraphModule, site: BatchNormSite, producer: Node, w_scale: Node, x
                                            scales[0]))
     producer.update_arg(1, weight)
     _set_bias(producer, bias)
-    with graph.inserting_after(site.node):
-        ok = graph.call_function(_FOLDABLE, (var, gamma, site.eps, True))
-    with graph.inserting_after(ok):
-        chosen = graph.call_function(torch.where, (ok, producer, site.node))
-    for new in (weight, bias, ok, chosen):
+    for new in (weight, bias):
         if "nn_module_stack" in site.node.meta:
             new.meta["nn_module_stack"] = site.node.meta["nn_module_stack"]
-    site.node.replace_all_uses_with(chosen, delete_user_cb=lambda user: user is not chosen)
+    site.node.replace_all_uses_with(producer)
+    graph.erase_node(site.node)
 
 
 def is_folded_site(node: object) -> bool:
-    """True for the ``where(ok, conv, bn)`` nodes this pass inserts."""
-    return (isinstance(node, Node) and node.op == "call_function" and node.target is torch.where
-            and len(node.args) == 3 and isinstance(node.args[0], Node) and node.args[0].target is _FOLDABLE)
+    """True for a conv/linear whose weight this pass folded."""
+    return (isinstance(node, Node) and node.op == "call_function" and len(node.args) > 1
+            and isinstance(node.args[1], Node) and node.args[1].target is _WEIGHT)
 
 
 class FoldedSite:
-    """The nodes of one folded site: ``where(ok, producer(x, weight, bias), bn)``."""
+    """The nodes of one folded site: ``producer(x, folded_weight(...), folded_bias(...))``."""
 
-    def __init__(self, where: Node) -> None:
-        self.where, (self.ok, self.producer, self.batchnorm) = where, where.args
-        self.weight, self.bias = self.producer.args[1], _bias_of(self.producer)
+    def __init__(self, producer: Node) -> None:
+        self.producer, self.weight, self.bias = producer, producer.args[1], _bias_of(producer)
 
     def rewire(self, weight: Node, bias: object) -> None:
         """Give the producer ``weight`` and ``bias`` in place of the folding ops."""
@@ -132,7 +124,7 @@ class FoldedSite:
 
 
 def folded_site(node: Node) -> Optional[FoldedSite]:
-    """The site ``node`` closes, when it is one of this pass's ``where`` nodes."""
+    """The site ``node`` is, when it is a conv/linear this pass folded."""
     return FoldedSite(node) if is_folded_site(node) else None
 
 

@@ -13,11 +13,12 @@ So the eval graph computes the folded form with the file's operations in the fil
 weight is ``(q - z) * (s_w k)`` (the codes recovered exactly from the fake-quantized weight,
 ``round(w_fq / s_w)``), the bias is ``round(B / step) * step``.
 
-Where some ``k <= 0`` the file keeps the BatchNorm (a fold would need negative or zero scales):
-the ops then return their inputs and :func:`batchnorm_foldable` selects the BatchNorm's output.
-Gradients are those of the unfolded form seen straight through the roundings (``dW k``; ``k``
-and ``B`` differentiate in ``gamma``, ``beta`` and the conv bias), so training in eval mode still
-works.
+Where some ``k <= 0`` the codes cannot take the fold (negative or zero scales): the weight is then
+``w_fq * k`` and the bias ``B`` in float, which the file computes with the same operations (a Mul
+after the weight's DequantizeLinear). Either way there is no BatchNorm left to compute on the
+activations. Gradients are those of the unfolded form seen straight through the roundings
+(``dW k``; ``k`` and ``B`` differentiate in ``gamma``, ``beta`` and the conv bias), so training in
+eval mode still works.
 """
 from __future__ import annotations
 
@@ -29,9 +30,8 @@ from torch import Tensor
 from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE
 from qzo_fx.quant.ops import expand_param, grid_codes
 
-__all__ = ["batchnorm_scale", "folded_weight", "folded_bias", "batchnorm_foldable", "folded_bias_parts",
-           "folded_weight_scale", "FOLDING_OPS", "foldable_kernel", "folded_weight_kernel",
-           "folded_bias_kernel"]
+__all__ = ["batchnorm_scale", "folded_weight", "folded_bias", "folded_bias_parts", "folded_weight_scale",
+           "foldable", "FOLDING_OPS", "folded_weight_kernel", "folded_bias_kernel"]
 
 def batchnorm_scale(var: Tensor, gamma: Optional[Tensor], eps: float) -> Tensor:
     """``k = gamma / sqrt(var + eps)`` per channel, in the exporter's order of operations."""
@@ -63,30 +63,37 @@ def folded_bias_parts(bias: Optional[Tensor], mean: Tensor, k: Tensor, beta: Opt
     return value, (input_scale * folded_weight_scale(weight_scale, k)).reshape(-1)
 
 
-def _foldable(k: Tensor, quantized: bool) -> Tensor:
-    # A float weight takes any k; quantized codes need positive scales s_w k.
-    return (k > 0).all() if quantized else torch.ones((), dtype=torch.bool, device=k.device)
+def foldable(k: Tensor) -> Tensor:
+    """True (0-d) when every ``k > 0``: the fold then goes into the weight codes' scale."""
+    return (k > 0).all()
 
 
 def _channels(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-# The kernels: plain ops (torch.where, no host read), so that an export that keeps them
-# (fold_batchnorm=False) traces them into the file as they are.
-def foldable_kernel(var: Tensor, gamma: Optional[Tensor], eps: float, quantized: bool) -> Tensor:
-    return _foldable(batchnorm_scale(var, gamma, eps), quantized)
+# The kernels, in two forms. The ops' own, on CPU, read ``foldable`` on the host and compute one
+# branch: the weight-sized work is the cost of the fold, and a branch not taken would cost two
+# more passes over the weights (on an accelerator the read would wait for the device at every
+# BatchNorm, so there the ops take the other form). The plain-op forms (``torch.where``, no host
+# read) are also what an export that keeps the ops (fold_batchnorm=False) traces into the file.
+def _weight_codes(weight: Tensor, weight_scale: Tensor) -> Tensor:
+    per_tensor = weight_scale.dim() == 0
+    return torch.div(weight, weight_scale if per_tensor else expand_param(weight_scale, weight, 0, 0)).round_()
+
+
+def _rounded_bias(value: Tensor, step: Tensor) -> Tensor:
+    return grid_codes(value, step, torch.zeros_like(step), *BIAS_QRANGE).mul_(step)
 
 
 def folded_weight_kernel(weight: Tensor, weight_scale: Optional[Tensor], var: Tensor, gamma: Optional[Tensor],
                          eps: float) -> Tensor:
     k = batchnorm_scale(var, gamma, eps)
+    scaled = weight * _channels(k, weight)
     if weight_scale is None:
-        return weight * _channels(k, weight)
-    per_tensor = weight_scale.dim() == 0
-    codes = torch.div(weight, weight_scale if per_tensor else expand_param(weight_scale, weight, 0, 0)).round()
-    folded = codes * expand_param(folded_weight_scale(weight_scale, k), weight, 0, 0)
-    return torch.where(_foldable(k, True), folded, weight)
+        return scaled
+    folded = _weight_codes(weight, weight_scale) * expand_param(folded_weight_scale(weight_scale, k), weight, 0, 0)
+    return torch.where(foldable(k), folded, scaled)
 
 
 def folded_bias_kernel(bias: Optional[Tensor], mean: Tensor, var: Tensor, gamma: Optional[Tensor],
@@ -94,39 +101,28 @@ def folded_bias_kernel(bias: Optional[Tensor], mean: Tensor, var: Tensor, gamma:
                        weight_scale: Optional[Tensor]) -> Tensor:
     k = batchnorm_scale(var, gamma, eps)
     value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
-    if step is not None:
-        value = grid_codes(value, step, torch.zeros_like(step), *BIAS_QRANGE) * step
-    kept = bias if bias is not None else torch.zeros_like(k)
-    return torch.where(_foldable(k, weight_scale is not None), value, kept)
+    return value if step is None else torch.where(foldable(k), _rounded_bias(value, step), value)
 
 
 # Ops, not Python functions in the graph: GraphModule pickling traces the code again, and an op
 # stays one node there (the exporter finds it by its target).
-@torch.library.custom_op("qzo::batchnorm_foldable", mutates_args=())
-def batchnorm_foldable(var: Tensor, gamma: Optional[Tensor], eps: float, quantized: bool) -> Tensor:
-    """True (a 0-d bool tensor) when export folds this BatchNorm: every ``k > 0`` for quantized
-    weights, always for float ones."""
-    return foldable_kernel(var.detach(), None if gamma is None else gamma.detach(), eps, quantized)
-
-
-@batchnorm_foldable.register_fake
-def _(var, gamma, eps, quantized):
-    return torch.empty((), dtype=torch.bool, device=var.device)
-
-
 @torch.library.custom_op("qzo::folded_weight", mutates_args=())
 def folded_weight(weight: Tensor, weight_scale: Optional[Tensor], var: Tensor, gamma: Optional[Tensor],
                   eps: float) -> Tensor:
-    """The weight as the file dequantizes it: ``round(w_fq / s_w) * (s_w k)`` for a fake-quantized
-    weight (per tensor or per output channel), ``w k`` for a float one; ``w`` itself where the
-    file keeps the BatchNorm.
+    """The weight as the file computes it: ``round(w_fq / s_w) * (s_w k)`` for a fake-quantized
+    weight (per tensor or per output channel) whose ``k`` are all positive, else ``w k``.
 
     Example:
         >>> w = torch.tensor([[0.5], [-0.25]])                       # codes 2 and -1 at s_w = 0.25
         >>> folded_weight(w, torch.tensor(0.25), torch.tensor([3.0, 0.0]), None, 1.0).flatten().tolist()
         [0.25, -0.25]
     """
-    return folded_weight_kernel(weight, weight_scale, var, gamma, eps)
+    if weight.device.type != "cpu":  # no host read per BatchNorm on an accelerator
+        return folded_weight_kernel(weight, weight_scale, var, gamma, eps)
+    k = batchnorm_scale(var, gamma, eps)
+    if weight_scale is None or not bool(foldable(k)):
+        return weight * _channels(k, weight)
+    return _weight_codes(weight, weight_scale).mul_(expand_param(folded_weight_scale(weight_scale, k), weight, 0, 0))
 
 
 @folded_weight.register_fake
@@ -138,17 +134,16 @@ def _folded_weight_setup(ctx, inputs, output) -> None:
     weight, weight_scale, var, gamma, eps = inputs
     k = batchnorm_scale(var.detach(), None if gamma is None else gamma.detach(), eps)
     ctx.has_gamma, ctx.eps = gamma is not None, eps
-    ctx.save_for_backward(weight, var, k, _foldable(k, weight_scale is not None))
+    ctx.save_for_backward(weight, var, k)
 
 
 def _folded_weight_backward(ctx, grad: Tensor):
-    weight, var, k, folded = ctx.saved_tensors
-    grad_weight = torch.where(folded, grad * _channels(k, grad), grad)
+    # w k, its rounding seen straight through: d/dw = k, d/dgamma = w / sqrt(var + eps) per channel.
+    weight, var, k = ctx.saved_tensors
     grad_gamma = None
-    if ctx.has_gamma:  # d(w k)/d gamma = w / sqrt(var + eps), summed over each channel
-        per_channel = (grad * weight).reshape(grad.shape[0], -1).sum(1) / torch.sqrt(var + ctx.eps)
-        grad_gamma = torch.where(folded, per_channel, torch.zeros_like(per_channel))
-    return grad_weight, None, None, grad_gamma, None
+    if ctx.has_gamma:
+        grad_gamma = (grad * weight).reshape(grad.shape[0], -1).sum(1) / torch.sqrt(var + ctx.eps)
+    return grad * _channels(k, grad), None, None, grad_gamma, None
 
 
 folded_weight.register_autograd(_folded_weight_backward, setup_context=_folded_weight_setup)
@@ -158,8 +153,7 @@ folded_weight.register_autograd(_folded_weight_backward, setup_context=_folded_w
 def folded_bias(bias: Optional[Tensor], mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
                 eps: float, input_scale: Optional[Tensor], weight_scale: Optional[Tensor]) -> Tensor:
     """The bias as the file adds it: ``B`` on the int32 grid at ``s_x s_w k`` (both scales given:
-    an integer kernel), else ``B`` in float; the conv's own bias (or 0) where the file keeps the
-    BatchNorm.
+    an integer kernel, and every ``k > 0``), else ``B`` in float.
 
     Example:
         >>> B = folded_bias(None, torch.zeros(2), torch.ones(2), None, torch.tensor([0.32, -0.11]), 0.0,
@@ -167,7 +161,11 @@ def folded_bias(bias: Optional[Tensor], mean: Tensor, var: Tensor, gamma: Option
         >>> [round(v, 4) for v in B.tolist()]   # on the steps 0.05 and 0.025
         [0.3, -0.1]
     """
-    return folded_bias_kernel(bias, mean, var, gamma, beta, eps, input_scale, weight_scale)
+    if var.device.type != "cpu":
+        return folded_bias_kernel(bias, mean, var, gamma, beta, eps, input_scale, weight_scale)
+    k = batchnorm_scale(var, gamma, eps)
+    value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
+    return _rounded_bias(value, step) if step is not None and bool(foldable(k)) else value
 
 
 @folded_bias.register_fake
@@ -180,21 +178,18 @@ def _folded_bias_setup(ctx, inputs, output) -> None:
     k = batchnorm_scale(var.detach(), None if gamma is None else gamma.detach(), eps)
     ctx.flags = (bias is not None, gamma is not None, beta is not None)
     b = bias.detach() if bias is not None else torch.zeros_like(k)
-    ctx.save_for_backward(k, (b - mean) / torch.sqrt(var + eps), _foldable(k, weight_scale is not None))
+    ctx.save_for_backward(k, (b - mean) / torch.sqrt(var + eps))
 
 
 def _folded_bias_backward(ctx, grad: Tensor):
-    k, centred, folded = ctx.saved_tensors
+    # B = (b - mean) k + beta, its rounding seen straight through.
+    k, centred = ctx.saved_tensors
     has_bias, has_gamma, has_beta = ctx.flags
-    zero = torch.zeros_like(grad)
-    # Folded: B = (b - mean) k + beta, its rounding seen straight through; kept: the conv's bias.
-    return (torch.where(folded, grad * k, grad) if has_bias else None, None, None,
-            torch.where(folded, grad * centred, zero) if has_gamma else None,
-            torch.where(folded, grad, zero) if has_beta else None, None, None, None)
+    return (grad * k if has_bias else None, None, None, grad * centred if has_gamma else None,
+            grad if has_beta else None, None, None, None)
 
 
 folded_bias.register_autograd(_folded_bias_backward, setup_context=_folded_bias_setup)
 
-FOLDING_OPS = {torch.ops.qzo.batchnorm_foldable.default: foldable_kernel,
-               torch.ops.qzo.folded_weight.default: folded_weight_kernel,
+FOLDING_OPS = {torch.ops.qzo.folded_weight.default: folded_weight_kernel,
                torch.ops.qzo.folded_bias.default: folded_bias_kernel}

@@ -171,7 +171,7 @@ def test_only_the_eval_graph_folds_and_the_fold_follows_training(tmp_path):
         assert _steps_apart(expected, got) < 1e-3, runtime
 
 
-def test_batchnorm_that_cannot_be_folded_gets_no_rounding_and_no_nan(tmp_path):
+def test_batchnorm_whose_scales_cannot_take_the_fold_scales_the_weight_and_gets_no_nan(tmp_path):
     model = _conv_bn()
     with torch.no_grad():
         model[1].weight[0] = 0.0    # timm zero-initialises some gammas: k = 0, a 0/0 bias step
@@ -182,7 +182,9 @@ def test_batchnorm_that_cannot_be_folded_gets_no_rounding_and_no_nan(tmp_path):
         out = qm.eval()(x)
     assert torch.isfinite(out).all()
     result = qzo_fx.export_onnx(qm, (x,), tmp_path / "m.onnx")
-    assert "BatchNormalization" in result.op_types
+    # No negative or zero scales: the file multiplies the dequantized weight by k, as the graph does.
+    assert "BatchNormalization" not in result.op_types and result.op_types.get("Mul") == 1
+    assert _conv_biases(onnx.load(str(result.path)))[0] == ("initializer", "FLOAT")
     for runtime, got in _runtimes(result.path, x).items():
         assert _steps_apart(out.numpy(), got) < 1e-3, runtime
 
@@ -203,7 +205,7 @@ def test_linear_batchnorm1d_and_an_unfolded_export(tmp_path):
     assert _conv_biases(onnx.load(str(folded.path))) == [("DequantizeLinear", "INT32")] * 2
     # Unfolded, the file computes the fold itself from its constants, as the eval graph does.
     unfolded = qzo_fx.export_onnx(qm, (x,), tmp_path / "unfolded.onnx", fold_batchnorm=False)
-    assert "BatchNormalization" in unfolded.op_types
+    assert "BatchNormalization" not in unfolded.op_types and "Round" in unfolded.op_types
     for result in (folded, unfolded):
         for runtime, got in _runtimes(result.path, probe).items():
             assert _steps_apart(expected, got) < 1e-3, (result.path.name, runtime)
