@@ -41,7 +41,8 @@ def _models() -> dict:
             "timm/efficientnet_b0": timm.create_model("efficientnet_b0", num_classes=10)}
 
 
-def _prepared(model: torch.nn.Module, x: torch.Tensor, fold: bool) -> torch.nn.Module:
+def prepared_w8a8(model: torch.nn.Module, x: torch.Tensor, fold: bool) -> torch.nn.Module:
+    """``model`` prepared W8A8 in eval mode, with or without the eval-graph fold of BatchNorm."""
     full = pipeline.PREPARE_PIPELINE
     if not fold:
         pipeline.PREPARE_PIPELINE = tuple(p for p in full if p.name != "fold_eval_batchnorm")
@@ -62,7 +63,7 @@ def main() -> None:
         for name, model in _models().items():
             runs, ops, prepared = {}, {}, {}
             for fold in (False, True):
-                prepared[fold] = qm = _prepared(model, x, fold)
+                prepared[fold] = qm = prepared_w8a8(model, x, fold)
                 path = Path(tmp) / f"{name.replace('/', '_')}_{fold}.onnx"
                 ops[fold] = qzo_fx.export_onnx(qm, x, path, fold_batchnorm=fold).op_types.get("BatchNormalization", 0)
                 session = qzo_fx.onnx_session(path, "cpu", threads=1)

@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.zoo's torchvision shim
 
-import qzo_fx  # noqa: E402
-import qzo_fx.capture.pipeline as pipeline  # noqa: E402
+from batchnorm_folding import prepared_w8a8  # noqa: E402
 
 
 def _models() -> dict:
@@ -36,16 +35,6 @@ def _models() -> dict:
             "timm/efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=10)}
 
 
-def _prepared(model: torch.nn.Module, x: torch.Tensor, fold: bool) -> torch.nn.Module:
-    full = pipeline.PREPARE_PIPELINE
-    if not fold:
-        pipeline.PREPARE_PIPELINE = tuple(p for p in full if p.name != "fold_eval_batchnorm")
-    try:
-        return qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,)).eval()
-    finally:
-        pipeline.PREPARE_PIPELINE = full
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -55,7 +44,7 @@ def main() -> None:
     for name, build in _models().items():
         torch.manual_seed(0)
         model, x = build(), torch.randn(8, 3, 128, 128)
-        models = {"folded": _prepared(model, x, True), "unfolded": _prepared(model, x, False)}
+        models = {"folded": prepared_w8a8(model, x, True), "unfolded": prepared_w8a8(model, x, False)}
         times: dict[str, list[float]] = {k: [] for k in models}
         with torch.no_grad():
             for qm in models.values():
