@@ -20,6 +20,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 from torch.fx import GraphModule
 
+from qzo_fx.capture.call_errors import check_inputs_fit
 from qzo_fx.capture.export_inputs import auto_dims
 from qzo_fx.errors import ExportError
 from qzo_fx.example_inputs import positional_inputs
@@ -283,6 +284,7 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
         21
     """
     example_inputs = positional_inputs(example_inputs, "export_onnx") or ()
+    check_inputs_fit(qm, example_inputs, dict(example_kwargs or {}), "export_onnx")
     wide = next((n for n, t in qm.named_parameters() if t.dtype == torch.float64), None)
     if wide is not None:
         raise ExportError(f"'{wide}' is float64: the file stores float32 scales and weights, so export a float32 "

@@ -37,3 +37,24 @@ def test_one_tensor_is_one_input_from_prepare_to_the_runtime(tmp_path):
 def test_a_dict_of_example_inputs_names_example_kwargs():
     with pytest.raises(qzo_fx.InputError, match="example_kwargs"):
         qzo_fx.prepare(_model(), qzo_fx.QuantConfig(), example_inputs={"x": torch.randn(2, 3, 8, 8)})
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x, mask):
+        return self.lin(x) * mask
+
+
+def test_keyword_inputs_alone_calibrate_and_export_asks_for_the_same_inputs(tmp_path):
+    """model(**batch), as Hugging Face models are called: example_kwargs without example_inputs."""
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(4, 6), "mask": torch.ones(4, 1)}
+    qm = qzo_fx.prepare(_Masked(), qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_kwargs=batch)
+    assert all(bool(q.initialized) for q in qm.qzo_quant.children())  # calibrated from the keywords
+    with pytest.raises(qzo_fx.InputError, match=r"takes \(x, mask\).*'mask'"):
+        qzo_fx.export_onnx(qm.eval(), None, tmp_path / "m.onnx", example_kwargs={"x": batch["x"]})
+    path = qzo_fx.export_onnx(qm, None, tmp_path / "m.onnx", example_kwargs=batch).path
+    assert qzo_fx.verify_onnx(qm, path, (), example_kwargs=batch).ok

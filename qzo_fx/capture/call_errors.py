@@ -18,7 +18,8 @@ from torch.fx import Graph
 
 from qzo_fx.errors import InputError
 
-__all__ = ["take_constant_keywords", "why_call_failed", "uncalled_modules", "warn_hooks_that_cannot_run"]
+__all__ = ["take_constant_keywords", "why_call_failed", "check_inputs_fit", "uncalled_modules",
+           "warn_hooks_that_cannot_run"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -51,6 +52,16 @@ def why_call_failed(model: nn.Module, report: Any, args: tuple, kwargs: dict, er
     return (f"was called with arguments its captured graph does not take: {refused}. The graph takes "
             f"{_signature_text(model.forward)}, the inputs of prepare()'s examples. Call it with those, or prepare "
             "again with the inputs you will pass (an attention_mask, labels) among example_inputs / example_kwargs.")
+
+
+def check_inputs_fit(model: nn.Module, args: tuple, kwargs: dict, where: str) -> None:
+    """Raise :class:`InputError` when ``model`` (a prepared model) cannot take ``args`` and
+    ``kwargs``, naming what its graph takes (an export or a check would fail on it deep inside)."""
+    refused = _refused_arguments(model.forward, args, kwargs)
+    if refused is not None:
+        raise InputError(f"{where}: {type(model).__name__} (prepared) takes {_signature_text(model.forward)}, the "
+                         f"inputs of prepare()'s examples, and these inputs do not fit: {refused}. Pass the same "
+                         "inputs (a file without labels: prepare with examples that leave them out).")
 
 
 def _fixed_dim_mismatch(forward: Callable[..., Any], dims: dict, args: tuple, kwargs: dict) -> Optional[str]:

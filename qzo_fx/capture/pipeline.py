@@ -89,6 +89,8 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
     _refuse_low_precision(model)
     args = positional_inputs(example_inputs, "prepare")
     kwargs = dict(example_kwargs or {})
+    if args is None and kwargs:
+        args = ()  # keyword inputs only (model(**batch)): examples all the same
     try:
         copied = copy.deepcopy(model)
     except Exception as error:  # a module holding an uncopyable object (a lock, a file, a generator)
