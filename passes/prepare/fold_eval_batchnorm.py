@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from qzo_fx.capture.call_errors import FOLDED_KEY
 from qzo_fx.capture.modal import graph_of_mode
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.passes.prepare.batchnorm_site import BatchNormSite, batchnorm_site, feeds_only
@@ -101,6 +102,8 @@ def _fold(gm: GraphModule, site: BatchNormSite, producer: Node, w_scale: Node, x
     for new in (weight, bias):
         if "nn_module_stack" in site.node.meta:
             new.meta["nn_module_stack"] = site.node.meta["nn_module_stack"]
+    if site.node.op == "call_module":  # no longer called in eval mode: its hooks are warned about
+        gm.meta.setdefault(FOLDED_KEY, []).append(str(site.node.target))
     site.node.replace_all_uses_with(producer)
     graph.erase_node(site.node)
 

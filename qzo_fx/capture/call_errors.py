@@ -19,7 +19,10 @@ from torch.fx import Graph
 from qzo_fx.errors import InputError
 
 __all__ = ["take_constant_keywords", "why_call_failed", "check_inputs_fit", "uncalled_modules",
-           "warn_hooks_that_cannot_run"]
+           "warn_hooks_that_cannot_run", "FOLDED_IN_EVAL", "FOLDED_KEY"]
+
+# gm.meta key: the BatchNorm modules the eval graph computes folded (so never calls).
+FOLDED_KEY = "qzo.folded_batchnorms"
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -100,13 +103,18 @@ def uncalled_modules(model: nn.Module, graphs: list[Graph]) -> list[tuple[str, n
             if name and name not in called and next(m.children(), None) is None and "qzo_quant" not in name]
 
 
-def warn_hooks_that_cannot_run(modules: list[tuple[str, nn.Module]], warned: set[str]) -> None:
-    """Warn once per module about forward hooks that will never be called."""
+_GRAPH_OPS = "computes this layer with graph ops (its weight fake-quantized), not by calling the module"
+FOLDED_IN_EVAL = ("in eval mode computes this BatchNorm folded into the conv or linear before it, as the "
+                  "exported file does, not by calling the module")
+
+
+def warn_hooks_that_cannot_run(modules: list[tuple[str, nn.Module]], warned: set[str], why: str = _GRAPH_OPS) -> None:
+    """Warn once per module about forward hooks that will never be called (``why``: how the graph
+    computes the module instead)."""
     for name, module in modules:
         if (module._forward_hooks or module._forward_pre_hooks) and name not in warned:
             warned.add(name)
             warnings.warn(f"forward hooks on '{name}' ({type(module).__name__}) will not run: the prepared graph "
-                          "computes this layer with graph ops (its weight fake-quantized), not by calling the "
-                          "module. Hook a module the graph calls (call_module nodes in qzo_fx.graph_code(qm)), or "
+                          f"{why}. Hook a module the graph calls (call_module nodes in qzo_fx.graph_code(qm)), or "
                           "the model before prepare() where the float model is what you observe.",
                           UserWarning, stacklevel=4)

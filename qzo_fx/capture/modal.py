@@ -20,6 +20,8 @@ from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_bl
 from torch.package import sys_importer
 
 from qzo_fx.capture.call_errors import (
+    FOLDED_IN_EVAL,
+    FOLDED_KEY,
     take_constant_keywords,
     uncalled_modules,
     warn_hooks_that_cannot_run,
@@ -78,6 +80,9 @@ class PreparedModel(GraphModule):
             self._qzo_uncalled = uncalled_modules(self, list(self.qzo_mode_graphs.values()))
             self._qzo_hooks_warned: set[str] = set()
         warn_hooks_that_cannot_run(self._qzo_uncalled, self._qzo_hooks_warned)
+        if not self.training and self.meta.get(FOLDED_KEY):
+            folded = [(name, self.get_submodule(name)) for name in self.meta[FOLDED_KEY]]
+            warn_hooks_that_cannot_run(folded, self._qzo_hooks_warned, FOLDED_IN_EVAL)
         report = self.meta.get("qzo.capture")
         if kwargs and getattr(report, "constant_keywords", None):
             kwargs = take_constant_keywords(type(self).__name__, kwargs, report.constant_keywords)

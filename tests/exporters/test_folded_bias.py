@@ -254,3 +254,16 @@ def test_eval_mode_computes_the_batchnorm_and_its_gradients_as_the_unfolded_mode
     assert _steps_apart(plain.numpy(), folded.numpy()) < 0.05  # the int32 bias rounding, far below a step
     for got, expected in zip(folded_grads, plain_grads):
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-4)
+
+
+def test_a_hook_on_a_batchnorm_the_eval_graph_folds_is_warned_about_in_eval_mode():
+    model = _conv_bn()
+    x = torch.randn(2, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
+    calls = []
+    qm.get_submodule("1").register_forward_hook(lambda module, inputs, output: calls.append(1))
+    qm.train()(x)
+    assert calls == [1]  # train mode calls the BatchNorm module
+    with pytest.warns(UserWarning, match="'1'.*folded"):
+        qm.eval()(x)
+    assert calls == [1]
