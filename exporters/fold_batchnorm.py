@@ -22,8 +22,14 @@ from torch.fx import GraphModule, Node
 from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
 from qzo_fx.exporters.lower_bias import constant_value, int32_bias
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.passes.prepare.batchnorm_site import BatchNormSite, batchnorm_site, feeds_only
-from qzo_fx.passes.prepare.fold_eval_batchnorm import FOLDABLE_PRODUCERS, FoldedSite, folded_site
+from qzo_fx.passes.prepare.batchnorm_site import (
+    BatchNormSite,
+    batchnorm_site,
+    folding_producer,
+    producer_bias,
+    set_producer_bias,
+)
+from qzo_fx.passes.prepare.fold_eval_batchnorm import FoldedSite, folded_site
 from qzo_fx.passes.prepare.folded_batchnorm_ops import (
     batchnorm_scale,
     foldable,
@@ -54,7 +60,8 @@ def _scale_dequantize(gm: GraphModule, dequantize: Node, k: torch.Tensor) -> Non
         dequantize.update_arg(3, 0)
 
 
-def _float_bias(gm: GraphModule, value: torch.Tensor, name: str, before: Node) -> Node:
+def _buffer_read(gm: GraphModule, value: torch.Tensor, name: str, before: Node) -> Node:
+    """A ``get_attr`` of ``value``, stored as ``qzo_export.<name>``, inserted before ``before``."""
     gm.get_submodule(EXPORT_CONTAINER).register_buffer(name, value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(f"{EXPORT_CONTAINER}.{name}")
@@ -70,15 +77,15 @@ def _fold_site(gm: GraphModule, site: FoldedSite) -> None:
         value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
         rounded = step is not None
         new_bias = int32_bias(gm, f"{tag}_bias", value, step, before=site.producer) if rounded else \
-            _float_bias(gm, value, f"{tag}_bias", site.producer)
+            _buffer_read(gm, value, f"{tag}_bias", site.producer)
         site.rewire(weight_in, new_bias)
     else:  # some k <= 0 (no negative scales): w k after the DequantizeLinear, a float bias, as the graph
         rank = _constant(gm, weight_in.args[0]).dim()
-        gm.get_submodule(EXPORT_CONTAINER).register_buffer(f"{tag}_k", k.reshape((-1,) + (1,) * (rank - 1)))
+        k_read = _buffer_read(gm, k.reshape((-1,) + (1,) * (rank - 1)), f"{tag}_k", site.producer)
         with gm.graph.inserting_before(site.producer):
-            scaled = gm.graph.call_function(torch.mul, (weight_in, gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_k")))
+            scaled = gm.graph.call_function(torch.mul, (weight_in, k_read))
         value, _ = folded_bias_parts(bias, mean, k, beta, None, None)
-        site.rewire(scaled, _float_bias(gm, value, f"{tag}_bias", site.producer))
+        site.rewire(scaled, _buffer_read(gm, value, f"{tag}_bias", site.producer))
     for node in (site.weight, site.bias):
         if not node.users:
             gm.graph.erase_node(node)
@@ -89,10 +96,8 @@ def _float_weight_site(gm: GraphModule, node: Node) -> BatchNormSite | None:
     site = batchnorm_site(gm, node)
     if site is None or (node.op == "call_module" and gm.get_submodule(str(node.target)).training):
         return None
-    producer = site.input
-    if producer.target not in FOLDABLE_PRODUCERS or not feeds_only(producer, node) or len(producer.args) < 2:
-        return None
-    return site if isinstance(producer.args[1], Node) and producer.args[1].op == "get_attr" else None
+    producer = folding_producer(site)
+    return site if producer is not None and producer.args[1].op == "get_attr" else None
 
 
 def _fold_float_weight(gm: GraphModule, site: BatchNormSite) -> None:
@@ -100,16 +105,10 @@ def _fold_float_weight(gm: GraphModule, site: BatchNormSite) -> None:
     mean, var, gamma, beta = [None if t is None else t.detach() for t in site.tensors(gm)]
     k = batchnorm_scale(var, gamma, site.eps)
     w = operator.attrgetter(str(producer.args[1].target))(gm).detach()
-    container = gm.get_submodule(EXPORT_CONTAINER)
-    container.register_buffer(f"{tag}_weight", w * k.reshape((-1,) + (1,) * (w.dim() - 1)))
-    bias = producer.args[2] if len(producer.args) > 2 else None
+    bias = producer_bias(producer)
     value, _ = folded_bias_parts(_constant(gm, bias) if isinstance(bias, Node) else None, mean, k, beta, None, None)
-    container.register_buffer(f"{tag}_bias", value)
-    with gm.graph.inserting_before(producer):
-        producer.update_arg(1, gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_weight"))
-        args = list(producer.args) + [None] * (3 - len(producer.args))
-        args[2] = gm.graph.get_attr(f"{EXPORT_CONTAINER}.{tag}_bias")
-        producer.args = tuple(args)
+    producer.update_arg(1, _buffer_read(gm, w * k.reshape((-1,) + (1,) * (w.dim() - 1)), f"{tag}_weight", producer))
+    set_producer_bias(producer, _buffer_read(gm, value, f"{tag}_bias", producer))
     site.node.replace_all_uses_with(producer)
     gm.graph.erase_node(site.node)
 

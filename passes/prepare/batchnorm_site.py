@@ -20,11 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-__all__ = ["BatchNormSite", "batchnorm_site", "feeds_only", "FOLDABLE_BATCHNORMS"]
+__all__ = ["BatchNormSite", "batchnorm_site", "feeds_only", "folding_producer", "producer_bias", "set_producer_bias",
+           "FOLDABLE_BATCHNORMS", "FOLDABLE_PRODUCERS"]
 
 # Exact module types: subclasses (timm's BatchNormAct2d) add an activation a fold would drop;
 # symbolic capture traces into those, and their F.batch_norm call is a site of its own.
 FOLDABLE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# The ops a BatchNorm folds into.
+FOLDABLE_PRODUCERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.ops.aten.conv1d.default,
+                      torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default, torch.ops.aten.linear.default}
 
 _F_SIGNATURE = inspect.signature(F.batch_norm)
 _METADATA = {"ndim", "shape", "dtype", "device"}
@@ -132,3 +136,25 @@ def feeds_only(producer: Node, node: Node) -> bool:
     """True when ``node`` is the only user of ``producer``'s values: other users read only its
     shape (timm's ``BatchNormAct2d`` asserts ``x.ndim``), which a fold into ``producer`` keeps."""
     return all(user is node or _reads_metadata(user) for user in producer.users)
+
+
+def folding_producer(site: BatchNormSite) -> Optional[Node]:
+    """The conv/linear ``site`` normalizes, when a fold into it keeps every other use of its values."""
+    producer = site.input
+    if producer.target not in FOLDABLE_PRODUCERS or len(producer.args) < 2 or not feeds_only(producer, site.node):
+        return None
+    return producer
+
+
+def producer_bias(producer: Node) -> object:
+    """The bias argument of a conv/linear call (positional or keyword; None when absent)."""
+    return producer.args[2] if len(producer.args) > 2 else producer.kwargs.get("bias")
+
+
+def set_producer_bias(producer: Node, bias: object) -> None:
+    if len(producer.args) > 2 or "bias" not in producer.kwargs:
+        args = list(producer.args) + [None] * (3 - len(producer.args))
+        args[2] = bias
+        producer.args = tuple(args)
+    else:
+        producer.update_kwarg("bias", bias)

@@ -23,23 +23,23 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from qzo_fx.capture.call_errors import FOLDED_KEY
 from qzo_fx.capture.modal import graph_of_mode
 from qzo_fx.pass_infra import PassResult
-from qzo_fx.passes.prepare.batchnorm_site import BatchNormSite, batchnorm_site, feeds_only
+from qzo_fx.passes.prepare.batchnorm_site import (
+    BatchNormSite,
+    batchnorm_site,
+    folding_producer,
+    producer_bias,
+    set_producer_bias,
+)
 from qzo_fx.passes.prepare.folded_batchnorm_ops import folded_bias, folded_weight
 from qzo_fx.quant.quantizer import Quantizer, quantizer_of
 
-__all__ = ["fold_eval_batchnorm", "FOLDABLE_PRODUCERS", "is_folded_site", "FoldedSite", "folded_site"]
+__all__ = ["fold_eval_batchnorm", "is_folded_site", "FoldedSite", "folded_site"]
 
-aten = torch.ops.aten
-# The ops export folds a BatchNorm into.
-FOLDABLE_PRODUCERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, aten.conv1d.default, aten.conv2d.default,
-                      aten.conv3d.default, aten.linear.default}
 _WEIGHT, _BIAS = (op._opoverload for op in (folded_weight, folded_bias))
 
 
@@ -52,8 +52,6 @@ def _scales(gm: GraphModule, producer: Node) -> Optional[tuple[Node, Optional[No
     """``(weight scale read, input scale read or None)`` when ``producer``'s weight is quantized per
     tensor or per output channel (what a fold into the scale takes); the input scale where the
     input is quantized per tensor too (an integer kernel, which rounds the bias)."""
-    if len(producer.args) < 2:
-        return None
     weight, x = producer.args[1], producer.args[0]
     w_q = _quantizer(gm, weight)
     if w_q is None or w_q.role != "weight" or w_q.is_sign or w_q.group_size or w_q.axis not in (0, -1):
@@ -63,25 +61,12 @@ def _scales(gm: GraphModule, producer: Node) -> Optional[tuple[Node, Optional[No
     return weight.args[1], x.args[1] if integer else None
 
 
-def _bias_of(producer: Node) -> object:
-    return producer.args[2] if len(producer.args) > 2 else producer.kwargs.get("bias")
-
-
-def _set_bias(producer: Node, bias: object) -> None:
-    if len(producer.args) > 2 or "bias" not in producer.kwargs:
-        args = list(producer.args) + [None] * (3 - len(producer.args))
-        args[2] = bias
-        producer.args = tuple(args)
-    else:
-        producer.update_kwarg("bias", bias)
-
-
 def _site(gm: GraphModule, node: Node) -> Optional[tuple[BatchNormSite, Node, Node, Optional[Node]]]:
     site = batchnorm_site(gm, node)
     if site is None:
         return None
-    producer = site.input
-    if producer.target not in FOLDABLE_PRODUCERS or not feeds_only(producer, site.node):
+    producer = folding_producer(site)
+    if producer is None:
         return None
     scales = _scales(gm, producer)
     return None if scales is None else (site, producer, *scales)
@@ -95,10 +80,10 @@ def _fold(gm: GraphModule, site: BatchNormSite, producer: Node, w_scale: Node, x
                                   for path in (site.mean, site.var, site.weight, site.bias)]
         scales = [None if read is None else graph.get_attr(str(read.target)) for read in (w_scale, x_scale)]
         weight = graph.call_function(_WEIGHT, (producer.args[1], scales[0], var, gamma, site.eps))
-        bias = graph.call_function(_BIAS, (_bias_of(producer), mean, var, gamma, beta, site.eps, scales[1],
+        bias = graph.call_function(_BIAS, (producer_bias(producer), mean, var, gamma, beta, site.eps, scales[1],
                                            scales[0]))
     producer.update_arg(1, weight)
-    _set_bias(producer, bias)
+    set_producer_bias(producer, bias)
     for new in (weight, bias):
         if "nn_module_stack" in site.node.meta:
             new.meta["nn_module_stack"] = site.node.meta["nn_module_stack"]
@@ -118,12 +103,12 @@ class FoldedSite:
     """The nodes of one folded site: ``producer(x, folded_weight(...), folded_bias(...))``."""
 
     def __init__(self, producer: Node) -> None:
-        self.producer, self.weight, self.bias = producer, producer.args[1], _bias_of(producer)
+        self.producer, self.weight, self.bias = producer, producer.args[1], producer_bias(producer)
 
     def rewire(self, weight: Node, bias: object) -> None:
         """Give the producer ``weight`` and ``bias`` in place of the folding ops."""
         self.producer.update_arg(1, weight)
-        _set_bias(self.producer, bias)
+        set_producer_bias(self.producer, bias)
 
 
 def folded_site(node: Node) -> Optional[FoldedSite]:

@@ -78,11 +78,11 @@ class PreparedModel(GraphModule):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.__dict__.get("_qzo_uncalled") is None:  # once: the graphs call the same modules after
             self._qzo_uncalled = uncalled_modules(self, list(self.qzo_mode_graphs.values()))
+            self._qzo_folded = [(name, self.get_submodule(name)) for name in self.meta.get(FOLDED_KEY, ())]
             self._qzo_hooks_warned: set[str] = set()
         warn_hooks_that_cannot_run(self._qzo_uncalled, self._qzo_hooks_warned)
-        if not self.training and self.meta.get(FOLDED_KEY):
-            folded = [(name, self.get_submodule(name)) for name in self.meta[FOLDED_KEY]]
-            warn_hooks_that_cannot_run(folded, self._qzo_hooks_warned, FOLDED_IN_EVAL)
+        if not self.training:
+            warn_hooks_that_cannot_run(self._qzo_folded, self._qzo_hooks_warned, FOLDED_IN_EVAL)
         report = self.meta.get("qzo.capture")
         if kwargs and getattr(report, "constant_keywords", None):
             kwargs = take_constant_keywords(type(self).__name__, kwargs, report.constant_keywords)
