@@ -35,7 +35,9 @@ from qzo_fx.passes.prepare.folded_batchnorm_ops import (
     foldable,
     folded_bias_parts,
     folded_weight_scale,
+    refolded_codes,
 )
+from qzo_fx.quant.ops import expand_param
 
 __all__ = ["fold_batchnorm"]
 
@@ -45,18 +47,25 @@ def _constant(gm: GraphModule, value: object) -> object:
     return found.detach() if isinstance(found, torch.Tensor) else found
 
 
-def _scale_dequantize(gm: GraphModule, dequantize: Node, k: torch.Tensor) -> None:
-    """Multiply the scale a ``qzo.dequantize`` node reads by ``k`` (per output channel)."""
-    scale_target = str(dequantize.args[1].target)
-    scale = gm.get_buffer(scale_target)
-    owner, _, name = scale_target.rpartition(".")
-    gm.get_submodule(owner).register_buffer(name, folded_weight_scale(scale, k).contiguous())
+def _set_buffer(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+    owner, _, name = target.rpartition(".")
+    gm.get_submodule(owner).register_buffer(name, value.contiguous())
+
+
+def _scale_dequantize(gm: GraphModule, dequantize: Node, k: torch.Tensor, scale_bits: int) -> None:
+    """Give a ``qzo.dequantize`` node the folded scale (per output channel), ``s k`` or its grid
+    value, and with a grid the codes refolded onto it, as the eval graph's ``folded_weight``."""
+    codes_target, scale_target, zero_target = (str(a.target) for a in dequantize.args[:3])
+    scale, zero = gm.get_buffer(scale_target), gm.get_buffer(zero_target)
+    if scale_bits:
+        codes = gm.get_buffer(codes_target)
+        offset = zero.float() if zero.dim() == 0 else expand_param(zero.float(), codes, 0, 0)
+        refolded = refolded_codes(codes.float() - offset, scale, k, scale_bits) + offset
+        _set_buffer(gm, codes_target, refolded.to(codes.dtype))
+    _set_buffer(gm, scale_target, folded_weight_scale(scale, k, scale_bits))
     if scale.dim() == 0:
         # A per-tensor scale times k is per channel; a per-channel zero point must follow.
-        zero_target = str(dequantize.args[2].target)
-        zero = gm.get_buffer(zero_target)
-        z_owner, _, z_name = zero_target.rpartition(".")
-        gm.get_submodule(z_owner).register_buffer(z_name, zero.expand(k.shape).contiguous())
+        _set_buffer(gm, zero_target, zero.expand(k.shape))
         dequantize.update_arg(3, 0)
 
 
@@ -68,13 +77,14 @@ def _buffer_read(gm: GraphModule, value: torch.Tensor, name: str, before: Node) 
 
 
 def _fold_site(gm: GraphModule, site: FoldedSite) -> None:
-    weight_in, _, var, gamma, eps = site.weight.args
+    weight_in, _, var, gamma, eps = site.weight.args[:5]
+    scale_bits = site.weight.args[5] if len(site.weight.args) > 5 else 0
     k = batchnorm_scale(_constant(gm, var), _constant(gm, gamma), eps)
-    bias, mean, _, _, beta, _, input_scale, weight_scale = [_constant(gm, a) for a in site.bias.args]
+    bias, mean, _, _, beta, _, input_scale, weight_scale = [_constant(gm, a) for a in site.bias.args[:8]]
     tag = site.producer.name + "_folded"
     if foldable(k):  # into the codes' scale, the bias on the int32 grid where the graph rounds it
-        _scale_dequantize(gm, weight_in, k)
-        value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
+        _scale_dequantize(gm, weight_in, k, scale_bits)
+        value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale, scale_bits)
         rounded = step is not None
         new_bias = int32_bias(gm, f"{tag}_bias", value, step, before=site.producer) if rounded else \
             _buffer_read(gm, value, f"{tag}_bias", site.producer)

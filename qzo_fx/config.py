@@ -96,6 +96,11 @@ class QuantSpec:
         reduce_range: use one bit less of a signed grid (8 bits: [-64, 63]), what ONNX Runtime
             calls reduce_range. ``None`` (the default) lets ``QuantConfig.target`` decide; a
             spec used outside a config reads ``None`` as False.
+        scale_bits: significant bits of every scale entry's binary mantissa: 1 puts scales on
+            powers of two, 4 on {1, 1.125, ..., 1.875} x 2^e, 0 allows any float32 scale.
+            Calibration picks, per entry, the neighbour on that grid with the smaller squared
+            error. ``None`` (the default) lets ``QuantConfig.exact_scales`` decide; a spec used
+            outside a config reads ``None`` as 0.
 
     Example:
         >>> QuantSpec(bits=4, granularity="per_group", group_size=32).qrange
@@ -115,6 +120,7 @@ class QuantSpec:
     percentile: float = 99.99
     learn_scale: bool = False
     reduce_range: Optional[bool] = None
+    scale_bits: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -124,6 +130,11 @@ class QuantSpec:
         _check(self.scale_init in SCALE_INITS, "scale_init", self.scale_init, f"one of {SCALE_INITS}")
         _check(isinstance(self.group_size, int) and self.group_size >= 1, "group_size", self.group_size, "an int >= 1")
         _check(0.0 < self.percentile <= 100.0, "percentile", self.percentile, "a float in (0, 100]")
+        _check(self.scale_bits is None or 0 <= self.scale_bits <= 23, "scale_bits", self.scale_bits,
+               "None or an int in 0..23 (0: any float32 scale)")
+        if self.scale_bits and self.bits == 1:
+            raise ConfigError("scale_bits", self.scale_bits, "0 or None for bits=1",
+                              "A 1-bit scale is mean |x|, not a grid step.")
         if self.ste in SIGN_ONLY_STE_KINDS and self.bits != 1:
             raise ConfigError("ste", self.ste, "identity, clipped or lsq for bits >= 2",
                               f"{self.ste} is a surrogate of sign(); use it with bits=1.")
@@ -142,6 +153,11 @@ class QuantSpec:
             return (0, 2**self.bits - 1)
         half = 2 ** (self.bits - 2 if self.reduce_range else self.bits - 1)
         return (-half + int(self.narrow_range), half - 1)
+
+    @property
+    def grid_bits(self) -> int:
+        """The mantissa bits calibration puts scales on; 0 for any float32 scale."""
+        return self.scale_bits or 0
 
     @property
     def learns_scale(self) -> bool:
@@ -181,6 +197,16 @@ class QuantConfig:
             ONNX Runtime's int8 kernels on x86 CPUs without VNNI sum pairs of uint8 x int8
             products in int16 and saturate with full-range weights. ``"cuda"`` and
             ``"tensorrt"`` keep the full range. A spec that sets ``reduce_range`` wins.
+        exact_scales: where both a weight and its op's input activation are quantized, put the
+            calibrated activation scales on powers of two and the weight scales on 4-bit
+            mantissas (``QuantSpec.scale_bits`` 1 and 4). Every product of codes and scales and
+            every sum of them is then exact in float32 (sums below 2^20 code units), so a float
+            kernel (torch, ``onnx.reference``) and an integer kernel (ONNX Runtime's QLinearConv,
+            TensorRT) compute the same integers, and the file gives the model's codes bit for bit
+            instead of a neighbouring code wherever a value lands within float noise of a
+            rounding boundary. It costs at most half a bit of activation resolution. Learned
+            scales (they move off any grid as they train), 1-bit and per-group specs keep any
+            float scale. A spec that sets ``scale_bits`` wins.
 
     Example:
         >>> cfg = QuantConfig(weight_bits=2, overrides={"head": {"weight": {"bits": 8}}})
@@ -202,6 +228,7 @@ class QuantConfig:
     skip_last: bool = False
     quantize_pool_inputs: bool = True
     target: str = "cpu"
+    exact_scales: bool = True
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -240,7 +267,23 @@ class QuantConfig:
         for pattern, rule in name_rules:
             if fnmatch.fnmatchcase(module_name, pattern):
                 weight, activation = _apply(rule, weight, activation)
-        return _target_preset(weight, activation, self.target), activation
+        weight = _target_preset(weight, activation, self.target)
+        integer = weight is not None and activation is not None
+        return (_scale_grid_preset(weight, WEIGHT_SCALE_BITS, self.exact_scales and integer),
+                _scale_grid_preset(activation, ACTIVATION_SCALE_BITS, self.exact_scales and integer))
+
+
+# The scale grids of exact_scales: products of a power-of-two activation step and a 4-bit weight
+# step with 8-bit codes need 8 + 7 + 4 bits, and float32 holds sums of them exactly up to 2^20 units.
+ACTIVATION_SCALE_BITS, WEIGHT_SCALE_BITS = 1, 4
+
+
+def _scale_grid_preset(spec: Optional[QuantSpec], bits: int, exact: bool) -> Optional[QuantSpec]:
+    """``spec`` with ``scale_bits`` resolved (an explicit value is kept)."""
+    if spec is None or spec.scale_bits is not None:
+        return spec
+    on_grid = exact and spec.bits >= 2 and not spec.learns_scale and spec.granularity != "per_group"
+    return spec.replace(scale_bits=bits if on_grid else 0)
 
 
 def _target_preset(weight: Optional[QuantSpec], activation: Optional[QuantSpec], target: str) -> Optional[QuantSpec]:

@@ -48,20 +48,20 @@ def _quantizer(gm: GraphModule, value: object) -> Optional[Quantizer]:
     return None if found is None else found[1]
 
 
-def _scales(gm: GraphModule, producer: Node) -> Optional[tuple[Node, Optional[Node]]]:
-    """``(weight scale read, input scale read or None)`` when ``producer``'s weight is quantized per
-    tensor or per output channel (what a fold into the scale takes); the input scale where the
-    input is quantized per tensor too (an integer kernel, which rounds the bias)."""
+def _scales(gm: GraphModule, producer: Node) -> Optional[tuple[Node, Optional[Node], int]]:
+    """``(weight scale read, input scale read or None, scale grid bits)`` when ``producer``'s weight
+    is quantized per tensor or per output channel (what a fold into the scale takes); the input
+    scale where the input is quantized per tensor too (an integer kernel, which rounds the bias)."""
     weight, x = producer.args[1], producer.args[0]
     w_q = _quantizer(gm, weight)
     if w_q is None or w_q.role != "weight" or w_q.is_sign or w_q.group_size or w_q.axis not in (0, -1):
         return None
     x_q = _quantizer(gm, x)
     integer = x_q is not None and x_q.role == "activation" and not x_q.is_sign and x_q.scale.dim() == 0
-    return weight.args[1], x.args[1] if integer else None
+    return weight.args[1], x.args[1] if integer else None, w_q.spec.grid_bits
 
 
-def _site(gm: GraphModule, node: Node) -> Optional[tuple[BatchNormSite, Node, Node, Optional[Node]]]:
+def _site(gm: GraphModule, node: Node) -> Optional[tuple[BatchNormSite, Node, Node, Optional[Node], int]]:
     site = batchnorm_site(gm, node)
     if site is None:
         return None
@@ -72,16 +72,17 @@ def _site(gm: GraphModule, node: Node) -> Optional[tuple[BatchNormSite, Node, No
     return None if scales is None else (site, producer, *scales)
 
 
-def _fold(gm: GraphModule, site: BatchNormSite, producer: Node, w_scale: Node, x_scale: Optional[Node]) -> None:
+def _fold(gm: GraphModule, site: BatchNormSite, producer: Node, w_scale: Node, x_scale: Optional[Node],
+          scale_bits: int) -> None:
     graph = gm.graph
     with graph.inserting_before(producer):
         # Reads of their own: passes that rewrite the quantizers' nodes leave these in place.
         mean, var, gamma, beta = [None if path is None else graph.get_attr(path)
                                   for path in (site.mean, site.var, site.weight, site.bias)]
         scales = [None if read is None else graph.get_attr(str(read.target)) for read in (w_scale, x_scale)]
-        weight = graph.call_function(_WEIGHT, (producer.args[1], scales[0], var, gamma, site.eps))
+        weight = graph.call_function(_WEIGHT, (producer.args[1], scales[0], var, gamma, site.eps, scale_bits))
         bias = graph.call_function(_BIAS, (producer_bias(producer), mean, var, gamma, beta, site.eps, scales[1],
-                                           scales[0]))
+                                           scales[0], scale_bits))
     producer.update_arg(1, weight)
     set_producer_bias(producer, bias)
     for new in (weight, bias):

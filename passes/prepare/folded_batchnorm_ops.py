@@ -13,6 +13,11 @@ So the eval graph computes the folded form with the file's operations in the fil
 weight is ``(q - z) * (s_w k)`` (the codes recovered exactly from the fake-quantized weight,
 ``round(w_fq / s_w)``), the bias is ``round(B / step) * step``.
 
+With a scale grid (``QuantConfig.exact_scales``) the file's scale is the grid value ``S`` at or
+above ``s_w k``, and the codes are refolded onto it, ``round(q (s_w k) / S)``: never larger than
+``q``, so nothing clips, and the products of codes and scales stay exact in float32 (see
+:mod:`qzo_fx.quant.scale_grid`).
+
 Where some ``k <= 0`` the codes cannot take the fold (negative or zero scales): the weight is then
 ``w_fq * k`` and the bias ``B`` in float, which the file computes with the same operations (a Mul
 after the weight's DequantizeLinear). Either way there is no BatchNorm left to compute on the
@@ -29,25 +34,43 @@ from torch import Tensor
 
 from qzo_fx.passes.prepare.quantize_bias import BIAS_QRANGE
 from qzo_fx.quant.ops import expand_param, grid_codes
+from qzo_fx.quant.scale_grid import grid_ceil
 
 __all__ = ["batchnorm_scale", "folded_weight", "folded_bias", "folded_bias_parts", "folded_weight_scale",
-           "foldable", "FOLDING_OPS", "folded_weight_kernel", "folded_bias_kernel"]
+           "refolded_codes", "foldable", "FOLDING_OPS", "folded_weight_kernel", "folded_bias_kernel"]
 
 def batchnorm_scale(var: Tensor, gamma: Optional[Tensor], eps: float) -> Tensor:
     """``k = gamma / sqrt(var + eps)`` per channel, in the exporter's order of operations."""
     return (gamma if gamma is not None else 1.0) / torch.sqrt(var + eps)
 
 
-def folded_weight_scale(weight_scale: Tensor, k: Tensor) -> Tensor:
-    """``s_w k`` in the layout of the exported DequantizeLinear scale (per output channel)."""
-    return weight_scale * k.reshape((-1,) + (1,) * max(weight_scale.dim() - 1, 0)) if weight_scale.dim() \
+def folded_weight_scale(weight_scale: Tensor, k: Tensor, scale_bits: int = 0) -> Tensor:
+    """The exported DequantizeLinear scale (per output channel): ``s_w k``, or with ``scale_bits``
+    the grid value at or above it."""
+    exact = weight_scale * k.reshape((-1,) + (1,) * max(weight_scale.dim() - 1, 0)) if weight_scale.dim() \
         else weight_scale * k
+    return grid_ceil(exact, scale_bits) if scale_bits else exact
+
+
+def refolded_codes(codes: Tensor, weight_scale: Tensor, k: Tensor, scale_bits: int) -> Tensor:
+    """Centred codes ``q - z`` moved to the folded scale: ``q`` itself without a grid, else
+    ``round(q (s_w k) / S)`` with ``S`` the grid scale (``|q'| <= |q|``: nothing clips).
+
+    Example:
+        >>> refolded_codes(torch.tensor([[40.0], [-7.0]]), torch.tensor(0.1), torch.tensor([1.0, 1.0]), 1).flatten()
+        tensor([26., -5.])
+    """
+    if not scale_bits:
+        return codes
+    exact = folded_weight_scale(weight_scale, k)
+    return torch.mul(codes, expand_param(exact / grid_ceil(exact, scale_bits), codes, 0, 0)).round_()
 
 
 def folded_bias_parts(bias: Optional[Tensor], mean: Tensor, k: Tensor, beta: Optional[Tensor],
-                      input_scale: Optional[Tensor], weight_scale: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """``(B, step)``: the folded bias ``(b - mean) k + beta`` and its int32 step ``s_x (s_w k)``
-    (None without an integer kernel).
+                      input_scale: Optional[Tensor], weight_scale: Optional[Tensor],
+                      scale_bits: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+    """``(B, step)``: the folded bias ``(b - mean) k + beta`` and its int32 step, ``s_x`` times the
+    folded weight scale (None without an integer kernel).
 
     Example:
         >>> B, step = folded_bias_parts(None, torch.zeros(2), torch.ones(2), torch.tensor([0.32, -0.11]),
@@ -60,7 +83,7 @@ def folded_bias_parts(bias: Optional[Tensor], mean: Tensor, k: Tensor, beta: Opt
     value = (b - mean) * k + shift
     if input_scale is None or weight_scale is None:
         return value, None
-    return value, (input_scale * folded_weight_scale(weight_scale, k)).reshape(-1)
+    return value, (input_scale * folded_weight_scale(weight_scale, k, scale_bits)).reshape(-1)
 
 
 def foldable(k: Tensor) -> Tensor:
@@ -86,21 +109,25 @@ def _rounded_bias(value: Tensor, step: Tensor) -> Tensor:
     return grid_codes(value, step, torch.zeros_like(step), *BIAS_QRANGE).mul_(step)
 
 
+def _folded_codes_weight(weight: Tensor, weight_scale: Tensor, k: Tensor, scale_bits: int) -> Tensor:
+    codes = refolded_codes(_weight_codes(weight, weight_scale), weight_scale, k, scale_bits)
+    return codes.mul_(expand_param(folded_weight_scale(weight_scale, k, scale_bits), weight, 0, 0))
+
+
 def folded_weight_kernel(weight: Tensor, weight_scale: Optional[Tensor], var: Tensor, gamma: Optional[Tensor],
-                         eps: float) -> Tensor:
+                         eps: float, scale_bits: int = 0) -> Tensor:
     k = batchnorm_scale(var, gamma, eps)
     scaled = weight * _channels(k, weight)
     if weight_scale is None:
         return scaled
-    folded = _weight_codes(weight, weight_scale) * expand_param(folded_weight_scale(weight_scale, k), weight, 0, 0)
-    return torch.where(foldable(k), folded, scaled)
+    return torch.where(foldable(k), _folded_codes_weight(weight, weight_scale, k, scale_bits), scaled)
 
 
 def folded_bias_kernel(bias: Optional[Tensor], mean: Tensor, var: Tensor, gamma: Optional[Tensor],
                        beta: Optional[Tensor], eps: float, input_scale: Optional[Tensor],
-                       weight_scale: Optional[Tensor]) -> Tensor:
+                       weight_scale: Optional[Tensor], scale_bits: int = 0) -> Tensor:
     k = batchnorm_scale(var, gamma, eps)
-    value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
+    value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale, scale_bits)
     return value if step is None else torch.where(foldable(k), _rounded_bias(value, step), value)
 
 
@@ -108,9 +135,10 @@ def folded_bias_kernel(bias: Optional[Tensor], mean: Tensor, var: Tensor, gamma:
 # stays one node there (the exporter finds it by its target).
 @torch.library.custom_op("qzo::folded_weight", mutates_args=())
 def folded_weight(weight: Tensor, weight_scale: Optional[Tensor], var: Tensor, gamma: Optional[Tensor],
-                  eps: float) -> Tensor:
+                  eps: float, scale_bits: int = 0) -> Tensor:
     """The weight as the file computes it: ``round(w_fq / s_w) * (s_w k)`` for a fake-quantized
-    weight (per tensor or per output channel) whose ``k`` are all positive, else ``w k``.
+    weight (per tensor or per output channel) whose ``k`` are all positive, else ``w k``; with
+    ``scale_bits``, the codes refolded onto the grid scale (:func:`refolded_codes`).
 
     Example:
         >>> w = torch.tensor([[0.5], [-0.25]])                       # codes 2 and -1 at s_w = 0.25
@@ -118,20 +146,20 @@ def folded_weight(weight: Tensor, weight_scale: Optional[Tensor], var: Tensor, g
         [0.25, -0.25]
     """
     if weight.device.type != "cpu":  # no host read per BatchNorm on an accelerator
-        return folded_weight_kernel(weight, weight_scale, var, gamma, eps)
+        return folded_weight_kernel(weight, weight_scale, var, gamma, eps, scale_bits)
     k = batchnorm_scale(var, gamma, eps)
     if weight_scale is None or not bool(foldable(k)):
         return weight * _channels(k, weight)
-    return _weight_codes(weight, weight_scale).mul_(expand_param(folded_weight_scale(weight_scale, k), weight, 0, 0))
+    return _folded_codes_weight(weight, weight_scale, k, scale_bits)
 
 
 @folded_weight.register_fake
-def _(weight, weight_scale, var, gamma, eps):
+def _(weight, weight_scale, var, gamma, eps, scale_bits=0):
     return torch.empty_like(weight)
 
 
 def _folded_weight_setup(ctx, inputs, output) -> None:
-    weight, weight_scale, var, gamma, eps = inputs
+    weight, weight_scale, var, gamma, eps = inputs[:5]
     k = batchnorm_scale(var.detach(), None if gamma is None else gamma.detach(), eps)
     ctx.has_gamma, ctx.eps = gamma is not None, eps
     ctx.save_for_backward(weight, var, k)
@@ -143,7 +171,7 @@ def _folded_weight_backward(ctx, grad: Tensor):
     grad_gamma = None
     if ctx.has_gamma:
         grad_gamma = (grad * weight).reshape(grad.shape[0], -1).sum(1) / torch.sqrt(var + ctx.eps)
-    return grad * _channels(k, grad), None, None, grad_gamma, None
+    return grad * _channels(k, grad), None, None, grad_gamma, None, None
 
 
 folded_weight.register_autograd(_folded_weight_backward, setup_context=_folded_weight_setup)
@@ -151,7 +179,8 @@ folded_weight.register_autograd(_folded_weight_backward, setup_context=_folded_w
 
 @torch.library.custom_op("qzo::folded_bias", mutates_args=())
 def folded_bias(bias: Optional[Tensor], mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
-                eps: float, input_scale: Optional[Tensor], weight_scale: Optional[Tensor]) -> Tensor:
+                eps: float, input_scale: Optional[Tensor], weight_scale: Optional[Tensor],
+                scale_bits: int = 0) -> Tensor:
     """The bias as the file adds it: ``B`` on the int32 grid at ``s_x s_w k`` (both scales given:
     an integer kernel, and every ``k > 0``), else ``B`` in float.
 
@@ -162,19 +191,19 @@ def folded_bias(bias: Optional[Tensor], mean: Tensor, var: Tensor, gamma: Option
         [0.3, -0.1]
     """
     if var.device.type != "cpu":
-        return folded_bias_kernel(bias, mean, var, gamma, beta, eps, input_scale, weight_scale)
+        return folded_bias_kernel(bias, mean, var, gamma, beta, eps, input_scale, weight_scale, scale_bits)
     k = batchnorm_scale(var, gamma, eps)
-    value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale)
+    value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale, scale_bits)
     return _rounded_bias(value, step) if step is not None and bool(foldable(k)) else value
 
 
 @folded_bias.register_fake
-def _(bias, mean, var, gamma, beta, eps, input_scale, weight_scale):
+def _(bias, mean, var, gamma, beta, eps, input_scale, weight_scale, scale_bits=0):
     return torch.empty_like(var)
 
 
 def _folded_bias_setup(ctx, inputs, output) -> None:
-    bias, mean, var, gamma, beta, eps, input_scale, weight_scale = inputs
+    bias, mean, var, gamma, beta, eps, input_scale, weight_scale = inputs[:8]
     k = batchnorm_scale(var.detach(), None if gamma is None else gamma.detach(), eps)
     ctx.flags = (bias is not None, gamma is not None, beta is not None)
     b = bias.detach() if bias is not None else torch.zeros_like(k)
@@ -186,7 +215,7 @@ def _folded_bias_backward(ctx, grad: Tensor):
     k, centred = ctx.saved_tensors
     has_bias, has_gamma, has_beta = ctx.flags
     return (grad * k if has_bias else None, None, None, grad * centred if has_gamma else None,
-            grad if has_beta else None, None, None, None)
+            grad if has_beta else None, None, None, None, None)
 
 
 folded_bias.register_autograd(_folded_bias_backward, setup_context=_folded_bias_setup)

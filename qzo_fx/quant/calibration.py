@@ -12,6 +12,7 @@ from torch import Tensor
 
 from qzo_fx.config import QuantSpec
 from qzo_fx.errors import CalibrationError
+from qzo_fx.quant.scale_grid import grid_ceil, grid_floor
 
 __all__ = ["init_scale"]
 
@@ -47,7 +48,7 @@ def _symmetric(t: Tensor, spec: QuantSpec, amax: Callable[[Tensor], Tensor], min
     zero = torch.zeros_like(scale)
     if spec.scale_init == "mse":
         scale = _mse_search(t, scale, zero, qmin, qmax, min_scale)
-    return scale, zero
+    return _on_grid(t, scale, torch.zeros_like, qmin, qmax, spec.grid_bits, min_scale)
 
 
 def _asymmetric(t: Tensor, spec: QuantSpec, min_scale: float) -> tuple[Tensor, Tensor]:
@@ -59,10 +60,28 @@ def _asymmetric(t: Tensor, spec: QuantSpec, min_scale: float) -> tuple[Tensor, T
         low, high = t.amin(-1), t.amax(-1)
     low, high = low.clamp_max(0.0), high.clamp_min(0.0)  # the grid must hold an exact 0
     scale = ((high - low) / (qmax - qmin)).clamp_min(min_scale)
-    zero = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
+
+    def zero_of(step: Tensor) -> Tensor:
+        return (qmin - torch.round(low / step)).clamp(qmin, qmax)
+
     if spec.scale_init == "mse":
-        scale = _mse_search(t, scale, zero, qmin, qmax, min_scale)
-    return scale, zero
+        scale = _mse_search(t, scale, zero_of(scale), qmin, qmax, min_scale)
+    return _on_grid(t, scale, zero_of, qmin, qmax, spec.grid_bits, min_scale)
+
+
+def _on_grid(t: Tensor, scale: Tensor, zero_of: Callable[[Tensor], Tensor], qmin: int, qmax: int, bits: int,
+             min_scale: float) -> tuple[Tensor, Tensor]:
+    """``(scale, zero)`` with each scale entry moved to its neighbour on the ``bits`` grid (below
+    or above) that quantizes ``t`` with the smaller squared error; unchanged for ``bits = 0``."""
+    if not bits:
+        return scale, zero_of(scale)
+    above = grid_ceil(scale, bits)
+    below = grid_floor(scale, bits)
+    below = torch.where(below < min_scale, above, below)
+    errors = [(_fake_quant_last(t, s.unsqueeze(-1), zero_of(s).unsqueeze(-1), qmin, qmax) - t).square().sum(-1)
+              for s in (below, above)]
+    scale = torch.where(errors[0] < errors[1], below, above)
+    return scale, zero_of(scale)
 
 
 def _mse_search(t: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, min_scale: float) -> Tensor:

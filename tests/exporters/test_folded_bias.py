@@ -3,6 +3,8 @@ rounds them the same way, so the model, the spec (onnx.reference) and ORT's defa
 without following any rounding tie; the train-mode graph keeps BatchNorm on batch statistics."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx.version_converter
@@ -141,7 +143,10 @@ def test_int32_codes_are_the_folded_bias_at_input_times_folded_weight_step(tmp_p
     s_x = float(qm.qzo_quant.get_submodule("0_input").scale)
     s_w = qm.qzo_quant.get_submodule("0_weight").scale.detach().numpy()
     folded = ((-bn.running_mean) * torch.from_numpy(k) + bn.bias).detach().numpy()
-    np.testing.assert_allclose(step, s_x * s_w * k, rtol=1e-6)
+    # exact_scales (the default): the folded weight scale is the 4-bit-mantissa value at or above s_w k.
+    grid = np.array([math.ldexp(math.ceil(m * 16), e - 4) for m, e in map(math.frexp, (s_w * k).tolist())])
+    assert (grid >= s_w * k).all() and (grid < s_w * k * 1.125).all()
+    np.testing.assert_allclose(step, s_x * grid, rtol=1e-6)
     np.testing.assert_array_equal(codes, np.round(folded / step).astype(np.int32))
 
 
@@ -235,7 +240,9 @@ def test_eval_mode_computes_the_batchnorm_and_its_gradients_as_the_unfolded_mode
     rounding), and training in eval mode gets the unfolded form's straight-through gradients."""
     model = _conv_bn(conv_bias=True)
     x = torch.randn(4, 3, 16, 16)
-    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,)).eval()
+    # Free scales: with exact_scales the fold also moves the codes onto the grid (the next test).
+    free = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8, exact_scales=False)
+    qm = qzo_fx.prepare(model, free, example_inputs=(x,)).eval()
     quant = qm.qzo_quant
     conv, bn, head = qm.get_submodule("0"), qm.get_submodule("1"), qm.get_submodule("3")
 
@@ -254,6 +261,36 @@ def test_eval_mode_computes_the_batchnorm_and_its_gradients_as_the_unfolded_mode
     assert _steps_apart(plain.numpy(), folded.numpy()) < 0.05  # the int32 bias rounding, far below a step
     for got, expected in zip(folded_grads, plain_grads):
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-4)
+
+
+def test_with_exact_scales_the_fold_refolds_the_codes_onto_the_grid_scale():
+    """The eval graph's folded conv against plain math: codes q = round(w_fq / s_w), grid scale S
+    at or above s_w k (4-bit mantissa), codes round(q s_w k / S), the bias on the int32 grid at s_x S."""
+    model = _conv_bn()
+    x = torch.randn(4, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,))
+    qm.train()(x)  # running statistics move away from their initial values
+    qm.eval()
+    quant = qm.qzo_quant
+    conv, bn = qm.get_submodule("0"), qm.get_submodule("1")
+    s_w = quant.get_submodule("0_weight").scale.detach().reshape(-1, 1, 1, 1)
+    s_x = float(quant.get_submodule("0_input").scale)
+    k = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    codes = torch.round(quant.get_submodule("0_weight")(conv.weight).detach() / s_w)
+    exact = (s_w.flatten() * k).tolist()
+    grid = torch.tensor([math.ldexp(math.ceil(m * 16), e - 4) for m, e in map(math.frexp, exact)])
+    refolded = torch.round(codes * (torch.tensor(exact) / grid).reshape(-1, 1, 1, 1))
+    assert (refolded.abs() <= codes.abs()).all() and (refolded != codes).any()
+    bias = (bn.bias - bn.running_mean * k).detach()
+    step = s_x * grid
+    with torch.no_grad():
+        expected = F.conv2d(quant.get_submodule("0_input")(x), refolded * grid.reshape(-1, 1, 1, 1),
+                            torch.round(bias / step) * step)
+        y = {}
+        handle = qm.get_submodule("2").register_forward_hook(lambda m, i, o: y.setdefault("relu_in", i[0]))
+        qm(x)
+        handle.remove()
+    torch.testing.assert_close(y["relu_in"], expected, rtol=0, atol=1e-6)
 
 
 def test_a_hook_on_a_batchnorm_the_eval_graph_folds_is_warned_about_in_eval_mode():
