@@ -38,7 +38,7 @@ from qzo_fx.passes.prepare.batchnorm_site import (
 from qzo_fx.passes.prepare.folded_batchnorm_ops import folded_bias, folded_weight
 from qzo_fx.quant.quantizer import Quantizer, quantizer_of
 
-__all__ = ["fold_eval_batchnorm", "is_folded_site", "FoldedSite", "folded_site"]
+__all__ = ["fold_eval_batchnorm", "is_folded_site", "FoldedSite", "folded_site", "own_eval_graph"]
 
 _WEIGHT, _BIAS = (op._opoverload for op in (folded_weight, folded_bias))
 
@@ -117,7 +117,7 @@ def folded_site(node: Node) -> Optional[FoldedSite]:
     return FoldedSite(node) if is_folded_site(node) else None
 
 
-def _own_eval_graph(gm: GraphModule) -> None:
+def own_eval_graph(gm: GraphModule) -> None:
     """Give the eval mode a graph of its own where both modes share one."""
     graphs = gm.qzo_mode_graphs
     if graphs[True] is graphs[False]:
@@ -140,7 +140,7 @@ def fold_eval_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:
     with graph_of_mode(gm, False):
         if not any(_site(gm, node) is not None for node in gm.graph.nodes):
             return PassResult(gm, False)
-    _own_eval_graph(gm)
+    own_eval_graph(gm)
     with graph_of_mode(gm, False):
         for site in [site for node in gm.graph.nodes if (site := _site(gm, node)) is not None]:
             _fold(gm, *site)

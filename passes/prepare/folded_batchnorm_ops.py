@@ -37,7 +37,9 @@ from qzo_fx.quant.ops import expand_param, grid_codes
 from qzo_fx.quant.scale_grid import grid_ceil
 
 __all__ = ["batchnorm_scale", "folded_weight", "folded_bias", "folded_bias_parts", "folded_weight_scale",
-           "refolded_codes", "foldable", "FOLDING_OPS", "folded_weight_kernel", "folded_bias_kernel"]
+           "refolded_codes", "foldable", "batchnorm_affine", "batchnorm_affine_kernel", "FOLDING_OPS",
+           "folded_weight_kernel", "folded_bias_kernel"]
+
 
 def batchnorm_scale(var: Tensor, gamma: Optional[Tensor], eps: float) -> Tensor:
     """``k = gamma / sqrt(var + eps)`` per channel, in the exporter's order of operations."""
@@ -58,7 +60,7 @@ def refolded_codes(codes: Tensor, weight_scale: Tensor, k: Tensor, scale_bits: i
 
     Example:
         >>> refolded_codes(torch.tensor([[40.0], [-7.0]]), torch.tensor(0.1), torch.tensor([1.0, 1.0]), 1).flatten()
-        tensor([26., -5.])
+        tensor([32., -6.])
     """
     if not scale_bits:
         return codes
@@ -220,5 +222,56 @@ def _folded_bias_backward(ctx, grad: Tensor):
 
 folded_bias.register_autograd(_folded_bias_backward, setup_context=_folded_bias_setup)
 
+
+
+def batchnorm_affine_kernel(x: Tensor, mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                            eps: float) -> Tensor:
+    k = batchnorm_scale(var, gamma, eps)
+    shift = -(mean * k) if beta is None else beta - mean * k
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    return x * k.reshape(shape) + shift.reshape(shape)
+
+
+@torch.library.custom_op("qzo::batchnorm_affine", mutates_args=())
+def batchnorm_affine(x: Tensor, mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                     eps: float) -> Tensor:
+    """An eval-mode BatchNorm as one multiply and one add per element, ``x k + (beta - mean k)``
+    (channels on dim 1): two IEEE roundings that every runtime computes alike, where BatchNorm
+    kernels differ in their order of operations (see
+    :mod:`qzo_fx.passes.prepare.affine_eval_batchnorm`).
+
+    Example:
+        >>> batchnorm_affine(torch.tensor([[1.0, 2.0]]), torch.zeros(2), torch.full((2,), 3.0), None,
+        ...                  torch.tensor([0.5, 0.0]), 1.0).tolist()
+        [[1.0, 1.0]]
+    """
+    return batchnorm_affine_kernel(x, mean, var, gamma, beta, eps)
+
+
+@batchnorm_affine.register_fake
+def _(x, mean, var, gamma, beta, eps):
+    return torch.empty_like(x)
+
+
+def _batchnorm_affine_setup(ctx, inputs, output) -> None:
+    x, mean, var, gamma, beta, eps = inputs
+    ctx.flags = (gamma is not None, beta is not None)
+    k = batchnorm_scale(var.detach(), None if gamma is None else gamma.detach(), eps)
+    ctx.save_for_backward(x, mean, var, k)
+    ctx.eps = eps
+
+
+def _batchnorm_affine_backward(ctx, grad: Tensor):
+    x, mean, var, k = ctx.saved_tensors
+    has_gamma, has_beta = ctx.flags
+    shape = (-1,) + (1,) * (grad.dim() - 2)
+    others = [d for d in range(grad.dim()) if d != 1]
+    grad_gamma = (grad * (x - mean.reshape(shape))).sum(others) / torch.sqrt(var + ctx.eps) if has_gamma else None
+    return grad * k.reshape(shape), None, None, grad_gamma, grad.sum(others) if has_beta else None, None
+
+
+batchnorm_affine.register_autograd(_batchnorm_affine_backward, setup_context=_batchnorm_affine_setup)
+
 FOLDING_OPS = {torch.ops.qzo.folded_weight.default: folded_weight_kernel,
-               torch.ops.qzo.folded_bias.default: folded_bias_kernel}
+               torch.ops.qzo.folded_bias.default: folded_bias_kernel,
+               torch.ops.qzo.batchnorm_affine.default: batchnorm_affine_kernel}

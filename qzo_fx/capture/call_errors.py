@@ -21,7 +21,7 @@ from qzo_fx.errors import InputError
 __all__ = ["take_constant_keywords", "why_call_failed", "check_inputs_fit", "uncalled_modules",
            "warn_hooks_that_cannot_run", "FOLDED_IN_EVAL", "FOLDED_KEY"]
 
-# gm.meta key: the BatchNorm modules the eval graph computes folded (so never calls).
+# gm.meta key: the BatchNorm modules the eval graph computes folded or as a multiply-add (so never calls).
 FOLDED_KEY = "qzo.folded_batchnorms"
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -104,8 +104,8 @@ def uncalled_modules(model: nn.Module, graphs: list[Graph]) -> list[tuple[str, n
 
 
 _GRAPH_OPS = "computes this layer with graph ops (its weight fake-quantized), not by calling the module"
-FOLDED_IN_EVAL = ("in eval mode computes this BatchNorm folded into the conv or linear before it, as the "
-                  "exported file does, not by calling the module")
+FOLDED_IN_EVAL = ("in eval mode computes this BatchNorm as the exported file does (folded into the conv or "
+                  "linear before it, or as a per-channel multiply-add), not by calling the module")
 
 
 def warn_hooks_that_cannot_run(modules: list[tuple[str, nn.Module]], warned: set[str], why: str = _GRAPH_OPS) -> None:

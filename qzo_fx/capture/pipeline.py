@@ -20,6 +20,7 @@ from qzo_fx.context import QUANT_CONTAINER, PrepareContext
 from qzo_fx.errors import CaptureError, ConfigError, QzoError
 from qzo_fx.example_inputs import positional_inputs
 from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
+from qzo_fx.passes.prepare.affine_eval_batchnorm import affine_eval_batchnorm
 from qzo_fx.passes.prepare.annotate import annotate
 from qzo_fx.passes.prepare.calibrate import calibrate
 from qzo_fx.passes.prepare.cleanup import cleanup
@@ -39,6 +40,8 @@ PREPARE_PIPELINE = (
     Pass("quantize_bias", each_mode(quantize_bias),
          "round biases of integer-kernel ops to int32 at s_x*s_w, as ORT does"),
     Pass("fold_eval_batchnorm", fold_eval_batchnorm, "eval graph: BatchNorms computed folded, as the file"),
+    Pass("affine_eval_batchnorm", affine_eval_batchnorm,
+         "eval graph: BatchNorms that fold into nothing as one multiply-add, as every runtime rounds it"),
     Pass("cleanup", each_mode(cleanup), "drop reads that functionalization left unused"),
 )
 

@@ -70,11 +70,29 @@ _POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
                  nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
+_MEANS = (torch.mean, aten.mean.dim)
+
+
+def _feature_statistic(node: Node) -> bool:
+    """True for a mean over the last axis only, or over every axis: the statistic of a norm
+    (RMSNorm's ``x.pow(2).mean(-1)``, a hand-written LayerNorm) or a scalar, not a pool. Quantizing
+    its input fuses nothing and puts the squares of a whole feature range on one 8-bit grid."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return True
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    value = node.args[0].meta.get("val", node.args[0].meta.get("tensor_meta")) if isinstance(node.args[0], Node) \
+        else None
+    rank = len(value.shape) if hasattr(value, "shape") else None
+    return len(dims) == 1 and (dims[0] == -1 or (rank is not None and dims[0] == rank - 1))
+
+
 def pool_signature(node: Node, modules: dict[str, nn.Module]) -> Optional[OpSignature]:
-    """POOL if ``node`` pools or averages a tensor (call_function, call_method or module)."""
+    """POOL if ``node`` pools or averages a tensor (call_function, call_method or module); a mean
+    that is a norm's statistic is not a pool."""
+    if node.op == "call_function" and node.target in _MEANS or node.op == "call_method" and node.target == "mean":
+        return None if _feature_statistic(node) else POOL
     if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
-        return POOL
-    if node.op == "call_method" and node.target == "mean":
         return POOL
     if node.op == "call_module" and isinstance(modules.get(node.target), _POOL_MODULES):
         return POOL
