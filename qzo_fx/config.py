@@ -99,8 +99,8 @@ class QuantSpec:
         scale_bits: significant bits of every scale entry's binary mantissa: 1 puts scales on
             powers of two, 4 on {1, 1.125, ..., 1.875} x 2^e, 0 allows any float32 scale.
             Calibration picks, per entry, the neighbour on that grid with the smaller squared
-            error. ``None`` (the default) lets ``QuantConfig.exact_scales`` decide; a spec used
-            outside a config reads ``None`` as 0.
+            error, and makes an asymmetric zero point even. ``None`` (the default) lets
+            ``QuantConfig.exact_scales`` decide; a spec used outside a config reads ``None`` as 0.
 
     Example:
         >>> QuantSpec(bits=4, granularity="per_group", group_size=32).qrange
@@ -204,7 +204,9 @@ class QuantConfig:
             kernel (torch, ``onnx.reference``) and an integer kernel (ONNX Runtime's QLinearConv,
             TensorRT) compute the same integers, and the file gives the model's codes bit for bit
             instead of a neighbouring code wherever a value lands within float noise of a
-            rounding boundary. It costs at most half a bit of activation resolution. Learned
+            rounding boundary. Zero points are even, so that kernels which add the zero point
+            before rounding (ORT's QLinearAveragePool) round exact halves alike. It costs at most
+            half a bit of activation resolution. Learned
             scales (they move off any grid as they train), 1-bit and per-group specs keep any
             float scale. A spec that sets ``scale_bits`` wins.
 

@@ -62,7 +62,11 @@ def _asymmetric(t: Tensor, spec: QuantSpec, min_scale: float) -> tuple[Tensor, T
     scale = ((high - low) / (qmax - qmin)).clamp_min(min_scale)
 
     def zero_of(step: Tensor) -> Tensor:
-        return (qmin - torch.round(low / step)).clamp(qmin, qmax)
+        zero = (qmin - torch.round(low / step)).clamp(qmin, qmax)
+        # On a scale grid, values land exactly on halves (a 2x2 average of codes), and kernels that
+        # add the zero point before rounding (ORT's QLinearAveragePool) round a half to even on
+        # q + z, QuantizeLinear on q: they agree when z is even.
+        return zero - zero.remainder(2) if spec.grid_bits else zero
 
     if spec.scale_init == "mse":
         scale = _mse_search(t, scale, zero_of(scale), qmin, qmax, min_scale)

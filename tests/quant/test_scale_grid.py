@@ -56,6 +56,7 @@ def test_calibration_takes_the_grid_neighbour_with_the_smaller_error(symmetric):
         candidates = [_plain_grid(float(free), 1, up) for up in (False, True)]
         low = min(0.0, float(t.min()))
         zeros = [0.0 if symmetric else float(np.clip(qmin - np.round(low / c), qmin, qmax)) for c in candidates]
+        zeros = [z - z % 2 for z in zeros]  # even zero points on a grid
         errors = [_plain_error(t, c, z, qmin, qmax) for c, z in zip(candidates, zeros)]
         best = int(np.argmin(errors)) if errors[0] != errors[1] else 1
         assert float(scale) == candidates[best] and float(zero) == zeros[best]
@@ -76,6 +77,23 @@ def test_a_config_puts_integer_kernel_scales_on_the_grid_and_leaves_the_rest():
         QuantSpec(bits=1, scale_bits=1)
     with pytest.raises(ConfigError, match="scale_bits"):
         QuantSpec(scale_bits=30)
+
+
+def test_average_pools_of_codes_round_their_exact_halves_as_the_runtime(tmp_path):
+    # A 2x2 average of grid codes often lands exactly on a half; ORT's QLinearAveragePool rounds
+    # it to even on q + z, torch on q: even zero points make the two agree.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.AvgPool2d(2), torch.nn.Conv2d(32, 8, 1))
+    x = torch.randn(4, 3, 16, 16)
+    qm = qzo_fx.prepare(model, W8A8, example_inputs=(x,)).eval()
+    zeros = [float(q.zero_point) for q in qm.qzo_quant.children() if q.role == "activation"]
+    assert all(z % 2 == 0 for z in zeros) and any(z > 0 for z in zeros)
+    path = str(qzo_fx.export_onnx(qm, x, tmp_path / "pool.onnx").path)
+    session = ort.InferenceSession(path)
+    with torch.no_grad():
+        expected = qm(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max() / 127
 
 
 def test_prepared_scales_are_on_the_grid():
