@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from qzo_fx.capture.call_errors import FOLDED_KEY
 from qzo_fx.capture.modal import graph_of_mode
 from qzo_fx.context import QUANT_CONTAINER
 from qzo_fx.pass_infra import PassResult
@@ -43,17 +42,9 @@ def _standalone_sites(gm: GraphModule) -> list[BatchNormSite]:
 
 
 def _rewrite(gm: GraphModule, site: BatchNormSite) -> None:
-    graph = gm.graph
-    with graph.inserting_before(site.node):
-        reads = [None if path is None else graph.get_attr(path)
-                 for path in (site.mean, site.var, site.weight, site.bias)]
-        affine = graph.call_function(_AFFINE, (site.input, *reads, site.eps))
-    if "nn_module_stack" in site.node.meta:
-        affine.meta["nn_module_stack"] = site.node.meta["nn_module_stack"]
-    if site.node.op == "call_module":  # no longer called in eval mode: its hooks are warned about
-        gm.meta.setdefault(FOLDED_KEY, []).append(str(site.node.target))
-    site.node.replace_all_uses_with(affine)
-    graph.erase_node(site.node)
+    with gm.graph.inserting_before(site.node):
+        affine = gm.graph.call_function(_AFFINE, (site.input, *site.reads(gm), site.eps))
+    site.replace_in_eval_graph(gm, affine, (affine,))
 
 
 def affine_eval_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:

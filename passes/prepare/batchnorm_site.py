@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
+from qzo_fx.capture.call_errors import FOLDED_KEY
+
 __all__ = ["BatchNormSite", "batchnorm_site", "feeds_only", "folding_producer", "producer_bias", "set_producer_bias",
            "FOLDABLE_BATCHNORMS", "FOLDABLE_PRODUCERS"]
 
@@ -53,6 +55,25 @@ class BatchNormSite:
         def read(path: Optional[str]) -> Optional[Tensor]:
             return None if path is None else operator.attrgetter(path)(gm)
         return read(self.mean), read(self.var), read(self.weight), read(self.bias)
+
+    def reads(self, gm: GraphModule) -> list[Optional[Node]]:
+        """New ``get_attr`` nodes of ``(running_mean, running_var, weight, bias)`` (None where
+        absent), at the graph's insertion point: reads of their own, which passes that rewrite
+        the original reads leave in place."""
+        paths = (self.mean, self.var, self.weight, self.bias)
+        return [None if path is None else gm.graph.get_attr(path) for path in paths]
+
+    def replace_in_eval_graph(self, gm: GraphModule, value: Node, new_nodes: tuple[Node, ...]) -> None:
+        """Give the BatchNorm's users ``value`` and drop the call. ``new_nodes`` take its module
+        stack; a BatchNorm module that is no longer called in eval mode is recorded, so that its
+        hooks are warned about."""
+        for new in new_nodes:
+            if "nn_module_stack" in self.node.meta:
+                new.meta["nn_module_stack"] = self.node.meta["nn_module_stack"]
+        if self.node.op == "call_module":
+            gm.meta.setdefault(FOLDED_KEY, []).append(str(self.node.target))
+        self.node.replace_all_uses_with(value)
+        gm.graph.erase_node(self.node)
 
     @property
     def tag(self) -> str:

@@ -25,7 +25,6 @@ from typing import Optional
 
 from torch.fx import GraphModule, Node
 
-from qzo_fx.capture.call_errors import FOLDED_KEY
 from qzo_fx.capture.modal import graph_of_mode
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.passes.prepare.batchnorm_site import (
@@ -76,22 +75,14 @@ def _fold(gm: GraphModule, site: BatchNormSite, producer: Node, w_scale: Node, x
           scale_bits: int) -> None:
     graph = gm.graph
     with graph.inserting_before(producer):
-        # Reads of their own: passes that rewrite the quantizers' nodes leave these in place.
-        mean, var, gamma, beta = [None if path is None else graph.get_attr(path)
-                                  for path in (site.mean, site.var, site.weight, site.bias)]
+        mean, var, gamma, beta = site.reads(gm)
         scales = [None if read is None else graph.get_attr(str(read.target)) for read in (w_scale, x_scale)]
         weight = graph.call_function(_WEIGHT, (producer.args[1], scales[0], var, gamma, site.eps, scale_bits))
         bias = graph.call_function(_BIAS, (producer_bias(producer), mean, var, gamma, beta, site.eps, scales[1],
                                            scales[0], scale_bits))
     producer.update_arg(1, weight)
     set_producer_bias(producer, bias)
-    for new in (weight, bias):
-        if "nn_module_stack" in site.node.meta:
-            new.meta["nn_module_stack"] = site.node.meta["nn_module_stack"]
-    if site.node.op == "call_module":  # no longer called in eval mode: its hooks are warned about
-        gm.meta.setdefault(FOLDED_KEY, []).append(str(site.node.target))
-    site.node.replace_all_uses_with(producer)
-    graph.erase_node(site.node)
+    site.replace_in_eval_graph(gm, producer, (weight, bias))
 
 
 def is_folded_site(node: object) -> bool:
