@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -107,14 +107,39 @@ def resolve_codes(x_torch: Tensor, codes_ort: Tensor, scale: Tensor, zero_point:
     return torch.where(ties, codes_ort.sub(zero_point).mul(scale), out)
 
 
+# How many of ORT's pending probes with a call's scale, zero point and shape are compared with it,
+# and how many of its codes may differ for a probe to count as this call's (ties are a few codes;
+# another tensor's codes differ in a large share).
+_WINDOW = 16
+_MATCH_FRACTION = 0.01
+
+
+def _closest_probe(queue: deque, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Optional[int]:
+    """The index in ``queue`` of this call's probe: among the first ``_WINDOW`` of ``x``'s shape,
+    the earliest whose codes differ from torch's codes of ``x`` in the fewest places, when those
+    are few (None otherwise: ORT does not run this call's quantizer, and a probe no call takes is
+    counted as unexplained at the end). Many quantizers share a scale and zero point (on a scale
+    grid most do), so the codes themselves tell them apart."""
+    shaped = [i for i, codes in enumerate(queue) if tuple(codes.shape) == tuple(x.shape)][:_WINDOW]
+    if not shaped:
+        return None
+    codes_torch = torch.div(x, scale).round().add(zero_point).clamp(qmin, qmax).cpu()
+    differ = {i: int((queue[i].to(codes_torch.dtype) != codes_torch).sum()) for i in shaped}
+    best = min(shaped, key=lambda i: differ[i])
+    return best if differ[best] <= max(8, _MATCH_FRACTION * x.numel()) else None
+
+
 class _FollowOrtTies(TorchDispatchMode):
-    """Dispatch mode: each per-tensor ``qzo.fake_quant`` call is checked against ORT's next probe of
-    a quantizer with the same scale and zero point (calls and QuantizeLinear nodes come in the
-    same order), when that probe has the call's shape."""
+    """Dispatch mode: each per-tensor ``qzo.fake_quant`` call is checked against ORT's probe of a
+    quantizer with the same scale and zero point and the call's shape (the closest in codes where
+    several are pending)."""
 
     def __init__(self, probes: dict[tuple[bytes, int], deque], count: TieCount) -> None:
         super().__init__()
         self.probes, self.count = probes, count
+        # Inputs already matched, per key, with ORT's codes: a quantizer called again on the same
+        # tensor (a LayerNorm output before q, k and v) is one QuantizeLinear in the file.
+        self.matched: dict[tuple[bytes, int], list[tuple[Tensor, Tensor]]] = defaultdict(list)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -123,12 +148,19 @@ class _FollowOrtTies(TorchDispatchMode):
         x, scale, zero_point, qmin, qmax = args[:5]
         if scale.numel() != 1:
             return out
-        queue = self.probes.get(quantizer_key(scale.detach().cpu().numpy(), zero_point.detach().cpu().numpy()))
-        if not queue or tuple(queue[0].shape) != tuple(x.shape):
+        key = quantizer_key(scale.detach().cpu().numpy(), zero_point.detach().cpu().numpy())
+        scale, zero_point = scale.reshape(()), zero_point.reshape(()).to(x.dtype)
+        queue = self.probes.get(key)
+        index = None if not queue else _closest_probe(queue, x, scale, zero_point, qmin, qmax)
+        if index is None:
+            for seen, codes_ort in self.matched[key]:  # one QuantizeLinear for several calls
+                if seen.shape == x.shape and torch.equal(seen, x):
+                    return resolve_codes(x, codes_ort, scale, zero_point, qmin, qmax, out, TieCount())  # counted once
             return out  # no probe of this call (a weight, or a quantizer ORT does not run)
-        codes_ort = queue.popleft().to(x.device)  # ORT's values are on the host
-        return resolve_codes(x, codes_ort, scale.reshape(()), zero_point.reshape(()).to(x.dtype),
-                             qmin, qmax, out, self.count)
+        codes_ort = queue[index].to(x.device)  # ORT's values are on the host
+        del queue[index]
+        self.matched[key].append((x.clone(), codes_ort))  # a copy: in-place ops change x later
+        return resolve_codes(x, codes_ort, scale, zero_point, qmin, qmax, out, self.count)
 
 
 def tie_resolved_outputs(qm: nn.Module, probe_session, probes: Sequence[tuple[tuple[bytes, int], str]],
