@@ -85,3 +85,53 @@ def test_wrong_activation_scale_in_the_file_fails_as_unexplained(tmp_path):
     report = qzo_fx.verify_onnx(qm, path, (x,))
     # That quantizer's codes match no quantizer of the model: every one of them is unexplained.
     assert not report.ok and report.unexplained >= 16 * 256 and "FAILED" in str(report)
+
+
+class _SharedInputs(torch.nn.Module):
+    """Three blocks, each a LayerNorm feeding three projections (one quantizer, three calls)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norms = torch.nn.ModuleList([torch.nn.LayerNorm(dim) for _ in range(3)])
+        self.projections = torch.nn.ModuleList([torch.nn.Linear(dim, dim) for _ in range(9)])
+
+    def forward(self, x):
+        for i, norm in enumerate(self.norms):
+            h = norm(x)
+            x = x + sum(self.projections[3 * i + j](h) for j in range(3))
+        return x
+
+
+def test_quantizers_sharing_a_scale_and_zero_point_are_told_apart_by_their_codes(tmp_path):
+    # On a scale grid many quantizers have the same scale and zero point; here all do. Each call
+    # must still meet its own QuantizeLinear, and three calls on one tensor meet one.
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    qm = qzo_fx.prepare(_SharedInputs(), qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,),
+                        capture="export")
+    with torch.no_grad():
+        for q in qm.qzo_quant.children():
+            if q.role == "activation":
+                q.scale.fill_(0.03125), q.zero_point.fill_(128)
+    path = qzo_fx.export_onnx(qm, x, tmp_path / "shared.onnx").path
+    report = qzo_fx.verify_onnx(qm, path, (torch.randn(2, 5, 16),))
+    assert report.ok and report.unexplained == 0, str(report)
+    assert report.runs[0].counts.codes > 0
+
+
+def test_each_call_meets_the_probe_with_its_codes_whatever_the_order():
+    # Two quantizer calls with one scale and zero point; ORT's QuantizeLinear nodes come in the
+    # other order, and the first tensor is quantized twice (one QuantizeLinear in the file).
+    from collections import deque
+
+    from qzo_fx.exporters.ties import _FollowOrtTies
+
+    a, b = torch.linspace(-3, 3, 50), torch.linspace(2, -1, 50)
+    codes = {name: torch.round(t / STEP).add(ZERO).clamp(0, 255).to(torch.int32) for name, t in (("a", a), ("b", b))}
+    probes = {quantizer_key(STEP.numpy(), ZERO.numpy()): deque([codes["b"], codes["a"]])}
+    count = TieCount()
+    with _FollowOrtTies(probes, count):
+        for t in (a, a, b):
+            _fake_quant(t)
+    assert (count.codes, count.ties, count.unexplained) == (100, 0, 0)
+    assert not any(probes.values())  # every probe met its call
