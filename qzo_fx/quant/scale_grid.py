@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["grid_floor", "grid_ceil", "on_grid"]
+__all__ = ["grid_floor", "grid_ceil"]
 
 
 def _mantissa(scale: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -50,7 +50,3 @@ def grid_ceil(scale: Tensor, bits: int) -> Tensor:
     units, unit = _mantissa(scale, bits)
     return units.ceil() * unit
 
-
-def on_grid(scale: Tensor, bits: int) -> bool:
-    """True where every entry of ``scale`` is on the ``bits`` grid."""
-    return bool((grid_floor(scale, bits) == scale).all()) if bits else True
