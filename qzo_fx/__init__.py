@@ -17,6 +17,7 @@ from qzo_fx.errors import (
     CalibrationError,
     CaptureError,
     ConfigError,
+    ExampleInputsError,
     ExportError,
     InputError,
     MethodNotKeptError,
@@ -63,5 +64,5 @@ __all__ = [
     "print_tabular", "graph_code", "graph_diff", "to_networkx", "draw_svg",
     "QzoError", "ConfigError", "CaptureError", "UnsupportedModelError", "PassError",
     "CalibrationError", "TrainStepError", "NonFiniteLossError", "BatchError", "ExportError", "InputError",
-    "MethodNotKeptError", "ops",
+    "ExampleInputsError", "MethodNotKeptError", "ops",
 ]

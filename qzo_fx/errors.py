@@ -17,6 +17,7 @@ __all__ = [
     "BatchError",
     "ExportError",
     "InputError",
+    "ExampleInputsError",
     "MethodNotKeptError",
 ]
 
@@ -68,6 +69,10 @@ class ExportError(QzoError):
 
 class InputError(QzoError, TypeError):
     """A prepared model was called with arguments its captured graph does not take."""
+
+
+class ExampleInputsError(InputError):
+    """The user's float model itself fails on the example inputs given to ``prepare``."""
 
 
 class MethodNotKeptError(QzoError, AttributeError):

@@ -18,8 +18,8 @@ from torch.fx import Graph
 
 from qzo_fx.errors import InputError
 
-__all__ = ["take_constant_keywords", "why_call_failed", "check_inputs_fit", "uncalled_modules",
-           "warn_hooks_that_cannot_run", "FOLDED_IN_EVAL", "FOLDED_KEY"]
+__all__ = ["take_constant_keywords", "why_call_failed", "integer_inputs_widened", "check_inputs_fit",
+           "uncalled_modules", "warn_hooks_that_cannot_run", "FOLDED_IN_EVAL", "FOLDED_KEY"]
 
 # gm.meta key: the BatchNorm modules the eval graph computes folded or as a multiply-add (so never calls).
 FOLDED_KEY = "qzo.folded_batchnorms"
@@ -45,6 +45,9 @@ def why_call_failed(model: nn.Module, report: Any, args: tuple, kwargs: dict, er
         return (f"takes {fixed}: that size was fixed at capture ({getattr(report, 'shapes', '')}; prepare() "
                 "warned why). Call it with that size, or prepare it with dynamic_shapes=... naming the dimensions "
                 "that vary.")
+    dtype = _dtype_mismatch(model.forward, getattr(report, "input_dtypes", None) or {}, args, kwargs)
+    if dtype:
+        return f"takes {dtype}: the graph was captured with that dtype. Pass the inputs in the example's dtypes."
     low = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
     if low is not None:
         return (f"failed with {low} parameters: its quantizers compute in float32. Keep it in float32 (qm.float()) "
@@ -80,6 +83,41 @@ def _fixed_dim_mismatch(forward: Callable[..., Any], dims: dict, args: tuple, kw
         for axis, size in enumerate(expected):
             if size is not None and value.shape[axis] != size:
                 return f"'{name}' with dimension {axis} of size {size} only, and this call has {value.shape[axis]}"
+    return None
+
+
+def integer_inputs_widened(names: tuple[str, ...], dtypes: dict[str, torch.dtype], args: tuple,
+                           kwargs: dict) -> tuple[tuple, dict]:
+    """The call with each integer tensor converted to the integer dtype its input was captured
+    with, where that dtype holds every value of the given one (``names``: the graph's forward
+    parameters, in order)."""
+    def widened(name: str, value: Any) -> Any:
+        expected = dtypes.get(name)
+        if expected is None or not isinstance(value, Tensor) or value.dtype == expected:
+            return value
+        return value.to(expected) if _holds(expected, value.dtype) else value
+
+    return (tuple(widened(n, v) for n, v in zip(names, args)) + args[len(names):],
+            {n: widened(n, v) for n, v in kwargs.items()})
+
+
+def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    integer = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    if wide not in integer or narrow not in integer:
+        return False
+    return torch.iinfo(wide).min <= torch.iinfo(narrow).min and torch.iinfo(narrow).max <= torch.iinfo(wide).max
+
+
+def _dtype_mismatch(forward: Callable[..., Any], dtypes: dict[str, torch.dtype], args: tuple,
+                    kwargs: dict) -> Optional[str]:
+    try:
+        bound = inspect.signature(forward).bind(*args, **kwargs).arguments
+    except TypeError:
+        return None
+    for name, expected in dtypes.items():
+        value = bound.get(name)
+        if isinstance(value, Tensor) and value.dtype != expected:
+            return f"'{name}' as {expected}, and this call passes {value.dtype}"
     return None
 
 

@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = ["DynamicShapes", "auto_dims", "export_spec", "constant_keywords", "keywords_bound", "distinct_tensors",
-           "input_dims", "fixed_token_dims"]
+           "input_dims", "input_dtypes", "fixed_token_dims"]
 
 # "auto", False (the example's shapes), or a torch.export dynamic_shapes spec.
 DynamicShapes = Union[str, bool, Any]
@@ -103,6 +103,12 @@ def input_dims(module: GraphModule) -> dict[str, tuple[Any, ...]]:
     fixed the size, None where it is dynamic."""
     return {n.name: tuple(int(d) if is_concrete_int(d) else None for d in n.meta["val"].shape)
             for n in module.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}
+
+
+def input_dtypes(module: GraphModule) -> dict[str, torch.dtype]:
+    """Each tensor input's dtype in the exported graph (its guards refuse any other)."""
+    return {n.name: n.meta["val"].dtype for n in module.graph.nodes
+            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}
 
 
 def fixed_token_dims(module: GraphModule, spec: Any, dims: dict[str, tuple[Any, ...]]) -> dict[str, str]:

@@ -12,6 +12,7 @@ module's ``training`` flags left as they are.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch.nn as nn
@@ -22,6 +23,7 @@ from torch.package import sys_importer
 from qzo_fx.capture.call_errors import (
     FOLDED_IN_EVAL,
     FOLDED_KEY,
+    integer_inputs_widened,
     take_constant_keywords,
     uncalled_modules,
     warn_hooks_that_cannot_run,
@@ -80,12 +82,17 @@ class PreparedModel(GraphModule):
             self._qzo_uncalled = uncalled_modules(self, list(self.qzo_mode_graphs.values()))
             self._qzo_folded = [(name, self.get_submodule(name)) for name in self.meta.get(FOLDED_KEY, ())]
             self._qzo_hooks_warned: set[str] = set()
+            self._qzo_input_names = tuple(inspect.signature(self.forward).parameters)
         warn_hooks_that_cannot_run(self._qzo_uncalled, self._qzo_hooks_warned)
         if not self.training:
             warn_hooks_that_cannot_run(self._qzo_folded, self._qzo_hooks_warned, FOLDED_IN_EVAL)
         report = self.meta.get("qzo.capture")
         if kwargs and getattr(report, "constant_keywords", None):
             kwargs = take_constant_keywords(type(self).__name__, kwargs, report.constant_keywords)
+        if getattr(report, "input_dtypes", None):
+            # An exported graph asserts its inputs' dtypes; the float model takes integer inputs of
+            # another width (int32 token ids or masks), so this converts them to the example's.
+            args, kwargs = integer_inputs_widened(self._qzo_input_names, report.input_dtypes, args, kwargs)
         try:
             return super().__call__(*args, **kwargs)
         except Exception as error:

@@ -11,13 +11,14 @@ from torch.fx import GraphModule
 
 from qzo_fx.capture.call_errors import LOW_PRECISION
 from qzo_fx.capture.coverage import unquantized_weights
+from qzo_fx.capture.eager_check import eager_failure
 from qzo_fx.capture.modal import each_mode
 from qzo_fx.capture.partial import prepare_partially
 from qzo_fx.capture.tracing import CaptureReport, DynamicShapes
 from qzo_fx.capture.tracing import capture as capture_model
 from qzo_fx.config import QuantConfig
 from qzo_fx.context import QUANT_CONTAINER, PrepareContext
-from qzo_fx.errors import CaptureError, ConfigError, QzoError
+from qzo_fx.errors import CaptureError, ConfigError, ExampleInputsError, QzoError
 from qzo_fx.example_inputs import positional_inputs
 from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
 from qzo_fx.passes.prepare.affine_eval_batchnorm import affine_eval_batchnorm
@@ -101,6 +102,27 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
                            f"{type(error).__name__}: {error}. Make the module copyable (e.g. drop the offending "
                            "attribute or define __deepcopy__).") from error
     try:
+        prepared = _capture_and_prepare(model, copied, config, args, kwargs, capture, dynamic_shapes, instruments)
+    except Exception as error:
+        # Tracing and calibration run the model: an example it cannot take fails deep inside them.
+        why = eager_failure(model, args, kwargs)
+        if why is None:
+            raise
+        raise ExampleInputsError(
+            f"{type(model).__name__} itself fails on the example inputs given to prepare(), before anything "
+            f"is quantized: {why}. Pass example_inputs/example_kwargs that the float model takes (check their "
+            "shapes and dtypes: model(*example_inputs, **example_kwargs) must run).") from error
+    if getattr(model, "config", None) is not None and not hasattr(prepared, "config"):
+        # A Hugging Face model's configuration: what saving beside the weights (QzoTrainer) and
+        # reloading them into the model's class (from_pretrained) need.
+        prepared.config = copy.deepcopy(model.config)
+    return prepared
+
+
+def _capture_and_prepare(model: nn.Module, copied: nn.Module, config: QuantConfig, args: Optional[tuple],
+                         kwargs: dict[str, Any], capture: str, dynamic_shapes: DynamicShapes,
+                         instruments: Sequence[PassInstrument]) -> nn.Module:
+    try:
         gm, report = capture_model(copied, args, kwargs, capture, dynamic_shapes)
     except CaptureError as error:
         if capture != "auto":
@@ -114,12 +136,7 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
         return _state_keys_of(model, partial)
     gm.meta["qzo.capture"] = report
     ctx = PrepareContext(config, args, kwargs, user_modules=dict(model.named_modules()))
-    prepared = _state_keys_of(model, _prepare_graph(gm, ctx, instruments))
-    if getattr(model, "config", None) is not None and not hasattr(prepared, "config"):
-        # A Hugging Face model's configuration: what saving beside the weights (QzoTrainer) and
-        # reloading them into the model's class (from_pretrained) need.
-        prepared.config = copy.deepcopy(model.config)
-    return prepared
+    return _state_keys_of(model, _prepare_graph(gm, ctx, instruments))
 
 
 def _state_keys_of(model: nn.Module, prepared: nn.Module) -> nn.Module:

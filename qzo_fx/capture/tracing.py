@@ -31,6 +31,7 @@ from qzo_fx.capture.export_inputs import (
     export_spec,
     fixed_token_dims,
     input_dims,
+    input_dtypes,
     keywords_bound,
 )
 from qzo_fx.capture.hf import export_helpers, is_hf_model
@@ -57,6 +58,7 @@ class CaptureReport:
     model_class: Optional[type] = None     # the user's model's class (its methods are not kept)
     constant_keywords: dict[str, Any] = field(default_factory=dict)  # **kwargs flags bound at capture
     input_dims: dict[str, tuple[Optional[int], ...]] = field(default_factory=dict)  # None: dynamic
+    input_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # what the exported graph's guards take
 
 
 @contextlib.contextmanager
@@ -226,6 +228,7 @@ def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Capt
                       "dimensions vary.", UserWarning, stacklevel=4)
     root = modules[True]
     report.input_dims = input_dims(root)  # calls with another size of a fixed one get an InputError
+    report.input_dtypes = input_dtypes(root)
     if spec is not None:
         _warn_fixed_token_dims(model, fixed_token_dims(root, spec, report.input_dims), report)
     _adopt_eval_state(root, modules[False])

@@ -1,11 +1,11 @@
 """One finiteness check per step: every loss, gradient and estimate the step produced.
 
-The estimators register device tensors as they go (a loss, per-tensor norms of the STE
-gradients or of the estimate: a norm is finite exactly when every entry is); the step reads them
+The estimators register device tensors as they go (a loss, the per-tensor largest magnitude of
+the STE gradients or of the estimate: finite exactly when every entry is); the step reads them
 all in one host transfer at its end and raises or skips naming what was not finite, before any
 optimizer sees the gradients. With ``on_nonfinite="unchecked"`` nothing is registered and the
 step never waits for the device. On a sharded model each rank holds parts of the gradients: the
-norms of the parts are summed over the ranks (squared, one all-reduce at the end), so that every
+peaks of the parts are summed over the ranks (in float64, one all-reduce at the end), so that every
 rank finds the same failures and raises or skips alike.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ class _Item:
     what: str                      # e.g. "base loss", "STE gradient", "estimate"
     values: Tensor                 # flat, on any device
     names: Optional[tuple[str, ...]]  # one per value (parameter names), or None
-    partial: bool = False          # squared norms of this rank's shards, summed over ranks when read
+    partial: bool = False          # peaks of this rank's shards, summed over ranks when read
 
 
 class FiniteCheck:
@@ -47,14 +47,15 @@ class FiniteCheck:
             self._watched[name] = values.detach().reshape(-1)
 
     def add_norms(self, what: str, tensors: Sequence[Tensor], names: Sequence[str]) -> None:
-        """Register the norms of ``tensors`` (one foreach reduction): finite iff every entry is."""
+        """Register the largest magnitude of each of ``tensors`` (one foreach reduction): finite
+        iff every entry is. Not the 2-norm: its float32 sum of squares overflows at entries of
+        about 1e19, a finite gradient that a random-init network can reach on a small batch."""
         if self.enabled and tensors:
-            norms = torch.stack([n.float() for n in torch._foreach_norm(list(tensors))])
+            peaks = torch.stack([n.float() for n in torch._foreach_norm(list(tensors), math.inf)])
             if self._sum is None:
-                self.add(what, norms, names)
-            else:
-                # float64 squares: a large finite norm must not overflow into a false alarm
-                self._items.append(_Item(what, norms.double().square(), tuple(names), partial=True))
+                self.add(what, peaks, names)
+            else:  # summed over ranks in float64: finite iff every rank's is
+                self._items.append(_Item(what, peaks.double(), tuple(names), partial=True))
 
     def failures(self) -> list[str]:
         """What was not finite, named (one host transfer for everything registered)."""
@@ -63,11 +64,11 @@ class FiniteCheck:
         if not parts:
             return []
         partial = [i for i, item in enumerate(self._items) if item.partial]
-        if partial:  # the shards' squared norms, summed over ranks in one all-reduce
+        if partial:  # the shards' peaks, summed over ranks in one all-reduce
             summed = self._sum(torch.cat([parts[i] for i in partial])).split([parts[i].numel() for i in partial])
             for i, values in zip(partial, summed):
-                parts[i] = values.sqrt().float()
-        flat = torch.cat([t.float().to(parts[0].device) for t in parts]).tolist()
+                parts[i] = values
+        flat = torch.cat([t.double().to(parts[0].device) for t in parts]).tolist()  # a float64 norm may pass 3e38
         found, at = [], 0
         for item in self._items:
             chunk, at = flat[at:at + item.values.numel()], at + item.values.numel()

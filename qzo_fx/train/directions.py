@@ -28,14 +28,19 @@ Tensors = list[Tensor]
 
 def scaled_norm(g: Tensor, e: Tensor) -> Tensor:
     """``||e * g||`` for ``e`` broadcasting against ``g``, without the product where ``e`` is
-    constant along dimensions (per-tensor or per-channel scales): ``||e * ||g||_those dims||``."""
+    constant along dimensions (per-tensor or per-channel scales): ``||e * ||g||_those dims||``.
+
+    Accumulated in float64: a float32 sum of squares overflows once entries reach about 1e19, a
+    finite STE gradient that a random-init network reaches on a small batch (BatchNorm over two
+    samples), and an infinite norm would read as a non-finite gradient and drop the guide."""
+    wide = torch.float32 if g.device.type == "mps" else torch.float64  # MPS has no float64
     if e.numel() == 1:
-        return torch.linalg.vector_norm(g) * e.reshape(()).abs()
+        return torch.linalg.vector_norm(g, dtype=wide) * e.reshape(()).abs()
     shape = (1,) * (g.dim() - e.dim()) + tuple(e.shape)
     constant = tuple(d for d, (es, gs) in enumerate(zip(shape, g.shape)) if es == 1 and gs > 1)
     if len(shape) != g.dim() or not constant:
-        return torch.linalg.vector_norm(torch.mul(g, e))
-    rows = torch.linalg.vector_norm(g, dim=constant, keepdim=True)
+        return torch.linalg.vector_norm(torch.mul(g, e), dtype=wide)
+    rows = torch.linalg.vector_norm(g, dim=constant, keepdim=True, dtype=wide)
     return torch.linalg.vector_norm(rows.mul_(e.reshape(shape)))
 
 
@@ -69,7 +74,7 @@ class Directions:
         self.guide_norms: Optional[Tensor] = None  # per tensor, ||eps_i * g_i|| (device)
         self._coefficients: Optional[Tensor] = None  # [n, tensors]: a s_k / ||g_z||, 0 for a zero guide
         if self.a > 0:
-            self.guide_norms = torch.stack([scaled_norm(g, e).float() for g, e in zip(self.grads, self.eps)])
+            self.guide_norms = torch.stack([scaled_norm(g, e) for g, e in zip(self.grads, self.eps)])  # float64
             if self._sum is not None:  # the norms of the whole tensors, from every rank's rows
                 self.guide_norms = self._sum(self.guide_norms.square()).sqrt()
             norms = self.guide_norms if normalize == "per_tensor" else self.guide_norms.square().sum().sqrt().expand(
@@ -77,7 +82,7 @@ class Directions:
             # A zero guide (every eps * g exactly 0) has no direction: its part is dropped
             # (the step then writes the STE gradient, zero there; see the estimators).
             inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-            self._coefficients = torch.stack([inverse * (self.a * s) for s in self.signs])  # no host-to-device copy
+            self._coefficients = torch.stack([inverse * (self.a * s) for s in self.signs]).float()  # no host copy
         self._noise_scale: Optional[list[Tensor]] = None  # unit-norm noise: b / ||u_k|| (device)
         if noise_form == "unit_norm" and self.b > 0:
             self._noise_scale = [self.b / self._noise_norm(k) for k in range(n)]
