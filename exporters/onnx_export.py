@@ -189,6 +189,24 @@ def name_dynamic_axes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return found
 
 
+def _warn_fixed_batch_or_sequence(name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any],
+                                  axes: dict[str, list[int]]) -> None:
+    """Warn where the file fixes a batch axis, or the sequence axis of an integer input, that
+    export asked to keep dynamic: ``Dim.AUTO`` lets torch.export specialize it without an error
+    (an ``nn.LSTM`` is unrolled over the example's steps), and a runtime then refuses other
+    sizes that the prepared model takes."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    fixed = [f"'{arg}' axis {axis} (size {value.shape[axis]})" for arg, value in bound.items()
+             if isinstance(value, torch.Tensor) and arg in axes
+             for axis in ((0,) if value.is_floating_point() or value.dim() < 2 else (0, 1))
+             if axis < value.dim() and axis not in axes[arg]]
+    if fixed:
+        warnings.warn(f"the export of {name} fixes {', '.join(fixed)}: torch.export specialized them to the example "
+                      "(the model's code fixes that size, e.g. an nn.LSTM unrolled over its steps). The file takes "
+                      "only those sizes, while the prepared model takes others; export with example inputs of the "
+                      "size you will run, or one file per size.", UserWarning, stacklevel=3)
+
+
 def _declare_constant_dims(model: onnx.ModelProto) -> None:
     """Write a dimension named after a number as that number. torch.onnx names a dimension that
     torch.export was asked to keep dynamic but specialized (an ``nn.LSTM``'s sequence) by its
@@ -303,6 +321,8 @@ def export_onnx(qm: GraphModule, example_inputs: Sequence[Any], path: Union[str,
     if not keep_debug_info:
         strip_debug_info(model)
     axes = name_dynamic_axes(model)
+    if dynamic_shapes == "auto":
+        _warn_fixed_batch_or_sequence(type(qm).__name__, lowered, example_inputs, dict(example_kwargs or {}), axes)
     path = check_and_save(model, path, "the exported model")
     dynamic_batch = bool(axes) and all(0 in dims for dims in axes.values() if dims is not None)
     return ExportResult(path, chosen, path.stat().st_size, op_histogram(model), dynamic_batch, findings, axes)

@@ -76,6 +76,13 @@ def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
         >>> print(qzo_fx.examine(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LSTM(2, 2))).plan)
         graph mode (symbolic)
     """
+    from qzo_fx.capture.pipeline import list_quantizers  # the pipeline imports the passes, which import this
+
+    quantizers = list_quantizers(model)
+    if quantizers:  # a prepared model: what prepare made of it, not a second capture of its fake-quant graph
+        return ExamineReport(f"already prepared: {len(quantizers)} quantizers (examine the float model to see what "
+                             "prepare meets in it; qzo_fx.list_quantizers(qm) lists these)",
+                             [q.target for q in quantizers])
     model = copy.deepcopy(model)
     args = positional_inputs(example_inputs, "examine")
     try:

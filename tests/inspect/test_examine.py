@@ -44,3 +44,13 @@ def test_examine_untraceable_model_names_place_reason_and_plan():
 def test_examine_counts_attention_as_quantizable():
     report = qzo_fx.examine(AttentionBlock())
     assert len(report.quantizable) == 2 and not [f for f in report.findings if f.where == "attn"]
+
+
+def test_examine_a_prepared_model_reports_its_quantizers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8),
+                        example_inputs=(torch.randn(2, 3, 8, 8),))
+    report = qzo_fx.examine(qm)
+    quantizers = qzo_fx.list_quantizers(qm)
+    assert report.plan.startswith(f"already prepared: {len(quantizers)} quantizers")
+    assert report.quantizable == [q.target for q in quantizers] and len(quantizers) == 4  # 2 weights, 2 inputs
