@@ -181,6 +181,7 @@ class TrainStep:
         loss.backward()
         self.stats.backward_passes += 1
         self.check.add("base loss", loss.detach())
+        self.check.watch("base loss", loss.detach())
         return loss.detach(), rng_state
 
     def _base_model(self) -> Any:
@@ -322,6 +323,8 @@ class TrainStep:
             self.stats.last_branch_losses = self.check.watched.get("branch losses", [])
             if any(self.check.watched.get("zero guide", [])):
                 self.stats.zero_gradient_fallbacks += 1
+            self.stats.count_flat(self.check.watched.get("base loss", []), self.stats.last_branch_losses,
+                                  f"step {self.step_index}", type(self.estimator).__name__)
             if failures:
                 self._nonfinite(failures)
         finally:

@@ -138,3 +138,30 @@ def test_a_huge_finite_gradient_is_not_reported_non_finite(estimator):
     assert torch.isfinite(grad).all() and grad.abs().max() > 1e10
     assert float(grad.square().sum()) == float("inf")  # its float32 2-norm overflows: the old check's false alarm
     assert step.stats.nonfinite_skips == 0
+
+
+class Faint(nn.Module):
+    """Outputs of ~1e-9 against a loss of ~1: a perturbation's effect on the loss is below what
+    float32 resolves, as in a random-init depth-estimation head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(x) * 1e-9
+
+
+def test_branch_losses_equal_to_the_base_loss_are_counted_and_warned_once():
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(Faint(), qzo_fx.QuantConfig(weight_bits=8))
+    batch = torch.randn(8, 16)
+    loss_fn = lambda m, x: (m(x) - 1.0).square().mean()  # noqa: E731
+    step = qzo_fx.train_step(qm, loss_fn, qzo_fx.FOGZO(total_steps=10, seed=0))
+    with pytest.warns(RuntimeWarning, match=r"branch losses equal the base loss .* stats.flat_estimates"):
+        step(batch)
+    base = float(loss_fn(qm, batch))
+    assert step.stats.last_branch_losses == [base, base] and step.stats.flat_estimates == 1
+    assert torch.count_nonzero(qm.fc.weight.grad) == 0  # the estimate itself, as the method defines it
+    step(batch)  # counted again, not warned again
+    assert step.stats.flat_estimates == 2
