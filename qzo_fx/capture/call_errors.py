@@ -72,10 +72,7 @@ def check_inputs_fit(model: nn.Module, args: tuple, kwargs: dict, where: str) ->
 
 def _fixed_dim_mismatch(forward: Callable[..., Any], dims: dict, args: tuple, kwargs: dict) -> Optional[str]:
     """The first input dimension the call gives another size than the graph fixed."""
-    try:
-        bound = inspect.signature(forward).bind(*args, **kwargs).arguments
-    except TypeError:
-        return None
+    bound = _bound_arguments(forward, args, kwargs)
     for name, expected in dims.items():
         value = bound.get(name)
         if not isinstance(value, Tensor) or value.dim() != len(expected):
@@ -110,15 +107,20 @@ def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
 
 def _dtype_mismatch(forward: Callable[..., Any], dtypes: dict[str, torch.dtype], args: tuple,
                     kwargs: dict) -> Optional[str]:
-    try:
-        bound = inspect.signature(forward).bind(*args, **kwargs).arguments
-    except TypeError:
-        return None
+    bound = _bound_arguments(forward, args, kwargs)
     for name, expected in dtypes.items():
         value = bound.get(name)
         if isinstance(value, Tensor) and value.dtype != expected:
             return f"'{name}' as {expected}, and this call passes {value.dtype}"
     return None
+
+
+def _bound_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by parameter name; empty when they do not bind (another check says why)."""
+    try:
+        return dict(inspect.signature(forward).bind(*args, **kwargs).arguments)
+    except TypeError:
+        return {}
 
 
 def _refused_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:
