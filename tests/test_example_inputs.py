@@ -1,6 +1,8 @@
 """Example inputs given as one tensor, as torch.onnx.export takes them, mean one argument everywhere."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -34,9 +36,17 @@ def test_one_tensor_is_one_input_from_prepare_to_the_runtime(tmp_path):
     assert qzo_fx.verify_onnx(qm, path, probe).ok
 
 
-def test_a_dict_of_example_inputs_names_example_kwargs():
-    with pytest.raises(qzo_fx.InputError, match="example_kwargs"):
-        qzo_fx.prepare(_model(), qzo_fx.QuantConfig(), example_inputs={"x": torch.randn(2, 3, 8, 8)})
+class _Encoding(collections.UserDict):
+    """A mapping that is not a dict, as a tokenizer's BatchEncoding is."""
+
+
+@pytest.mark.parametrize("mapping", [dict, _Encoding], ids=["dict", "BatchEncoding-like"])
+def test_a_mapping_of_example_inputs_names_example_kwargs(mapping):
+    batch = mapping({"input": torch.randn(2, 3, 8, 8)})  # nn.Sequential.forward(input)
+    with pytest.raises(qzo_fx.InputError, match="positional example inputs; pass keyword inputs as example_kwargs"):
+        qzo_fx.prepare(_model(), qzo_fx.QuantConfig(), example_inputs=batch)
+    qm = qzo_fx.prepare(_model(), qzo_fx.QuantConfig(activation_bits=8), example_kwargs=batch)  # the way it names
+    assert qm(**batch).shape == _model()(**batch).shape
 
 
 class _Masked(nn.Module):
