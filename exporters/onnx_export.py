@@ -196,10 +196,12 @@ def _warn_fixed_batch_or_sequence(name: str, module: nn.Module, args: tuple, kwa
     (an ``nn.LSTM`` is unrolled over the example's steps), and a runtime then refuses other
     sizes that the prepared model takes."""
     bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    # auto_dims' batch axis, and the sequence axis of token inputs (a float's other axes may be
+    # fixed by the weights that read them).
     fixed = [f"'{arg}' axis {axis} (size {value.shape[axis]})" for arg, value in bound.items()
              if isinstance(value, torch.Tensor) and arg in axes
-             for axis in ((0,) if value.is_floating_point() or value.dim() < 2 else (0, 1))
-             if axis < value.dim() and axis not in axes[arg]]
+             for axis in auto_dims(value, sequence=not value.is_floating_point()) or ()
+             if axis not in axes[arg]]
     if fixed:
         warnings.warn(f"the export of {name} fixes {', '.join(fixed)}: torch.export specialized them to the example "
                       "(the model's code fixes that size, e.g. an nn.LSTM unrolled over its steps). The file takes "

@@ -24,7 +24,7 @@ class StepStats:
     strategy: Optional[str] = None
     last_branch_losses: list[float] = field(default_factory=list)
 
-    def count_flat(self, base: list[float], branches: list[float], where: str, estimator: str) -> None:
+    def count_flat(self, base: list[float], branches: list[float], step_index: int, estimator: object) -> None:
         """Count (and warn once about) a step whose every branch loss equals the base loss to the
         last bit, so that the estimate on the perturbed tensors is exactly zero: either the
         perturbations moved no quantized code, or the loss moved by less than float32 resolves
@@ -33,11 +33,12 @@ class StepStats:
             return
         self.flat_estimates += 1
         if self.flat_estimates == 1:
-            warnings.warn(f"{where}: all {len(branches)} branch losses equal the base loss ({base[0]:.6g}) to the "
-                          f"last bit, so {estimator}'s estimate is zero on the perturbed tensors (counted in "
-                          "stats.flat_estimates). Either the perturbations changed no quantized weight code, or the "
-                          "loss moves by less than float32 resolves (outputs near zero against a loss near 1); the "
-                          "STE gradient of the same step is not zero.", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"step {step_index}: all {len(branches)} branch losses equal the base loss "
+                          f"({base[0]:.6g}) to the last bit, so {type(estimator).__name__}'s estimate is zero on the "
+                          "perturbed tensors (counted in stats.flat_estimates). Either the perturbations changed no "
+                          "quantized weight code, or the loss moves by less than float32 resolves (outputs near zero "
+                          "against a loss near 1); the STE gradient of the same step is not zero.", RuntimeWarning,
+                          stacklevel=3)
 
     @property
     def fwd_equivalents(self) -> int:

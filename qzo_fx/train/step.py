@@ -324,7 +324,7 @@ class TrainStep:
             if any(self.check.watched.get("zero guide", [])):
                 self.stats.zero_gradient_fallbacks += 1
             self.stats.count_flat(self.check.watched.get("base loss", []), self.stats.last_branch_losses,
-                                  f"step {self.step_index}", type(self.estimator).__name__)
+                                  self.step_index, self.estimator)
             if failures:
                 self._nonfinite(failures)
         finally:
