@@ -1,11 +1,14 @@
 """Attention outputs in the standard layout before torch.onnx sees them.
 
 On CPU, ``F.scaled_dot_product_attention`` returns its output in the layout of its fused kernel
-(heads and sequence swapped in memory). torch.export records a ``transpose`` + ``reshape`` after
-it as a ``view`` that is valid for that layout, then torch.onnx decomposes the attention into
-plain matmuls whose output has the standard layout, and the recorded ``view`` fails ("Cannot
-view a tensor with shape ... and strides ..."; timm's MaxViT). A ``contiguous`` copy after each
-attention output makes the layout the same on both sides; in the ONNX file it is no op at all.
+(heads and sequence swapped in memory), while the exported program records the standard one.
+When torch.onnx decomposes the program, a ``transpose`` + ``reshape`` after the attention is
+decomposed against one layout and run against the other, and the recorded ``view`` fails
+("Cannot view a tensor with shape ... and strides ..."; timm's MaxViT, and Hugging Face
+Wav2Vec2-Conformer, whose attention runs inside a module partial capture leaves as it is). A
+``contiguous`` copy after each attention output makes the layout the same on both sides; in the
+ONNX file it is no op at all. The pass runs on the exported program, where every attention call is
+visible: the prepared graph's and those inside modules it calls.
 """
 from __future__ import annotations
 

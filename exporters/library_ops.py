@@ -13,6 +13,7 @@ import onnx
 import torch
 from onnxscript import opset18 as op
 
+from qzo_fx.exporters.aten_translations import ATEN_EMITTERS
 from qzo_fx.exporters.emitters import EMITTERS
 
 __all__ = ["translation_table", "emit_grouped_mm"]
@@ -53,14 +54,15 @@ _LIBRARY_EMITTERS = ((("transformers", "grouped_mm_fallback"), emit_grouped_mm),
 
 
 def translation_table() -> dict[Callable, Callable]:
-    """The qzo emitters, and those of the library ops registered in this process.
+    """The qzo emitters, those of the aten ops torch.onnx lacks, and those of the library ops
+    registered in this process.
 
     Example:
         >>> table = translation_table()
         >>> torch.ops.qzo.dequantize.default in table
         True
     """
-    table = dict(EMITTERS)
+    table = {**EMITTERS, **ATEN_EMITTERS}
     for (namespace, name), emitter in _LIBRARY_EMITTERS:
         target = _library_op(namespace, name)
         if target is not None:

@@ -10,7 +10,6 @@ from torch.fx import GraphModule
 from qzo_fx.capture.modes import set_mode
 from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.exporters.attention_4d import attention_4d
-from qzo_fx.exporters.contiguous_attention import contiguous_attention
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.fold_batchnorm import fold_batchnorm
 from qzo_fx.exporters.gather_quantized import lower_quantized_gather
@@ -33,7 +32,6 @@ LOWERING_PIPELINE = (
     Pass("lower_matmul_nbits", lower_matmul_nbits, "blocked 2/4/8-bit linears -> ORT MatMulNBits (ORT formats)"),
     Pass("lower_quantized_gather", lower_quantized_gather, "embeddings gather codes, dequantize only those rows"),
     Pass("attention_4d", attention_4d, "attention over 5-D and wider inputs with its leading dims folded"),
-    Pass("contiguous_attention", contiguous_attention, "attention outputs in standard layout (torch.onnx views)"),
     Pass("cleanup", cleanup, "drop reads that lowering left unused"),
 )
 

@@ -24,6 +24,7 @@ from qzo_fx.capture.call_errors import check_inputs_fit
 from qzo_fx.capture.export_inputs import auto_dims
 from qzo_fx.errors import ExportError
 from qzo_fx.example_inputs import positional_inputs
+from qzo_fx.exporters.contiguous_attention import contiguous_attention
 from qzo_fx.exporters.export_context import PACKABLE_KEY
 from qzo_fx.exporters.export_errors import OnnxStageError, export_failure
 from qzo_fx.exporters.library_ops import translation_table
@@ -155,6 +156,8 @@ def _translate(lowered: nn.Module, args: tuple, opset: int, shapes: Any, kwargs:
     stage can be traced back to the model's module)."""
     with quiet_onnx_export():
         exported = torch.export.export(lowered, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False)
+        if contiguous_attention(exported.graph_module).modified:
+            exported.graph_module.recompile()
         try:
             program = torch.onnx.export(exported, dynamo=True, custom_translation_table=translation_table(),
                                         opset_version=opset, optimize=True, verbose=False)

@@ -1,5 +1,6 @@
 """Constructs of users' models at export: a recurrent layer's sequence axis, an output torch.export
-cannot flatten, and a library's custom op (transformers' mixture-of-experts grouped matmul)."""
+cannot flatten, a library's custom op (transformers' mixture-of-experts grouped matmul), and an
+aten op torch.onnx has no rule for (``torch.cdist``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import qzo_fx
+from tests.zoo.onnx_check import file_info, reference_evaluator
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 W8A8 = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
@@ -158,3 +160,34 @@ def test_five_dimensional_attention_exports_and_matches(tmp_path):
     got = session.run(None, dict(zip([i.name for i in session.get_inputs()], (probe.numpy(), probe_mask.numpy()))))
     assert np.abs(got[0] - expected).max() <= np.abs(expected).max() / 127
     assert qzo_fx.verify_onnx(qm, result.path, (probe, probe_mask)).ok
+
+
+class CodebookLookup(nn.Module):
+    """A VQ layer: nearest codebook entry by ``torch.cdist``, straight-through to the decoder."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p, self.enc, self.codebook, self.dec = p, nn.Linear(8, 4), nn.Embedding(16, 4), nn.Linear(4, 8)
+
+    def forward(self, x):
+        z = self.enc(x)
+        distances = torch.cdist(z, self.codebook.weight, p=self.p)
+        nearest = self.codebook(distances.argmin(-1))
+        return self.dec(z + (nearest - z).detach()), distances
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 0.0, float("inf"), 3.0])
+def test_cdist_exports_and_matches_the_model_and_the_onnx_reference(tmp_path, p):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(CodebookLookup(p), W8A8, example_inputs=(torch.randn(2, 5, 8),))
+    result = qzo_fx.export_onnx(qm, (torch.randn(2, 5, 8),), tmp_path / "m.onnx")
+    x = torch.randn(3, 7, 8)  # another batch and length: the distances are not fixed to the example's
+    with torch.no_grad():
+        expected = [t.numpy() for t in qm.eval()(x)]
+    session = ort.InferenceSession(str(result.path))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    spec = reference_evaluator(str(result.path), file_info(str(result.path)))
+    reference = spec.run(None, {session.get_inputs()[0].name: x.numpy()})
+    for ours, runtime, spec in zip(expected, got, reference):
+        np.testing.assert_allclose(runtime, ours, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(spec, ours, rtol=1e-5, atol=1e-5)

@@ -38,12 +38,28 @@ def _wav2vec2():
     return transformers.Wav2Vec2Model(config), torch.randn(2, 1600)
 
 
+def _wav2vec2_conformer():
+    """Relative-position attention inside a module partial capture leaves as it is: its attention
+    output failed torch.onnx with a raw view/stride error (see contiguous_attention)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.zoo.models import torchvision_shim
+
+    torchvision_shim()
+    config = transformers.Wav2Vec2ConformerConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4,
+                                                  intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                                  conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                                  num_conv_pos_embedding_groups=4, conv_depthwise_kernel_size=3)
+    return transformers.Wav2Vec2ConformerForCTC(config), torch.randn(2, 400) * 0.1
+
+
 MODELS = {
     "torchvision/resnet18": _vision("torchvision", "resnet18"),
     "timm/resnet18": _vision("timm", "resnet18"),
     "timm/deit_tiny": _vision("timm", "deit_tiny_patch16_224", img_size=64),
     "torchvision/squeezenet1_0": _vision("torchvision", "squeezenet1_0"),
     "hf/wav2vec2": _wav2vec2,
+    "hf/wav2vec2_conformer": _wav2vec2_conformer,
 }
 # timm's MaxViT failed with a raw view/stride error in torch.onnx (see contiguous_attention); 40 s here.
 MAXVIT = _vision("timm", "maxvit_nano_rw_256", img_size=64)
