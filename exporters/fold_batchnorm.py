@@ -11,6 +11,11 @@ the bias the graph computed (int32 codes where it rounds them). Where some ``k <
 or zero scale) the weight is ``DequantizeLinear(q) * k`` and the bias float, the graph's
 operations again. After a float weight the BatchNorm folds directly into a scaled weight and a
 float bias.
+
+A weight can reach several folded sites: a shared encoder called on two views (SimCLR), or one conv
+before two BatchNorms. Each site gets a DequantizeLinear of its own scale (and codes, where a scale
+grid refolds them), so no site's ``k`` lands in another's; sites of one weight and one BatchNorm
+share theirs.
 """
 from __future__ import annotations
 
@@ -69,6 +74,26 @@ def _scale_dequantize(gm: GraphModule, dequantize: Node, k: torch.Tensor, scale_
         dequantize.update_arg(3, 0)
 
 
+def _site_dequantize(gm: GraphModule, dequantize: Node, tag: str, before: Node, copy_codes: bool) -> Node:
+    """A copy of the ``qzo.dequantize`` node ``dequantize`` reading scale and zero point buffers
+    of its own (and codes, with ``copy_codes``), for one folded site to scale."""
+    reads = []
+    for read, part in zip(dequantize.args[:3], ("codes", "scale", "zero_point")):
+        if part == "codes" and not copy_codes:
+            with gm.graph.inserting_before(before):
+                reads.append(gm.graph.get_attr(str(read.target)))
+        else:
+            reads.append(_buffer_read(gm, gm.get_buffer(str(read.target)).clone(), f"{tag}_weight_{part}", before))
+    with gm.graph.inserting_before(before):
+        copy = gm.graph.call_function(dequantize.target, (*reads, *dequantize.args[3:]), dict(dequantize.kwargs))
+    copy.meta = dict(dequantize.meta)
+    return copy
+
+
+def _read_key(value: object) -> object:
+    return str(value.target) if isinstance(value, Node) and value.op == "get_attr" else value
+
+
 def _buffer_read(gm: GraphModule, value: torch.Tensor, name: str, before: Node) -> Node:
     """A ``get_attr`` of ``value``, stored as ``qzo_export.<name>``, inserted before ``before``."""
     gm.get_submodule(EXPORT_CONTAINER).register_buffer(name, value)
@@ -76,19 +101,24 @@ def _buffer_read(gm: GraphModule, value: torch.Tensor, name: str, before: Node) 
         return gm.graph.get_attr(f"{EXPORT_CONTAINER}.{name}")
 
 
-def _fold_site(gm: GraphModule, site: FoldedSite) -> None:
+def _fold_site(gm: GraphModule, site: FoldedSite, scaled: dict[tuple, Node]) -> None:
+    """Fold one site; ``scaled``: the dequantizations already scaled, by weight and BatchNorm."""
     weight_in, _, var, gamma, eps = site.weight.args[:5]
     scale_bits = site.weight.args[5] if len(site.weight.args) > 5 else 0
     k = batchnorm_scale(_constant(gm, var), _constant(gm, gamma), eps)
     bias, mean, _, _, beta, _, input_scale, weight_scale = [_constant(gm, a) for a in site.bias.args[:8]]
     tag = site.producer.name + "_folded"
     if foldable(k):  # into the codes' scale, the bias on the int32 grid where the graph rounds it
-        _scale_dequantize(gm, weight_in, k, scale_bits)
+        key = (*(_read_key(a) for a in weight_in.args[:3]), _read_key(var), _read_key(gamma), eps)
+        if key not in scaled:
+            scaled[key] = _site_dequantize(gm, weight_in, tag, site.producer, copy_codes=bool(scale_bits))
+            _scale_dequantize(gm, scaled[key], k, scale_bits)
+        dequantized = scaled[key]
         value, step = folded_bias_parts(bias, mean, k, beta, input_scale, weight_scale, scale_bits)
         rounded = step is not None
         new_bias = int32_bias(gm, f"{tag}_bias", value, step, before=site.producer) if rounded else \
             _buffer_read(gm, value, f"{tag}_bias", site.producer)
-        site.rewire(weight_in, new_bias)
+        site.rewire(dequantized, new_bias)
     else:  # some k <= 0 (no negative scales): w k after the DequantizeLinear, a float bias, as the graph
         rank = _constant(gm, weight_in.args[0]).dim()
         k_read = _buffer_read(gm, k.reshape((-1,) + (1,) * (rank - 1)), f"{tag}_k", site.producer)
@@ -96,7 +126,7 @@ def _fold_site(gm: GraphModule, site: FoldedSite) -> None:
             scaled = gm.graph.call_function(torch.mul, (weight_in, k_read))
         value, _ = folded_bias_parts(bias, mean, k, beta, None, None)
         site.rewire(scaled, _buffer_read(gm, value, f"{tag}_bias", site.producer))
-    for node in (site.weight, site.bias):
+    for node in (site.weight, site.bias, weight_in):
         if not node.users:
             gm.graph.erase_node(node)
 
@@ -125,11 +155,11 @@ def _fold_float_weight(gm: GraphModule, site: BatchNormSite) -> None:
 
 def fold_batchnorm(gm: GraphModule, *, ctx: object = None) -> PassResult:
     export_container(gm)
-    modified = False
+    modified, scaled = False, {}
     for node in list(gm.graph.nodes):
         site = folded_site(node)
         if site is not None:
-            _fold_site(gm, site)
+            _fold_site(gm, site, scaled)
             modified = True
             continue
         plain = _float_weight_site(gm, node)

@@ -1,12 +1,12 @@
 """The export lowering pipeline: a copy of the prepared model in its inference form."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch.nn as nn
 from torch.fx import GraphModule
 
+from qzo_fx.capture.copying import copy_model
 from qzo_fx.capture.modes import set_mode
 from qzo_fx.capture.pipeline import quantizer_containers
 from qzo_fx.exporters.attention_4d import attention_4d
@@ -49,7 +49,7 @@ def lower_for_export(qm: nn.Module, fold_bn: bool = True, ort_contrib_ops: bool 
     Every prepared part is lowered: the root, or each part of a partially captured model.
     ``ort_contrib_ops``: blocked weights of linears, matmuls and embeddings as ONNX Runtime's
     MatMulNBits / GatherBlockQuantized."""
-    lowered = copy.deepcopy(qm)
+    lowered = copy_model(qm)
     set_mode(lowered, False)
     options = LoweringOptions(ort_contrib_ops)
     passes = [p for p in LOWERING_PIPELINE if fold_bn or p.name != "fold_batchnorm"]

@@ -11,6 +11,13 @@ training graph::
 so training, the exported file (an int32 bias + DequantizeLinear) and the runtime compute one
 function. The bias keeps its identity-STE gradient; the bias scale is read from the two
 quantizers at every call (it follows learned or re-calibrated scales) and gets no gradient.
+
+A weight channel that is all zero (a zero-initialised layer: a spatial transformer's localisation
+head, whose bias is the identity transform) gets the smallest weight scale, and ``b / (s_x s_w)``
+then lies far outside int32: the bias would be clipped to a few percent of its value. Before the
+bias is quantized, each such weight scale entry is raised until the bias codes fit
+``BIAS_HEADROOM`` (2^24, the integers float32 holds exactly, 128x below the int32 limit, room for
+the bias to grow in training). The channel's codes stay what they were (all zero).
 """
 from __future__ import annotations
 
@@ -21,14 +28,16 @@ from torch.fx import GraphModule, Node
 
 from qzo_fx.context import ANNOTATION_KEY
 from qzo_fx.pass_infra import PassResult
+from qzo_fx.quant.calibration import MIN_SCALE
 from qzo_fx.quant.quantizer import Quantizer, quantizer_of
 
-__all__ = ["quantize_bias", "BIAS_QRANGE", "is_bias_fake_quant"]
+__all__ = ["quantize_bias", "BIAS_QRANGE", "BIAS_HEADROOM", "is_bias_fake_quant"]
 
 aten = torch.ops.aten
 # The int32 grid, narrowed to values float32 holds exactly (2**31 - 1 rounds up to 2**31 in
 # float32 and would overflow int32 when the codes are stored).
 BIAS_QRANGE = (-(2**31) + 128, 2**31 - 128)
+BIAS_HEADROOM = 2.0**24
 _BIAS_ARG = {"linear": 2, "conv": 2, "conv_transpose": 2}
 
 
@@ -91,6 +100,16 @@ def _is_parameter(gm: GraphModule, node: Node) -> bool:
         return False
 
 
+def _fit_weight_scale(gm: GraphModule, bias: torch.Tensor, x_fq: Node, w_fq: Node) -> None:
+    """Raise the weight scale entries whose bias codes ``b / (s_x s_w)`` exceed ``BIAS_HEADROOM``."""
+    x_q, w_q, weight = _quantizer(gm, x_fq), _quantizer(gm, w_fq), _latent_weight(gm, w_fq)
+    with torch.no_grad():
+        needed = bias.detach().abs().float() / (x_q.scale.detach().reshape(()) * BIAS_HEADROOM)
+        needed = needed if w_q.scale.dim() == 1 else needed.max()
+        if weight is not None and bool((needed > w_q.scale.detach()).any()):
+            w_q.initialize(weight, min_scale=needed.clamp_min(MIN_SCALE).to(w_q.scale.device))
+
+
 def quantize_bias(gm: GraphModule, *, ctx: object = None) -> PassResult:
     modified = False
     for node in list(gm.graph.nodes):
@@ -99,6 +118,7 @@ def quantize_bias(gm: GraphModule, *, ctx: object = None) -> PassResult:
             continue
         position, x_fq, w_fq = site
         bias = node.args[position]
+        _fit_weight_scale(gm, gm.get_parameter(str(bias.target)), x_fq, w_fq)
         with gm.graph.inserting_before(node):
             product = gm.graph.call_function(aten.mul.Tensor, (x_fq.args[1], w_fq.args[1]))
             scale = gm.graph.call_function(aten.detach.default, (product,))

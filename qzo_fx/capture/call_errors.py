@@ -18,8 +18,8 @@ from torch.fx import Graph
 
 from qzo_fx.errors import InputError
 
-__all__ = ["take_constant_keywords", "why_call_failed", "integer_inputs_widened", "check_inputs_fit",
-           "uncalled_modules", "warn_hooks_that_cannot_run", "FOLDED_IN_EVAL", "FOLDED_KEY"]
+__all__ = ["take_constant_keywords", "check_fixed_dims", "why_call_failed", "integer_inputs_widened",
+           "check_inputs_fit", "uncalled_modules", "warn_hooks_that_cannot_run", "FOLDED_IN_EVAL", "FOLDED_KEY"]
 
 # gm.meta key: the BatchNorm modules the eval graph computes folded or as a multiply-add (so never calls).
 FOLDED_KEY = "qzo.folded_batchnorms"
@@ -38,13 +38,21 @@ def take_constant_keywords(name: str, kwargs: dict[str, Any], constants: dict[st
     return {k: v for k, v in kwargs.items() if k not in constants}
 
 
+def check_fixed_dims(model: nn.Module, report: Any, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`InputError` when the call gives an input dimension another size than the
+    exported graph fixed. Checked before the call: a graph specialized to a size does not always
+    fail at another one (a Python loop over a sequence, unrolled at capture, runs its example's
+    steps and returns a shorter output)."""
+    dims = getattr(report, "input_dims", None)
+    fixed = _fixed_dim_mismatch(model.forward, dims, args, kwargs) if dims else None
+    if fixed:
+        raise InputError(f"{type(model).__name__} (prepared) takes {fixed}: that size was fixed at capture "
+                         f"({getattr(report, 'shapes', '')}; prepare() warned why). Call it with that size, or "
+                         "prepare it with dynamic_shapes=... naming the dimensions that vary.")
+
+
 def why_call_failed(model: nn.Module, report: Any, args: tuple, kwargs: dict, error: Exception) -> Optional[str]:
     """What about the call the graph cannot take (``None`` when the call fits it)."""
-    fixed = _fixed_dim_mismatch(model.forward, getattr(report, "input_dims", None) or {}, args, kwargs)
-    if fixed:
-        return (f"takes {fixed}: that size was fixed at capture ({getattr(report, 'shapes', '')}; prepare() "
-                "warned why). Call it with that size, or prepare it with dynamic_shapes=... naming the dimensions "
-                "that vary.")
     dtype = _dtype_mismatch(model.forward, getattr(report, "input_dtypes", None) or {}, args, kwargs)
     if dtype:
         return f"takes {dtype}: the graph was captured with that dtype. Pass the inputs in the example's dtypes."

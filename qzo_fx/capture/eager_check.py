@@ -8,11 +8,12 @@ are the problem, and the error names the innermost module that raised.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+
+from qzo_fx.capture.copying import copy_model
 
 __all__ = ["eager_failure"]
 
@@ -24,7 +25,7 @@ def eager_failure(model: nn.Module, args: Optional[tuple], kwargs: dict[str, Any
     if args is None and not kwargs:
         return None  # no example: prepare traced symbolically, nothing to run
     try:
-        probe = copy.deepcopy(model)
+        probe = copy_model(model)
     except Exception:
         return None  # prepare reports an uncopyable model itself
     names = {module: name for name, module in probe.named_modules()}

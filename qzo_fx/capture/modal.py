@@ -23,6 +23,7 @@ from torch.package import sys_importer
 from qzo_fx.capture.call_errors import (
     FOLDED_IN_EVAL,
     FOLDED_KEY,
+    check_fixed_dims,
     integer_inputs_widened,
     take_constant_keywords,
     uncalled_modules,
@@ -93,6 +94,7 @@ class PreparedModel(GraphModule):
             # An exported graph asserts its inputs' dtypes; the float model takes integer inputs of
             # another width (int32 token ids or masks), so this converts them to the example's.
             args, kwargs = integer_inputs_widened(self._qzo_input_names, report.input_dtypes, args, kwargs)
+        check_fixed_dims(self, report, args, kwargs)
         try:
             return super().__call__(*args, **kwargs)
         except Exception as error:

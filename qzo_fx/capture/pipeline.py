@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from qzo_fx.capture.call_errors import LOW_PRECISION
+from qzo_fx.capture.copying import copy_model
 from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.eager_check import eager_failure
 from qzo_fx.capture.modal import each_mode
@@ -96,7 +97,7 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
     if args is None and kwargs:
         args = ()  # keyword inputs only (model(**batch)): examples all the same
     try:
-        copied = copy.deepcopy(model)
+        copied = copy_model(model)
     except Exception as error:  # a module holding an uncopyable object (a lock, a file, a generator)
         raise CaptureError(f"prepare() works on a copy of {type(model).__name__}, and copy.deepcopy failed: "
                            f"{type(error).__name__}: {error}. Make the module copyable (e.g. drop the offending "

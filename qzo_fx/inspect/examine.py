@@ -1,7 +1,6 @@
 """``examine``: what ``prepare`` would meet in a model, before anything is changed."""
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -10,6 +9,7 @@ import torch.nn as nn
 from tabulate import tabulate
 from torch.fx import GraphModule
 
+from qzo_fx.capture.copying import copy_model
 from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.mode_diff import mode_differences
 from qzo_fx.capture.partial import untraceable_modules
@@ -83,7 +83,7 @@ def examine(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, *,
         return ExamineReport(f"already prepared: {len(quantizers)} quantizers (examine the float model to see what "
                              "prepare meets in it; qzo_fx.list_quantizers(qm) lists these)",
                              [q.target for q in quantizers])
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     args = positional_inputs(example_inputs, "examine")
     try:
         gm, report = capture(model, args, dict(example_kwargs or {}), "auto")

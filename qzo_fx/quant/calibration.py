@@ -5,7 +5,7 @@ channel, blocked per group) and return ``(scale, zero_point)`` in that layout.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -16,7 +16,9 @@ from qzo_fx.quant.scale_grid import grid_ceil, grid_floor
 
 __all__ = ["init_scale"]
 
-_MIN_SCALE = 1e-8
+MIN_SCALE = 1e-8
+# A scale floor: one number, or one per scale entry (a weight's channels).
+Floor = Union[float, Tensor]
 _MSE_RATIOS = torch.linspace(0.2, 1.0, 41)
 
 
@@ -38,7 +40,7 @@ def _fake_quant_last(t: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> T
     return (torch.round(t / s) + z).clamp(qmin, qmax).sub(z).mul(s)
 
 
-def _symmetric(t: Tensor, spec: QuantSpec, amax: Callable[[Tensor], Tensor], min_scale: float) -> tuple[Tensor, Tensor]:
+def _symmetric(t: Tensor, spec: QuantSpec, amax: Callable[[Tensor], Tensor], min_scale: Floor) -> tuple[Tensor, Tensor]:
     qmin, qmax = spec.qrange
     if spec.bits == 1:
         # The L2-optimal step of scale * sign(x) is mean |x| (XNOR-Net); all inits agree on it.
@@ -51,7 +53,7 @@ def _symmetric(t: Tensor, spec: QuantSpec, amax: Callable[[Tensor], Tensor], min
     return _on_grid(t, scale, torch.zeros_like, qmin, qmax, spec.grid_bits, min_scale)
 
 
-def _asymmetric(t: Tensor, spec: QuantSpec, min_scale: float) -> tuple[Tensor, Tensor]:
+def _asymmetric(t: Tensor, spec: QuantSpec, min_scale: Floor) -> tuple[Tensor, Tensor]:
     qmin, qmax = spec.qrange
     if spec.scale_init == "percentile":
         low = _quantile(t, 1.0 - spec.percentile / 100.0)
@@ -74,7 +76,7 @@ def _asymmetric(t: Tensor, spec: QuantSpec, min_scale: float) -> tuple[Tensor, T
 
 
 def _on_grid(t: Tensor, scale: Tensor, zero_of: Callable[[Tensor], Tensor], qmin: int, qmax: int, bits: int,
-             min_scale: float) -> tuple[Tensor, Tensor]:
+             min_scale: Floor) -> tuple[Tensor, Tensor]:
     """``(scale, zero)`` with each scale entry moved to its neighbour on the ``bits`` grid (below
     or above) that quantizes ``t`` with the smaller squared error; unchanged for ``bits = 0``."""
     if not bits:
@@ -88,7 +90,7 @@ def _on_grid(t: Tensor, scale: Tensor, zero_of: Callable[[Tensor], Tensor], qmin
     return scale, zero_of(scale)
 
 
-def _mse_search(t: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, min_scale: float) -> Tensor:
+def _mse_search(t: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, min_scale: Floor) -> Tensor:
     """Shrink each scale entry by the ratio (of a fixed grid) that minimises the squared error."""
     best_err = torch.full_like(scale, float("inf"))
     best = scale.clone()
@@ -108,7 +110,7 @@ def _quantile(t: Tensor, q: float) -> Tensor:
 
 
 def init_scale(x: Tensor, spec: QuantSpec, axis: int = 0, group_size: int = 0,
-               name: str = "tensor", min_scale: float = _MIN_SCALE) -> tuple[Tensor, Tensor]:
+               name: str = "tensor", min_scale: Floor = MIN_SCALE) -> tuple[Tensor, Tensor]:
     """Initial ``(scale, zero_point)`` of ``x`` for ``spec``, in the layout of :mod:`qzo_fx.quant.ops`;
     no scale entry below ``min_scale``.
 

@@ -7,7 +7,7 @@ holds the state (so it lives in ``state_dict``) and offers a ``forward`` for mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -53,9 +53,9 @@ class Quantizer(nn.Module):
         # Persisted so a loaded state_dict is not re-initialised by calibration.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
-    def initialize(self, x: Tensor, min_scale: Optional[float] = None) -> None:
+    def initialize(self, x: Tensor, min_scale: Optional[Union[float, Tensor]] = None) -> None:
         """Set scale and zero point from ``x`` (weights: the latent tensor; activations: a sample),
-        with no scale entry below ``min_scale`` when given."""
+        with no scale entry below ``min_scale`` when given (a number, or one per scale entry)."""
         floor = {} if min_scale is None else {"min_scale": min_scale}
         scale, zero = init_scale(x, self.spec, self.axis, self.group_size, name=self.target, **floor)
         with torch.no_grad():

@@ -304,3 +304,39 @@ def test_a_hook_on_a_batchnorm_the_eval_graph_folds_is_warned_about_in_eval_mode
     with pytest.warns(UserWarning, match="'1'.*folded"):
         qm.eval()(x)
     assert calls == [1]
+
+
+class SharedEncoder(nn.Module):
+    """One conv + BatchNorm called on two views (SimCLR), and one conv before two BatchNorms (a
+    BatchNorm per domain): sites that share a weight, with one BatchNorm or with two."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.shared_conv, self.bn_a, self.bn_b = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, a, b):
+        za, zb = F.relu(self.bn(self.conv(a))), F.relu(self.bn(self.conv(b)))
+        return self.bn_a(self.shared_conv(za)) - self.bn_b(self.shared_conv(zb))
+
+
+def test_sites_sharing_a_weight_each_fold_their_own_batchnorm_once(tmp_path):
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 3, 12, 12), torch.randn(4, 3, 12, 12)
+    qm = qzo_fx.prepare(SharedEncoder(), W8A8, example_inputs=(a, b))
+    optimizer = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for _ in range(3):  # statistics away from (0, 1): a fold applied twice, or the wrong one, shows
+        optimizer.zero_grad()
+        qm.train()(torch.randn(4, 3, 12, 12), torch.randn(4, 3, 12, 12) * 2 + 1).square().mean().backward()
+        optimizer.step()
+    qm.eval()
+    result = qzo_fx.export_onnx(qm, (a, b), tmp_path / "m.onnx")
+    file = onnx.load(str(result.path))
+    feed = {file.graph.input[0].name: a.numpy(), file.graph.input[1].name: b.numpy()}
+    with torch.no_grad():
+        expected = qm(a, b).numpy()
+    got = {"ort": ort.InferenceSession(str(result.path)).run(None, feed)[0],
+           "reference": ReferenceEvaluator(_at_opset_21(file)).run(None, feed)[0]}
+    for runtime, out in got.items():
+        assert _steps_apart(expected, out) < 1e-3, runtime
+    assert qzo_fx.verify_onnx(qm, result.path, (a, b)).ok

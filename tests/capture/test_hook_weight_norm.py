@@ -1,0 +1,71 @@
+"""Models with the hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (TCN, WaveNet,
+GAN discriminators): the weight the hook computed is a tensor autograd made, which
+``copy.deepcopy`` refuses, and prepare, examine and export all work on copies."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+import qzo_fx
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+class Chomp(nn.Module):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        return x[:, :, :-self.size].contiguous()
+
+
+class TemporalConvNet(nn.Module):
+    """A TCN block as research code writes it: causal dilated convs under weight_norm, a
+    spectral-normalized head."""
+
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the hook-based forms are deprecated
+            self.net = nn.Sequential(nn.utils.weight_norm(nn.Conv1d(4, 8, 3, padding=2)), Chomp(2), nn.ReLU(),
+                                     nn.utils.weight_norm(nn.Conv1d(8, 8, 3, padding=4, dilation=2)), Chomp(4),
+                                     nn.ReLU())
+            self.head = nn.utils.spectral_norm(nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.head(self.net(x)[:, :, -1])
+
+
+def test_a_hook_weight_normalized_model_prepares_trains_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = TemporalConvNet().eval()
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        expected = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    float_qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(float_qm.eval()(x), expected)  # nothing quantized: exactly the float model
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
+    optimizer = torch.optim.Adam(qm.parameters(), lr=1e-3)
+    qm.train()
+    optimizer.zero_grad()
+    qm(x).square().mean().backward()
+    optimizer.step()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in qm.parameters())
+    assert qm.get_parameter("net.0.weight_v").grad is not None  # the hook's parameters train
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model as it was
+    qm.eval()
+    result = qzo_fx.export_onnx(qm, (x,), tmp_path / "tcn.onnx")
+    probe = torch.randn(3, 4, 16)
+    session = ort.InferenceSession(str(result.path))
+    got = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, qm(probe).numpy(), rtol=1e-5, atol=1e-6)
+    assert "computed by a forward hook" in str(qzo_fx.examine(model, (x,)))
