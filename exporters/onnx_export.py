@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 from torch.fx import GraphModule
+from torch.utils._pytree import tree_map
 
 from qzo_fx.capture.call_errors import check_inputs_fit
 from qzo_fx.capture.export_inputs import auto_dims
@@ -102,16 +103,27 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
     model.graph.doc_string = ""
 
 
-def dynamic_shape_spec(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], sequence: bool = True) -> dict:
+def dynamic_shape_spec(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], sequence: bool = True,
+                       fixed: Optional[dict[str, tuple[Optional[int], ...]]] = None) -> dict:
     """torch.export ``dynamic_shapes`` by forward-argument name: the dimensions capture makes
     dynamic too (:func:`qzo_fx.capture.export_inputs.auto_dims`), or with ``sequence=False`` the
     batch only. ``Dim.AUTO`` lets torch.export keep an axis static where the model fixes it, and
-    find which dynamic axes are equal."""
+    find which dynamic axes are equal. A list or dict argument gets a spec of its structure.
+
+    ``fixed``: the input dimensions the prepared graph was captured with fixed (its
+    ``input_dims``), which stay static. A graph torch.export specialized to a size can still trace
+    at others (a decoder loop unrolled over the example's 5 steps indexes any longer target), and
+    the file would then return the example's steps at every length."""
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    return {name: auto_dims(value, sequence) for name, value in bound.arguments.items()}
+    spec = {name: tree_map(lambda leaf: auto_dims(leaf, sequence), value) for name, value in bound.arguments.items()}
+    for name, dims in (fixed or {}).items():
+        if isinstance(spec.get(name), dict):
+            spec[name] = {axis: d for axis, d in spec[name].items() if axis >= len(dims) or dims[axis] is None}
+    return spec
 
 
-def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> list:
+def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+                      fixed: Optional[dict[str, tuple[Optional[int], ...]]] = None) -> list:
     """The dynamic_shapes specs to try in order: a user's spec as given; for "auto", batch and
     sequence, then batch only, then static (a model that cannot have them)."""
     if dynamic_shapes is False or dynamic_shapes is None:
@@ -121,7 +133,8 @@ def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shap
     if dynamic_shapes != "auto":
         raise ExportError(f"dynamic_shapes={dynamic_shapes!r} is invalid: allowed 'auto', False, or a "
                           "torch.export dynamic_shapes spec.")
-    return [dynamic_shape_spec(module, args, kwargs), dynamic_shape_spec(module, args, kwargs, sequence=False), None]
+    return [dynamic_shape_spec(module, args, kwargs, fixed=fixed),
+            dynamic_shape_spec(module, args, kwargs, sequence=False, fixed=fixed), None]
 
 
 def check_and_save(model: onnx.ModelProto, path: Union[str, Path], what: str) -> Path:
@@ -249,7 +262,8 @@ def uses_ort_kernels(weight_format: str, target: str) -> bool:
 
 
 def _export_model(qm: nn.Module, lowered: nn.Module, args: tuple, kwargs: dict, opset: int, dynamic_shapes: Any):
-    candidates = _shape_candidates(lowered, args, kwargs, dynamic_shapes)
+    fixed = getattr(getattr(qm, "meta", {}).get("qzo.capture"), "input_dims", None)
+    candidates = _shape_candidates(lowered, args, kwargs, dynamic_shapes, fixed)
     for i, shapes in enumerate(candidates):
         try:
             model = _translate(lowered, args, opset, shapes, kwargs)

@@ -149,8 +149,14 @@ def _open(model: Union[Path, bytes], target: str):
 def _check_provider(qm: nn.Module, path: Path, model: onnx.ModelProto, target: str, inputs, kwargs,
                     expected: list[np.ndarray], tolerance_steps: float, follow_ties: bool) -> ProviderParity:
     session = _open(path, target)
-    tensors = [a for a in list(inputs) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-    feeds = {meta.name: t.detach().cpu().numpy() for meta, t in zip(session.get_inputs(), tensors)}
+    # The file's inputs are the tensor leaves of the call, in the order torch.export flattens
+    # them: a list or dict argument (multi-scale features, a batch dict) is several inputs.
+    tensors = [a for a in tree_leaves((tuple(inputs), list(kwargs.values()))) if isinstance(a, torch.Tensor)]
+    names = [meta.name for meta in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise ExportError(f"verify_onnx: the file takes {len(names)} inputs ({', '.join(names)}) and these inputs "
+                          f"hold {len(tensors)} tensors: pass inputs of the structure the file was exported with.")
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
     got = session.run(None, feeds)
     raw = _compare(expected, got, tolerance_steps)
     counts, resolved = TieCount(), expected

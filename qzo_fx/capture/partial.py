@@ -124,22 +124,28 @@ def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
     untraceable = untraceable_modules(model)
     leaves = {model.get_submodule(n) if n else model for n in untraceable}
 
+    def run_eagerly(module: nn.Module, name: str, why: str) -> nn.Module:
+        report.eager[name] = why
+        for child_name, child in list(module.named_children()):
+            if any(True for _ in child.parameters()):
+                setattr(module, child_name, visit(child, f"{name}.{child_name}" if name else child_name))
+        return module
+
     def visit(module: nn.Module, name: str) -> nn.Module:
         if name in untraceable:
-            report.eager[name] = untraceable[name]
-            for child_name, child in list(module.named_children()):
-                if any(True for _ in child.parameters()):
-                    setattr(module, child_name, visit(child, f"{name}.{child_name}" if name else child_name))
-            return module
+            return run_eagerly(module, name, untraceable[name])
         seen = inputs.get(module)
         if seen is None and args is not None:
             report.skipped[name] = "not called with the example inputs"
             return module
         try:
             gm = _trace_modes(module, leaves, seen)
-        except Exception as error:  # the branch its None arguments take does not trace: keep it float
-            report.skipped[name] = f"traced with its None arguments as None: {_reason(error)}"
-            return module
+        except Exception as error:
+            # It traced in one mode only (``if not self.training and <a value>:`` is skipped in
+            # train mode), or the branch its None arguments take does not trace: run it as it
+            # is and prepare its parts.
+            return run_eagerly(module, name, f"traced in both modes, with its None arguments as None: "
+                                             f"{_reason(error)}")
         inner = sorted({str(n.target) for graph in gm.qzo_mode_graphs.values() for n in graph.nodes
                         if n.op == "call_module" and gm.get_submodule(str(n.target)) in leaves})
         report.graph.append(name)

@@ -1,6 +1,7 @@
 """An example the float model itself cannot take is reported as such, naming the module that
 raised, whichever capture path met it (calibration of a symbolic trace, torch.export, partial
-capture), and the user's model is left as it was."""
+capture), and the user's model is left as it was. A model that no prepared model can hold as it
+is (a top-level name torch.fx uses) is refused before anything runs, with the way out."""
 from __future__ import annotations
 
 import pytest
@@ -71,3 +72,32 @@ def test_a_model_that_runs_keeps_its_own_error():
 
     qm = qzo_fx.prepare(Untraceable(), qzo_fx.QuantConfig(), example_inputs=(torch.randn(2, 4),))
     assert qm(torch.randn(3, 4)).shape == (3, 4)
+
+
+class MetaLearner(nn.Module):
+    """Research code's ``self.meta``: a name torch.fx's GraphModule uses for itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.meta, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.meta(x))
+
+
+class Holder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_a_top_level_name_graph_modules_use_is_named_with_the_way_out():
+    model, x = MetaLearner().eval(), torch.randn(2, 4)
+    refused = r"top-level attribute 'meta' \(Linear\).*self.model = model"
+    with pytest.raises(qzo_fx.UnsupportedModelError, match=refused):
+        qzo_fx.prepare(model, example_inputs=(x,))
+    qm = qzo_fx.prepare(Holder(model), qzo_fx.QuantConfig(weight=None), example_inputs=(x,))  # the way out
+    assert torch.equal(qm.eval()(x), model(x))

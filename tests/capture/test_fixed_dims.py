@@ -1,28 +1,15 @@
-"""A dimension torch.export fixed at capture is checked on every call: a graph specialized to a
-size does not always fail at another one, and a wrong-length output must not come back silently."""
+"""A dimension torch.export fixed at capture is checked on every call, and stays fixed in the
+exported file: a graph specialized to a size does not always fail at another one, and a
+wrong-length output must not come back silently, from the model or from the file."""
 from __future__ import annotations
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
-import torch.nn as nn
 
 import qzo_fx
-
-
-class TeacherForcedDecoder(nn.Module):
-    """Research code's decoder loop: one step per target token, in Python. Symbolic tracing cannot
-    iterate over a traced size, and torch.export unrolls the example's steps."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb, self.cell, self.out = nn.Embedding(20, 8), nn.GRUCell(8, 16), nn.Linear(16, 20)
-
-    def forward(self, tgt):
-        h, steps = tgt.new_zeros(tgt.shape[0], 16, dtype=torch.float32), []
-        for t in range(tgt.size(1)):
-            h = self.cell(self.emb(tgt[:, t]), h)
-            steps.append(self.out(h))
-        return torch.stack(steps, 1)
+from tests.zoo.research_layers import TeacherForcedDecoder
 
 
 def test_a_call_at_another_size_of_a_fixed_dimension_raises_instead_of_a_shorter_output():
@@ -37,3 +24,22 @@ def test_a_call_at_another_size_of_a_fixed_dimension_raises_instead_of_a_shorter
     assert model(longer).shape == (2, 9, 20)  # the float model takes it ...
     with pytest.raises(qzo_fx.InputError, match=r"'tgt' with dimension 1 of size 5 only, and this call has 9"):
         qm(longer)  # ... the prepared one says it cannot, instead of returning 5 steps
+
+
+def test_the_file_keeps_the_dimensions_the_prepared_graph_fixed(tmp_path):
+    torch.manual_seed(0)
+    tgt = torch.randint(0, 20, (2, 5))
+    with pytest.warns(UserWarning):
+        qm = qzo_fx.prepare(TeacherForcedDecoder(), qzo_fx.QuantConfig(weight_bits=8, activation_bits=8),
+                            example_inputs=(tgt,))
+    # The unrolled graph traces at any longer target, and would return 5 steps at every length.
+    with pytest.warns(UserWarning, match=r"fixes 'tgt' axis 1 \(size 5\)"):
+        result = qzo_fx.export_onnx(qm.eval(), (tgt,), tmp_path / "decoder.onnx")
+    session = ort.InferenceSession(str(result.path))
+    assert session.get_inputs()[0].shape == ["batch", 5]
+    other_batch = torch.randint(0, 20, (3, 5))
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"tgt": other_batch.numpy()})[0], qm(other_batch).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="dimensions"):  # ORT refuses another length, as qm does
+        session.run(None, {"tgt": torch.randint(0, 20, (2, 9)).numpy()})

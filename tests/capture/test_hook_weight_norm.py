@@ -3,43 +3,15 @@ GAN discriminators): the weight the hook computed is a tensor autograd made, whi
 ``copy.deepcopy`` refuses, and prepare, examine and export all work on copies."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn as nn
 
 import qzo_fx
+from tests.zoo.research_layers import TemporalConvNet
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-class Chomp(nn.Module):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, x):
-        return x[:, :, :-self.size].contiguous()
-
-
-class TemporalConvNet(nn.Module):
-    """A TCN block as research code writes it: causal dilated convs under weight_norm, a
-    spectral-normalized head."""
-
-    def __init__(self):
-        super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # the hook-based forms are deprecated
-            self.net = nn.Sequential(nn.utils.weight_norm(nn.Conv1d(4, 8, 3, padding=2)), Chomp(2), nn.ReLU(),
-                                     nn.utils.weight_norm(nn.Conv1d(8, 8, 3, padding=4, dilation=2)), Chomp(4),
-                                     nn.ReLU())
-            self.head = nn.utils.spectral_norm(nn.Linear(8, 3))
-
-    def forward(self, x):
-        return self.head(self.net(x)[:, :, -1])
 
 
 def test_a_hook_weight_normalized_model_prepares_trains_and_exports(tmp_path):

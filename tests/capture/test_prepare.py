@@ -403,3 +403,32 @@ def test_an_example_of_size_one_is_named_as_what_fixed_the_dimension():
     with pytest.warns(UserWarning, match="size 1 in the example"):
         qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8), example_inputs=(torch.randint(0, 50, (1, 6)),),
                        capture="export")
+
+
+class EarlyExit(nn.Module):
+    """Research code's early exit: in eval mode, a confident first head returns at once. The
+    branch is on values in eval mode only, so the module traces in train mode and not in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.first, self.b, self.second = nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        early = self.first(h)
+        if not self.training and bool((early.softmax(-1).amax(-1) > 0.99).all()):
+            return early
+        return self.second(torch.relu(self.b(h))) + early
+
+
+def test_a_module_that_traces_in_one_mode_only_runs_eagerly_with_its_parts_prepared():
+    torch.manual_seed(0)
+    model, x = EarlyExit(), torch.randn(4, 8)
+    exact = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(x,))
+    for training in (True, False):
+        assert torch.equal(exact.train(training)(x), model.train(training)(x))
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
+    assert sorted(qm.qzo_partial.graph) == ["a", "b", "first", "second"] and "" in qm.qzo_partial.eager
+    assert {q.target for q in qzo_fx.list_quantizers(qm)} >= {"a.weight", "b.weight", "first.weight", "second.weight"}
+    qm.train()(x).square().mean().backward()
+    assert qm.get_submodule("b").get_parameter("weight").grad is not None

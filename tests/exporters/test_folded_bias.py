@@ -19,6 +19,7 @@ from onnx.reference import ReferenceEvaluator
 import qzo_fx
 from qzo_fx.capture.modes import mode_graph
 from qzo_fx.passes.prepare.fold_eval_batchnorm import is_folded_site
+from tests.zoo.research_layers import SharedEncoder
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 W8A8 = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
@@ -304,20 +305,6 @@ def test_a_hook_on_a_batchnorm_the_eval_graph_folds_is_warned_about_in_eval_mode
     with pytest.warns(UserWarning, match="'1'.*folded"):
         qm.eval()(x)
     assert calls == [1]
-
-
-class SharedEncoder(nn.Module):
-    """One conv + BatchNorm called on two views (SimCLR), and one conv before two BatchNorms (a
-    BatchNorm per domain): sites that share a weight, with one BatchNorm or with two."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
-        self.shared_conv, self.bn_a, self.bn_b = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
-
-    def forward(self, a, b):
-        za, zb = F.relu(self.bn(self.conv(a))), F.relu(self.bn(self.conv(b)))
-        return self.bn_a(self.shared_conv(za)) - self.bn_b(self.shared_conv(zb))
 
 
 def test_sites_sharing_a_weight_each_fold_their_own_batchnorm_once(tmp_path):

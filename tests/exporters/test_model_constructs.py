@@ -9,9 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import qzo_fx
 from tests.zoo.onnx_check import file_info, reference_evaluator
+from tests.zoo.research_layers import CodebookLookup
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 W8A8 = qzo_fx.QuantConfig(weight_bits=8, activation_bits=8)
@@ -162,20 +164,6 @@ def test_five_dimensional_attention_exports_and_matches(tmp_path):
     assert qzo_fx.verify_onnx(qm, result.path, (probe, probe_mask)).ok
 
 
-class CodebookLookup(nn.Module):
-    """A VQ layer: nearest codebook entry by ``torch.cdist``, straight-through to the decoder."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p, self.enc, self.codebook, self.dec = p, nn.Linear(8, 4), nn.Embedding(16, 4), nn.Linear(4, 8)
-
-    def forward(self, x):
-        z = self.enc(x)
-        distances = torch.cdist(z, self.codebook.weight, p=self.p)
-        nearest = self.codebook(distances.argmin(-1))
-        return self.dec(z + (nearest - z).detach()), distances
-
-
 @pytest.mark.parametrize("p", [2.0, 1.0, 0.0, float("inf"), 3.0])
 def test_cdist_exports_and_matches_the_model_and_the_onnx_reference(tmp_path, p):
     torch.manual_seed(0)
@@ -191,3 +179,35 @@ def test_cdist_exports_and_matches_the_model_and_the_onnx_reference(tmp_path, p)
     for ours, runtime, spec in zip(expected, got, reference):
         np.testing.assert_allclose(runtime, ours, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(spec, ours, rtol=1e-5, atol=1e-5)
+
+
+class MultiScaleHead(nn.Module):
+    """A list argument (an FPN's features) and a dict argument (a batch as a dataset yields it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, 8, 1) for c in (4, 8))
+        self.side, self.out = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, features, batch):
+        pooled = sum(F.adaptive_avg_pool2d(conv(f), 1).flatten(1) for conv, f in zip(self.lateral, features))
+        return self.out(pooled * torch.sigmoid(self.side(batch["meta"])) + batch["bias"])
+
+
+def _multi_scale_inputs(batch: int):
+    return ([torch.randn(batch, 4, 8, 8), torch.randn(batch, 8, 4, 4)],
+            {"meta": torch.randn(batch, 3), "bias": torch.randn(batch, 1)})
+
+
+def test_list_and_dict_arguments_export_with_their_batch_dynamic_and_verify(tmp_path):
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(MultiScaleHead(), W8A8, example_inputs=_multi_scale_inputs(2))
+    result = qzo_fx.export_onnx(qm.eval(), _multi_scale_inputs(2), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(result.path))
+    assert [i.name for i in session.get_inputs()] == ["features_0", "features_1", "batch_meta", "batch_bias"]
+    features, batch = _multi_scale_inputs(3)  # another batch size than the example's
+    got = session.run(None, dict(zip([i.name for i in session.get_inputs()],
+                                     [t.numpy() for t in (*features, batch["meta"], batch["bias"])])))[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, qm(features, batch).numpy(), rtol=1e-5, atol=1e-5)
+    assert qzo_fx.verify_onnx(qm, result.path, (features, batch)).ok

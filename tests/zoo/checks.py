@@ -1,13 +1,13 @@
 """The zoo's checks of a prepared model against the float model (stages 1-5 and the last)."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 import qzo_fx
+from qzo_fx.capture.copying import copy_model
 from tests.zoo.cases import Case, stochastic_reasons
 from tests.zoo.outputs import compare, floating, identical, relative_error
 from tests.zoo.outputs import shapes as output_shapes
@@ -56,12 +56,12 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- stage 1: nothing quantized
 def float_equivalence(qm: nn.Module, float_model: nn.Module, case: Case, args, kwargs, info: dict) -> str:
     """Eval mode always; train mode for deterministic models. Both are checked before failing."""
-    ref = copy.deepcopy(float_model).eval()
+    ref = copy_model(float_model).eval()
     qm.eval()
     with torch.no_grad():
         problems = [f"eval mode: {p}" for p in compare(ref(*args, **kwargs), qm(*args, **kwargs), FLOAT_RTOL)]
     reasons = stochastic_reasons(float_model, case)
-    ref = copy.deepcopy(float_model).train()
+    ref = copy_model(float_model).train()
     with torch.no_grad():
         torch.manual_seed(0)
         first = ref(*args, **kwargs)
@@ -75,7 +75,7 @@ def float_equivalence(qm: nn.Module, float_model: nn.Module, case: Case, args, k
         qm.train()
         with torch.no_grad():
             torch.manual_seed(0)
-            expected = copy.deepcopy(float_model).train()(*args, **kwargs)
+            expected = copy_model(float_model).train()(*args, **kwargs)
             torch.manual_seed(0)
             problems += [f"train mode: {p}" for p in compare(expected, qm(*args, **kwargs), FLOAT_RTOL)]
         note = "train mode compared"
@@ -109,7 +109,7 @@ def eval_deterministic(qm: nn.Module, float_model: nn.Module, args, kwargs) -> N
         first = qm(*args, **kwargs)
         qm.eval()
         second = qm(*args, **kwargs)
-        expected = copy.deepcopy(float_model).eval()(*args, **kwargs)
+        expected = copy_model(float_model).eval()(*args, **kwargs)
     if not identical(first, second):
         raise CheckFailed("two qm.eval() calls on the same input give different outputs")
     for i, (g, e) in enumerate(zip(floating(second), floating(expected))):
@@ -129,7 +129,7 @@ def _weight_noise_copy(model: nn.Module, seed: int = 5) -> nn.Module:
     """A copy of the float model whose weights (parameters of 2+ dimensions) carry uniform noise
     of half a 7-bit step per output channel: what rounding them to the W8A8 grid moves them by, drawn
     independently of qzo_fx. How far that moves the output measures the network's own sensitivity."""
-    noisy = copy.deepcopy(model)
+    noisy = copy_model(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in noisy.parameters():
@@ -159,7 +159,7 @@ def w8a8_tracks_float(qm: nn.Module, float_model: nn.Module, args, kwargs, info:
             outputs = []
             for model in (float_model, _weight_noise_copy(float_model), qm):
                 torch.manual_seed(11)
-                outputs.append(floating(copy.deepcopy(model).train(training)(*args, **kwargs)))
+                outputs.append(floating(copy_model(model).train(training)(*args, **kwargs)))
         expected, noisy, got = outputs
         mode = "train" if training else "eval"
         for i, (e, n, g) in enumerate(zip(expected, noisy, got)):
@@ -194,7 +194,7 @@ def shape_variants(case: Case) -> list[tuple[str, int, Any]]:
 
 def shapes(qm: nn.Module, float_model: nn.Module, case: Case) -> str:
     done, rejected = [], []
-    references = {training: copy.deepcopy(float_model).train(training) for training in (False, True)}
+    references = {training: copy_model(float_model).train(training) for training in (False, True)}
     for label, batch, seq in shape_variants(case):
         args, kwargs = case.inputs(batch, seq, seed=2)
         for training in (False, True):

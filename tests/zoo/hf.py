@@ -121,6 +121,8 @@ HUGGINGFACE = {
     # audio
     "hf/wav2vec2": audio("Wav2Vec2Config", "Wav2Vec2ForCTC", **_CONV_AUDIO),
     "hf/wavlm": audio("WavLMConfig", "WavLMForCTC", num_buckets=32, max_bucket_distance=64, **_CONV_AUDIO),
+    "hf/wav2vec2_conformer": audio("Wav2Vec2ConformerConfig", "Wav2Vec2ConformerForCTC", conv_depthwise_kernel_size=3,
+                                   **_CONV_AUDIO),
     "hf/whisper": whisper(),
     # vision
     "hf/vit": vision("ViTConfig", "ViTForImageClassification", patch_size=8, hidden_size=32, num_hidden_layers=2,

@@ -8,11 +8,12 @@ from __future__ import annotations
 from tests.zoo.cases import Case, Entry, torchvision_shim
 from tests.zoo.hf import HUGGINGFACE
 from tests.zoo.research import RESEARCH
+from tests.zoo.research_layers import RESEARCH_LAYERS
 from tests.zoo.vision import TIMM, TORCHVISION
 
 __all__ = ["ZOO", "SMOKE", "FAMILIES", "Case", "Entry", "torchvision_shim"]
 
-ZOO: dict[str, Entry] = {**TIMM, **TORCHVISION, **HUGGINGFACE, **RESEARCH}
+ZOO: dict[str, Entry] = {**TIMM, **TORCHVISION, **HUGGINGFACE, **RESEARCH, **RESEARCH_LAYERS}
 FAMILIES = ("timm", "torchvision", "huggingface", "research code")
 
 # One convolutional network with BatchNorm, one transformer LLM, one encoder with keyword

@@ -17,7 +17,6 @@ Stages (docs/coverage.md states each check and tolerance in words):
 from __future__ import annotations
 
 import contextlib
-import copy
 import signal
 import tempfile
 import time
@@ -28,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import qzo_fx
+from qzo_fx.capture.copying import copy_model
 from tests.zoo import checks, onnx_check, training
 from tests.zoo.cases import Case, Entry
 from tests.zoo.results import STAGES, ZOO_ERROR, Stage, ZooResult, ZooTimeout, record_failure
@@ -75,7 +75,7 @@ class Run:
         torch.manual_seed(0)
         self.case: Case = entry.build()
         self.model = self.case.model                   # the user's model: only qzo_fx sees it
-        self.float_model = copy.deepcopy(self.model)   # the zoo's own copy for float references
+        self.float_model = copy_model(self.model)   # the zoo's own copy for float references
         self.args, self.kwargs = self.case.inputs()
         self.fingerprint = checks.fingerprint(self.model)
         self.qm = None

@@ -1,13 +1,12 @@
 """Stage 5: a user's training loop over a DataLoader, with the STE and then with FOGZO."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import qzo_fx
+from qzo_fx.capture.copying import copy_model
 from tests.zoo.cases import Case
 from tests.zoo.outputs import loss_of
 from tests.zoo.results import CheckFailed, ZooBug, first_line
@@ -28,7 +27,7 @@ def loader_of(case: Case) -> tuple[DataLoader, list[str]]:
 
 def float_has_gradient(float_model: nn.Module, loss_fn, batch) -> bool:
     """Whether the float model, in train mode, gets a non-zero gradient on ``batch``."""
-    model = copy.deepcopy(float_model).train()
+    model = copy_model(float_model).train()
     torch.manual_seed(0)
     try:
         loss_fn(model, batch).backward()

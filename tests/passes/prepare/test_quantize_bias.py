@@ -7,31 +7,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import qzo_fx
 from qzo_fx.passes.prepare.quantize_bias import BIAS_HEADROOM
+from tests.zoo.research_layers import SpatialTransformer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-class SpatialTransformer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 7 * 7, 8),
-                                      nn.ReLU())
-        self.theta = nn.Linear(8, 6)
-        with torch.no_grad():  # the usual start: the identity transform
-            self.theta.weight.zero_()
-            self.theta.bias.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0]))
-        self.classify = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                      nn.Linear(4, 3))
-
-    def forward(self, x):
-        theta = self.theta(self.features(x)).view(-1, 2, 3)
-        return self.classify(F.grid_sample(x, F.affine_grid(theta, x.size(), align_corners=False),
-                                           align_corners=False)), theta
 
 
 def test_a_zero_initialised_layer_keeps_its_bias_in_training_and_in_the_file(tmp_path):
