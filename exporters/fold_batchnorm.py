@@ -22,9 +22,10 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn as nn
 from torch.fx import GraphModule, Node
 
-from qzo_fx.exporters.export_context import EXPORT_CONTAINER, export_container
+from qzo_fx.exporters.export_context import EXPORT_CONTAINER, PACKABLE_KEY, export_container
 from qzo_fx.exporters.lower_bias import constant_value, int32_bias
 from qzo_fx.pass_infra import PassResult
 from qzo_fx.passes.prepare.batchnorm_site import (
@@ -76,14 +77,23 @@ def _scale_dequantize(gm: GraphModule, dequantize: Node, k: torch.Tensor, scale_
 
 def _site_dequantize(gm: GraphModule, dequantize: Node, tag: str, before: Node, copy_codes: bool) -> Node:
     """A copy of the ``qzo.dequantize`` node ``dequantize`` reading scale and zero point buffers
-    of its own (and codes, with ``copy_codes``), for one folded site to scale."""
+    of its own (and codes, with ``copy_codes``), for one folded site to scale. The buffers sit in a
+    holder of their own beside the weight's, packed to INT4 as the weight's codes are."""
+    source = str(dequantize.args[0].target).rpartition(".")[0]  # qzo_export.<weight quantizer>
+    name = f"{source.rpartition('.')[2]}_{tag}"
+    holder = nn.Module()
+    export_container(gm).add_module(name, holder)
+    packable = gm.meta.setdefault(PACKABLE_KEY, {})
+    if source in packable:
+        packable[f"{EXPORT_CONTAINER}.{name}"] = packable[source]
     reads = []
     for read, part in zip(dequantize.args[:3], ("codes", "scale", "zero_point")):
-        if part == "codes" and not copy_codes:
-            with gm.graph.inserting_before(before):
-                reads.append(gm.graph.get_attr(str(read.target)))
-        else:
-            reads.append(_buffer_read(gm, gm.get_buffer(str(read.target)).clone(), f"{tag}_weight_{part}", before))
+        target = str(read.target)
+        if part != "codes" or copy_codes:
+            holder.register_buffer(part, gm.get_buffer(target).clone())
+            target = f"{EXPORT_CONTAINER}.{name}.{part}"
+        with gm.graph.inserting_before(before):
+            reads.append(gm.graph.get_attr(target))
     with gm.graph.inserting_before(before):
         copy = gm.graph.call_function(dequantize.target, (*reads, *dequantize.args[3:]), dict(dequantize.kwargs))
     copy.meta = dict(dequantize.meta)

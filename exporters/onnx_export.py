@@ -104,26 +104,27 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
 
 
 def dynamic_shape_spec(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], sequence: bool = True,
-                       fixed: Optional[dict[str, tuple[Optional[int], ...]]] = None) -> dict:
+                       fixed: Optional[dict[str, dict[int, int]]] = None) -> dict:
     """torch.export ``dynamic_shapes`` by forward-argument name: the dimensions capture makes
     dynamic too (:func:`qzo_fx.capture.export_inputs.auto_dims`), or with ``sequence=False`` the
     batch only. ``Dim.AUTO`` lets torch.export keep an axis static where the model fixes it, and
     find which dynamic axes are equal. A list or dict argument gets a spec of its structure.
 
-    ``fixed``: the input dimensions the prepared graph was captured with fixed (its
-    ``input_dims``), which stay static. A graph torch.export specialized to a size can still trace
-    at others (a decoder loop unrolled over the example's 5 steps indexes any longer target), and
-    the file would then return the example's steps at every length."""
+    ``fixed``: the dimensions asked to vary that the prepared graph was captured with fixed (its
+    ``checked_dims``, input -> axis -> size), which stay static. A graph torch.export specialized
+    to a size can still trace at others (a decoder loop unrolled over the example's 5 steps
+    indexes any longer target), and the file would then return the example's steps at every
+    length."""
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     spec = {name: tree_map(lambda leaf: auto_dims(leaf, sequence), value) for name, value in bound.arguments.items()}
-    for name, dims in (fixed or {}).items():
+    for name, axes in (fixed or {}).items():
         if isinstance(spec.get(name), dict):
-            spec[name] = {axis: d for axis, d in spec[name].items() if axis >= len(dims) or dims[axis] is None}
+            spec[name] = {axis: d for axis, d in spec[name].items() if axis not in axes}
     return spec
 
 
 def _shape_candidates(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-                      fixed: Optional[dict[str, tuple[Optional[int], ...]]] = None) -> list:
+                      fixed: Optional[dict[str, dict[int, int]]] = None) -> list:
     """The dynamic_shapes specs to try in order: a user's spec as given; for "auto", batch and
     sequence, then batch only, then static (a model that cannot have them)."""
     if dynamic_shapes is False or dynamic_shapes is None:
@@ -262,7 +263,7 @@ def uses_ort_kernels(weight_format: str, target: str) -> bool:
 
 
 def _export_model(qm: nn.Module, lowered: nn.Module, args: tuple, kwargs: dict, opset: int, dynamic_shapes: Any):
-    fixed = getattr(getattr(qm, "meta", {}).get("qzo.capture"), "input_dims", None)
+    fixed = getattr(getattr(qm, "meta", {}).get("qzo.capture"), "checked_dims", None)
     candidates = _shape_candidates(lowered, args, kwargs, dynamic_shapes, fixed)
     for i, shapes in enumerate(candidates):
         try:

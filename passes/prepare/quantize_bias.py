@@ -104,10 +104,12 @@ def _fit_weight_scale(gm: GraphModule, bias: torch.Tensor, x_fq: Node, w_fq: Nod
     """Raise the weight scale entries whose bias codes ``b / (s_x s_w)`` exceed ``BIAS_HEADROOM``."""
     x_q, w_q, weight = _quantizer(gm, x_fq), _quantizer(gm, w_fq), _latent_weight(gm, w_fq)
     with torch.no_grad():
-        needed = bias.detach().abs().float() / (x_q.scale.detach().reshape(()) * BIAS_HEADROOM)
+        needed = bias.detach().abs().float() / (x_q.scale.detach().min() * BIAS_HEADROOM)
         needed = needed if w_q.scale.dim() == 1 else needed.max()
         if weight is not None and bool((needed > w_q.scale.detach()).any()):
-            w_q.initialize(weight, min_scale=needed.clamp_min(MIN_SCALE).to(w_q.scale.device))
+            # The floor keeps what an earlier site of this weight raised (one weight, two biases).
+            floor = torch.maximum(needed.clamp_min(MIN_SCALE).to(w_q.scale.device), w_q.scale.detach())
+            w_q.initialize(weight, min_scale=floor)
 
 
 def quantize_bias(gm: GraphModule, *, ctx: object = None) -> PassResult:

@@ -43,8 +43,8 @@ def check_fixed_dims(model: nn.Module, report: Any, args: tuple, kwargs: dict) -
     exported graph fixed. Checked before the call: a graph specialized to a size does not always
     fail at another one (a Python loop over a sequence, unrolled at capture, runs its example's
     steps and returns a shorter output)."""
-    dims = getattr(report, "input_dims", None)
-    fixed = _fixed_dim_mismatch(model.forward, dims, args, kwargs) if dims else None
+    dims = getattr(report, "checked_dims", None)
+    fixed = _fixed_dim_mismatch(model.forward, dims, args, kwargs) if dims else None  # no binding when none
     if fixed:
         raise InputError(f"{type(model).__name__} (prepared) takes {fixed}: that size was fixed at capture "
                          f"({getattr(report, 'shapes', '')}; prepare() warned why). Call it with that size, or "
@@ -53,6 +53,12 @@ def check_fixed_dims(model: nn.Module, report: Any, args: tuple, kwargs: dict) -
 
 def why_call_failed(model: nn.Module, report: Any, args: tuple, kwargs: dict, error: Exception) -> Optional[str]:
     """What about the call the graph cannot take (``None`` when the call fits it)."""
+    dims = {name: {axis: size for axis, size in enumerate(sizes) if size is not None}
+            for name, sizes in (getattr(report, "input_dims", None) or {}).items()}
+    fixed = _fixed_dim_mismatch(model.forward, dims, args, kwargs)
+    if fixed:
+        return (f"takes {fixed}: that size was fixed at capture ({getattr(report, 'shapes', '')}). Call it with "
+                "that size, or prepare it with dynamic_shapes=... naming the dimensions that vary.")
     dtype = _dtype_mismatch(model.forward, getattr(report, "input_dtypes", None) or {}, args, kwargs)
     if dtype:
         return f"takes {dtype}: the graph was captured with that dtype. Pass the inputs in the example's dtypes."
@@ -78,15 +84,17 @@ def check_inputs_fit(model: nn.Module, args: tuple, kwargs: dict, where: str) ->
                          "inputs (a file without labels: prepare with examples that leave them out).")
 
 
-def _fixed_dim_mismatch(forward: Callable[..., Any], dims: dict, args: tuple, kwargs: dict) -> Optional[str]:
-    """The first input dimension the call gives another size than the graph fixed."""
+def _fixed_dim_mismatch(forward: Callable[..., Any], dims: dict[str, dict[int, int]], args: tuple,
+                        kwargs: dict) -> Optional[str]:
+    """The first input dimension the call gives another size than the graph fixed
+    (``dims``: input name -> axis -> size)."""
     bound = _bound_arguments(forward, args, kwargs)
     for name, expected in dims.items():
         value = bound.get(name)
-        if not isinstance(value, Tensor) or value.dim() != len(expected):
+        if not isinstance(value, Tensor):
             continue
-        for axis, size in enumerate(expected):
-            if size is not None and value.shape[axis] != size:
+        for axis, size in expected.items():
+            if axis < value.dim() and value.shape[axis] != size:
                 return f"'{name}' with dimension {axis} of size {size} only, and this call has {value.shape[axis]}"
     return None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = ["DynamicShapes", "auto_dims", "export_spec", "constant_keywords", "keywords_bound", "distinct_tensors",
-           "input_dims", "input_dtypes", "fixed_token_dims"]
+           "input_dims", "input_dtypes", "fixed_token_dims", "call_checked_dims"]
 
 # "auto", False (the example's shapes), or a torch.export dynamic_shapes spec.
 DynamicShapes = Union[str, bool, Any]
@@ -103,6 +103,28 @@ def input_dims(module: GraphModule) -> dict[str, tuple[Any, ...]]:
     fixed the size, None where it is dynamic."""
     return {n.name: tuple(int(d) if is_concrete_int(d) else None for d in n.meta["val"].shape)
             for n in module.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}
+
+
+def call_checked_dims(module: GraphModule, forward_names: Sequence[str]) -> dict[str, dict[int, int]]:
+    """The dimensions a call must match, by forward argument name: those :func:`auto_dims` asks to
+    keep dynamic (the batch; the sequence of integer inputs; every axis of floats up to 3-D) where
+    the exported graph fixed them to a size other than 1. A Python loop over a sequence unrolled at
+    capture runs at other lengths and returns the example's steps, so such a call is refused up
+    front. An image's height and width (never asked to vary) and sizes of 1 (torch.export's own
+    specialization of an example of 1) are left to the graph, which may take other sizes.
+    Placeholders are renamed where torch.fx takes a name (``input`` becomes ``input_1``), so they
+    are matched by position when the graph has one per forward parameter."""
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    names = list(forward_names) if len(forward_names) == len(placeholders) else [n.name for n in placeholders]
+    checked: dict[str, dict[int, int]] = {}
+    for name, node in zip(names, placeholders):
+        value = node.meta.get("val")
+        axes = auto_dims(value) if isinstance(value, torch.Tensor) else None
+        fixed = {axis: int(value.shape[axis]) for axis in axes or ()
+                 if is_concrete_int(value.shape[axis]) and int(value.shape[axis]) != 1}
+        if fixed:
+            checked[name] = fixed
+    return checked
 
 
 def input_dtypes(module: GraphModule) -> dict[str, torch.dtype]:

@@ -49,6 +49,17 @@ class _LeafTracer(StateTracer):
         return m in self.leaves or super().is_leaf_module(m, qualname)
 
 
+# What a torch.fx GraphModule uses for itself: a module with a direct submodule, parameter or
+# buffer of one of these names (research code's ``self.meta``, ``self.graph``, ``self.code``)
+# cannot become one, and runs as it is with its parts prepared.
+GRAPH_MODULE_NAMES = ("meta", "graph", "code")
+
+
+def graph_module_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own attributes that a GraphModule uses itself."""
+    return [n for n in (*module._modules, *module._parameters, *module._buffers) if n in GRAPH_MODULE_NAMES]
+
+
 def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
@@ -134,6 +145,9 @@ def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
     def visit(module: nn.Module, name: str) -> nn.Module:
         if name in untraceable:
             return run_eagerly(module, name, untraceable[name])
+        if graph_module_names(module):
+            return run_eagerly(module, name, f"its attribute {graph_module_names(module)[0]!r} is a name GraphModule "
+                                             "uses")
         seen = inputs.get(module)
         if seen is None and args is not None:
             report.skipped[name] = "not called with the example inputs"
@@ -144,8 +158,8 @@ def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
             # It traced in one mode only (``if not self.training and <a value>:`` is skipped in
             # train mode), or the branch its None arguments take does not trace: run it as it
             # is and prepare its parts.
-            return run_eagerly(module, name, f"traced in both modes, with its None arguments as None: "
-                                             f"{_reason(error)}")
+            return run_eagerly(module, name, f"does not trace in both modes (or with its None arguments as "
+                                             f"None): {_reason(error)}")
         inner = sorted({str(n.target) for graph in gm.qzo_mode_graphs.values() for n in graph.nodes
                         if n.op == "call_module" and gm.get_submodule(str(n.target)) in leaves})
         report.graph.append(name)

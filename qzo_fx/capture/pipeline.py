@@ -14,12 +14,12 @@ from qzo_fx.capture.copying import copy_model
 from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.eager_check import eager_failure
 from qzo_fx.capture.modal import each_mode
-from qzo_fx.capture.partial import prepare_partially
+from qzo_fx.capture.partial import GRAPH_MODULE_NAMES, graph_module_names, prepare_partially
 from qzo_fx.capture.tracing import CaptureReport, DynamicShapes
 from qzo_fx.capture.tracing import capture as capture_model
 from qzo_fx.config import QuantConfig
 from qzo_fx.context import QUANT_CONTAINER, PrepareContext
-from qzo_fx.errors import CaptureError, ConfigError, ExampleInputsError, QzoError, UnsupportedModelError
+from qzo_fx.errors import CaptureError, ConfigError, ExampleInputsError, QzoError
 from qzo_fx.example_inputs import positional_inputs
 from qzo_fx.pass_infra import Pass, PassInstrument, PassManager
 from qzo_fx.passes.prepare.affine_eval_batchnorm import affine_eval_batchnorm
@@ -92,7 +92,6 @@ def prepare(model: nn.Module, config: Optional[QuantConfig] = None,
     if not isinstance(config, QuantConfig):
         raise QzoError(f"config must be a qzo_fx.QuantConfig, got {type(config).__name__}.")
     _refuse_low_precision(model)
-    _refuse_reserved_names(model)
     args = positional_inputs(example_inputs, "prepare")
     kwargs = dict(example_kwargs or {})
     if args is None and kwargs:
@@ -125,6 +124,7 @@ def _capture_and_prepare(model: nn.Module, copied: nn.Module, config: QuantConfi
                          kwargs: dict[str, Any], capture: str, dynamic_shapes: DynamicShapes,
                          instruments: Sequence[PassInstrument]) -> nn.Module:
     try:
+        _refuse_reserved_names(copied)
         gm, report = capture_model(copied, args, kwargs, capture, dynamic_shapes)
     except CaptureError as error:
         if capture != "auto":
@@ -156,20 +156,17 @@ def _state_keys_of(model: nn.Module, prepared: nn.Module) -> nn.Module:
     return prepared
 
 
-# What a torch.fx GraphModule, which a prepared model is, uses for itself: a top-level submodule,
-# parameter or buffer of one of these names cannot be held by it.
-_GRAPH_MODULE_NAMES = ("meta", "graph", "code")
-
-
 def _refuse_reserved_names(model: nn.Module) -> None:
-    own = [*model._modules, *model._parameters, *model._buffers]
-    clash = [name for name in own if name in _GRAPH_MODULE_NAMES]
+    """A ``CaptureError`` (under ``capture="auto"`` partial capture follows: the model keeps its own
+    root, where the name is harmless) when the root would have to hold a name GraphModule uses."""
+    clash = graph_module_names(model)
     if clash:
         kind = type(getattr(model, clash[0])).__name__
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has a top-level attribute {clash[0]!r} ({kind}); a prepared model is a torch.fx "
-            f"GraphModule, which uses {', '.join(_GRAPH_MODULE_NAMES)} itself. Prepare a module that holds this "
-            "model (class Wrapped(nn.Module) with self.model = model): its state_dict keys then start with 'model.'.")
+        raise CaptureError(
+            f"{type(model).__name__} has a top-level attribute {clash[0]!r} ({kind}); a whole-graph capture is a "
+            f"torch.fx GraphModule, which uses {', '.join(GRAPH_MODULE_NAMES)} itself. Use capture='auto' (partial "
+            "capture keeps the model's own root), or prepare a module that holds this model (self.model = model; "
+            "its state_dict keys then start with 'model.').")
 
 
 def _refuse_low_precision(model: nn.Module) -> None:

@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from qzo_fx.capture.export_inputs import (
     DynamicShapes,
+    call_checked_dims,
     constant_keywords,
     distinct_tensors,
     export_spec,
@@ -58,6 +59,7 @@ class CaptureReport:
     model_class: Optional[type] = None     # the user's model's class (its methods are not kept)
     constant_keywords: dict[str, Any] = field(default_factory=dict)  # **kwargs flags bound at capture
     input_dims: dict[str, tuple[Optional[int], ...]] = field(default_factory=dict)  # None: dynamic
+    checked_dims: dict[str, dict[int, int]] = field(default_factory=dict)  # axis -> size each call must have
     input_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # what the exported graph's guards take
 
 
@@ -228,6 +230,7 @@ def _export(model: nn.Module, args, kwargs, dynamic: DynamicShapes, report: Capt
                       "dimensions vary.", UserWarning, stacklevel=4)
     root = modules[True]
     report.input_dims = input_dims(root)  # calls with another size of a fixed one get an InputError
+    report.checked_dims = call_checked_dims(root, tuple(inspect.signature(root.forward).parameters))
     report.input_dtypes = input_dtypes(root)
     if spec is not None:
         _warn_fixed_token_dims(model, fixed_token_dims(root, spec, report.input_dims), report)

@@ -1,7 +1,7 @@
 """An example the float model itself cannot take is reported as such, naming the module that
 raised, whichever capture path met it (calibration of a symbolic trace, torch.export, partial
-capture), and the user's model is left as it was. A model that no prepared model can hold as it
-is (a top-level name torch.fx uses) is refused before anything runs, with the way out."""
+capture), and the user's model is left as it was. A model whose root a GraphModule cannot be (a
+top-level name torch.fx uses) keeps its root, with its parts prepared."""
 from __future__ import annotations
 
 import pytest
@@ -74,30 +74,26 @@ def test_a_model_that_runs_keeps_its_own_error():
     assert qm(torch.randn(3, 4)).shape == (3, 4)
 
 
+
 class MetaLearner(nn.Module):
-    """Research code's ``self.meta``: a name torch.fx's GraphModule uses for itself."""
+    """Research code's ``self.meta`` / ``self.graph`` / ``self.code``: names a GraphModule uses itself."""
 
-    def __init__(self):
+    def __init__(self, name: str):
         super().__init__()
-        self.meta, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+        setattr(self, name, nn.Linear(4, 4))
+        self.name, self.out = name, nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.out(self.meta(x))
+        return self.out(getattr(self, self.name)(x))
 
 
-class Holder(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)
-
-
-def test_a_top_level_name_graph_modules_use_is_named_with_the_way_out():
-    model, x = MetaLearner().eval(), torch.randn(2, 4)
-    refused = r"top-level attribute 'meta' \(Linear\).*self.model = model"
-    with pytest.raises(qzo_fx.UnsupportedModelError, match=refused):
-        qzo_fx.prepare(model, example_inputs=(x,))
-    qm = qzo_fx.prepare(Holder(model), qzo_fx.QuantConfig(weight=None), example_inputs=(x,))  # the way out
-    assert torch.equal(qm.eval()(x), model(x))
+@pytest.mark.parametrize("name", ["meta", "graph", "code"])
+def test_a_top_level_name_graph_modules_use_keeps_the_root_and_prepares_its_parts(name):
+    model, x = MetaLearner(name).eval(), torch.randn(2, 4)
+    exact = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(x,))
+    assert torch.equal(exact.eval()(x), model(x))
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=8, activation_bits=8), example_inputs=(x,))
+    assert isinstance(qm, MetaLearner) and "" in qm.qzo_partial.eager
+    assert {f"{name}.weight", "out.weight"} <= {q.target for q in qzo_fx.list_quantizers(qm)}
+    with pytest.raises(qzo_fx.CaptureError, match=rf"top-level attribute '{name}' \(Linear\).*capture='auto'"):
+        qzo_fx.prepare(model, example_inputs=(x,), capture="symbolic")

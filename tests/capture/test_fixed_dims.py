@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn as nn
 
 import qzo_fx
 from tests.zoo.research_layers import TeacherForcedDecoder
@@ -43,3 +44,40 @@ def test_the_file_keeps_the_dimensions_the_prepared_graph_fixed(tmp_path):
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="dimensions"):  # ORT refuses another length, as qm does
         session.run(None, {"tgt": torch.randint(0, 20, (2, 9)).numpy()})
+
+
+class StepLoop(nn.Module):
+    """A loop over a float sequence's steps, with the argument name torch.fx renames (``input``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.Linear(8, 8)
+
+    def forward(self, input):
+        return torch.stack([self.cell(input[:, t]) for t in range(input.shape[1])], 1)
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_a_renamed_argument_is_checked_and_sizes_never_asked_to_vary_are_left_to_the_graph():
+    torch.manual_seed(0)
+    qm = qzo_fx.prepare(StepLoop(), qzo_fx.QuantConfig(weight_bits=8), example_inputs=(torch.randn(2, 5, 8),),
+                        capture="export")
+    with pytest.raises(qzo_fx.InputError, match=r"'input' with dimension 1 of size 5 only"):
+        qm(torch.randn(2, 7, 8))
+    # A batch of 1 in the example and an image's height and width: torch.export fixes them without
+    # being asked to, and the graph takes other sizes, as before.
+    model = SmallConvNet().eval()
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight=None), example_inputs=(torch.randn(1, 3, 8, 8),),
+                        capture="export")
+    for shape in ((4, 3, 8, 8), (2, 3, 10, 12)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(qm.eval()(x), model(x))

@@ -327,3 +327,19 @@ def test_sites_sharing_a_weight_each_fold_their_own_batchnorm_once(tmp_path):
     for runtime, out in got.items():
         assert _steps_apart(expected, out) < 1e-3, runtime
     assert qzo_fx.verify_onnx(qm, result.path, (a, b)).ok
+
+
+def test_a_folded_four_bit_weight_stays_int4_in_the_file(tmp_path):
+    model, x = _conv_bn(), torch.randn(2, 3, 16, 16)
+    qm = qzo_fx.prepare(model, qzo_fx.QuantConfig(weight_bits=4, activation_bits=8), example_inputs=(x,))
+    result = qzo_fx.export_onnx(qm.eval(), (x,), tmp_path / "m.onnx")
+    file = onnx.load(str(result.path))
+    inits = {i.name: i for i in file.graph.initializer}
+    producers = {out: node for node in file.graph.node for out in node.output}
+    conv = next(n for n in file.graph.node if n.op_type == "Conv")  # the folded one
+    weight = producers[conv.input[1]]
+    assert weight.op_type == "DequantizeLinear"
+    assert TensorProto.DataType.Name(inits[weight.input[0]].data_type) == "INT4"
+    with torch.no_grad():
+        expected = qm(x).numpy()
+    assert _steps_apart(expected, _runtimes(result.path, x)["ort"]) < 1e-3

@@ -211,3 +211,21 @@ def test_list_and_dict_arguments_export_with_their_batch_dynamic_and_verify(tmp_
     with torch.no_grad():
         np.testing.assert_allclose(got, qm(features, batch).numpy(), rtol=1e-5, atol=1e-5)
     assert qzo_fx.verify_onnx(qm, result.path, (features, batch)).ok
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(6, 3)
+
+    def forward(self, left, right):
+        return self.a(left) - self.b(right)
+
+
+def test_verify_feeds_keyword_inputs_in_the_forward_order_whatever_order_they_are_given_in(tmp_path):
+    torch.manual_seed(0)
+    inputs = {"left": torch.randn(2, 4), "right": torch.randn(2, 6)}
+    qm = qzo_fx.prepare(TwoInputs(), W8A8, example_kwargs=inputs)
+    result = qzo_fx.export_onnx(qm.eval(), (), tmp_path / "m.onnx", example_kwargs=inputs)
+    reordered = {"right": torch.randn(3, 6), "left": torch.randn(3, 4)}
+    assert qzo_fx.verify_onnx(qm, result.path, (), kwargs=reordered).ok
