@@ -51,7 +51,7 @@ def contiguous_attention(gm: GraphModule, *, ctx: object = None) -> PassResult:
     for output in _attention_outputs(gm):
         users = list(output.users)
         if len(users) == 1 and _is_contiguous_copy(users[0]):
-            continue  # already done (the pass runs twice without change)
+            continue  # already a contiguous copy (the model's own, or this pass's)
         with gm.graph.inserting_after(output):
             copy = gm.graph.call_function(aten.clone.default, (output,), {"memory_format": torch.contiguous_format})
         output.replace_all_uses_with(copy, delete_user_cb=lambda user, copy=copy: user is not copy)

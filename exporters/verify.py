@@ -151,11 +151,10 @@ def _check_provider(qm: nn.Module, path: Path, model: onnx.ModelProto, target: s
                     expected: list[np.ndarray], tolerance_steps: float, follow_ties: bool) -> ProviderParity:
     session = _open(path, target)
     # The file's inputs are the tensor leaves of the call, in the order torch.export flattens
-    # them: keywords in the forward's order, and a list or dict argument (multi-scale features,
-    # a batch dict) is several inputs.
-    order = list(inspect.signature(qm.forward).parameters)
-    keywords = sorted(kwargs, key=lambda k: order.index(k) if k in order else len(order))
-    tensors = [a for a in tree_leaves((tuple(inputs), [kwargs[k] for k in keywords])) if isinstance(a, torch.Tensor)]
+    # them: bound to the forward's parameters (keywords in its order), and a list or dict
+    # argument (multi-scale features, a batch dict) is several inputs.
+    bound = inspect.signature(qm.forward).bind(*inputs, **kwargs).arguments
+    tensors = [a for a in tree_leaves(list(bound.values())) if isinstance(a, torch.Tensor)]
     names = [meta.name for meta in session.get_inputs()]
     if len(names) != len(tensors):
         raise ExportError(f"verify_onnx: the file takes {len(names)} inputs ({', '.join(names)}) and these inputs "

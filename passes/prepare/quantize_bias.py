@@ -61,8 +61,8 @@ def _quantizer(gm: GraphModule, value: object) -> Optional[Quantizer]:
 
 
 def _bias_site(gm: GraphModule, node: Node):
-    """``(bias position, input fake_quant node, weight fake_quant node)`` if ``node`` adds a float
-    parameter bias to a product of a quantized input and a quantized weight, else None."""
+    """``(bias position, bias, input fake_quant node, weight fake_quant node)`` if ``node`` adds a
+    float parameter bias to a product of a quantized input and a quantized weight, else None."""
     annotation = node.meta.get(ANNOTATION_KEY)
     if annotation is None or annotation.weight is None or annotation.activation is None:
         return None
@@ -83,7 +83,7 @@ def _bias_site(gm: GraphModule, node: Node):
     if w_q.scale.dim() == 1 and (weight is None or w_q.axis != sig.channel_axis % weight.dim()
                                  or w_q.scale.numel() != bias_value.numel()):
         return None  # scales along another axis than the bias's (e.g. a grouped transposed conv)
-    return position, node.args[sig.input_arg], node.args[sig.weight_arg]
+    return position, bias_value, node.args[sig.input_arg], node.args[sig.weight_arg]
 
 
 def _latent_weight(gm: GraphModule, fq: Node) -> Optional[torch.Tensor]:
@@ -118,9 +118,9 @@ def quantize_bias(gm: GraphModule, *, ctx: object = None) -> PassResult:
         site = _bias_site(gm, node)
         if site is None:
             continue
-        position, x_fq, w_fq = site
+        position, bias_value, x_fq, w_fq = site
         bias = node.args[position]
-        _fit_weight_scale(gm, gm.get_parameter(str(bias.target)), x_fq, w_fq)
+        _fit_weight_scale(gm, bias_value, x_fq, w_fq)
         with gm.graph.inserting_before(node):
             product = gm.graph.call_function(aten.mul.Tensor, (x_fq.args[1], w_fq.args[1]))
             scale = gm.graph.call_function(aten.detach.default, (product,))

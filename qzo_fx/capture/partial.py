@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from qzo_fx.capture.modal import PreparedModel
-from qzo_fx.capture.tracing import CaptureReport, StateTracer, modes_kept, trace_modes
+from qzo_fx.capture.tracing import CaptureReport, StateTracer, graph_module_names, modes_kept, trace_modes
 
 __all__ = ["PartialReport", "prepare_partially", "untraceable_modules"]
 
@@ -47,17 +47,6 @@ class _LeafTracer(StateTracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m in self.leaves or super().is_leaf_module(m, qualname)
-
-
-# What a torch.fx GraphModule uses for itself: a module with a direct submodule, parameter or
-# buffer of one of these names (research code's ``self.meta``, ``self.graph``, ``self.code``)
-# cannot become one, and runs as it is with its parts prepared.
-GRAPH_MODULE_NAMES = ("meta", "graph", "code")
-
-
-def graph_module_names(module: nn.Module) -> list[str]:
-    """The names of ``module``'s own attributes that a GraphModule uses itself."""
-    return [n for n in (*module._modules, *module._parameters, *module._buffers) if n in GRAPH_MODULE_NAMES]
 
 
 def _reason(error: Exception) -> str:
@@ -145,9 +134,8 @@ def prepare_partially(model: nn.Module, args: Optional[tuple], kwargs: dict,
     def visit(module: nn.Module, name: str) -> nn.Module:
         if name in untraceable:
             return run_eagerly(module, name, untraceable[name])
-        if graph_module_names(module):
-            return run_eagerly(module, name, f"its attribute {graph_module_names(module)[0]!r} is a name GraphModule "
-                                             "uses")
+        if clash := graph_module_names(module):
+            return run_eagerly(module, name, f"its attribute {clash[0]!r} is a name GraphModule uses")
         seen = inputs.get(module)
         if seen is None and args is not None:
             report.skipped[name] = "not called with the example inputs"

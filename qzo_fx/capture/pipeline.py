@@ -14,7 +14,7 @@ from qzo_fx.capture.copying import copy_model
 from qzo_fx.capture.coverage import unquantized_weights
 from qzo_fx.capture.eager_check import eager_failure
 from qzo_fx.capture.modal import each_mode
-from qzo_fx.capture.partial import GRAPH_MODULE_NAMES, graph_module_names, prepare_partially
+from qzo_fx.capture.partial import prepare_partially
 from qzo_fx.capture.tracing import CaptureReport, DynamicShapes
 from qzo_fx.capture.tracing import capture as capture_model
 from qzo_fx.config import QuantConfig
@@ -124,7 +124,6 @@ def _capture_and_prepare(model: nn.Module, copied: nn.Module, config: QuantConfi
                          kwargs: dict[str, Any], capture: str, dynamic_shapes: DynamicShapes,
                          instruments: Sequence[PassInstrument]) -> nn.Module:
     try:
-        _refuse_reserved_names(copied)
         gm, report = capture_model(copied, args, kwargs, capture, dynamic_shapes)
     except CaptureError as error:
         if capture != "auto":
@@ -154,19 +153,6 @@ def _state_keys_of(model: nn.Module, prepared: nn.Module) -> nn.Module:
             if (f"{prefix}.{name}" if prefix else name) not in user:
                 module._non_persistent_buffers_set.add(name)
     return prepared
-
-
-def _refuse_reserved_names(model: nn.Module) -> None:
-    """A ``CaptureError`` (under ``capture="auto"`` partial capture follows: the model keeps its own
-    root, where the name is harmless) when the root would have to hold a name GraphModule uses."""
-    clash = graph_module_names(model)
-    if clash:
-        kind = type(getattr(model, clash[0])).__name__
-        raise CaptureError(
-            f"{type(model).__name__} has a top-level attribute {clash[0]!r} ({kind}); a whole-graph capture is a "
-            f"torch.fx GraphModule, which uses {', '.join(GRAPH_MODULE_NAMES)} itself. Use capture='auto' (partial "
-            "capture keeps the model's own root), or prepare a module that holds this model (self.model = model; "
-            "its state_dict keys then start with 'model.').")
 
 
 def _refuse_low_precision(model: nn.Module) -> None:

@@ -41,7 +41,8 @@ from qzo_fx.capture.none_arguments import check_none_arguments, expect_none, non
 from qzo_fx.errors import CaptureError
 from qzo_fx.quant.op_table import multi_head_attention, recurrent
 
-__all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "StateTracer", "modes_kept", "none_arguments", "trace_modes"]
+__all__ = ["capture", "CaptureReport", "CAPTURE_METHODS", "GRAPH_MODULE_NAMES", "StateTracer", "graph_module_names",
+           "modes_kept", "none_arguments", "trace_modes"]
 
 CAPTURE_METHODS = ("auto", "symbolic", "export")
 # ``dynamic_shapes``: "auto" (batch and sequence dynamic), False (the example's shapes), or a
@@ -334,12 +335,35 @@ def _refuse_dropped_types(model: nn.Module, report: CaptureReport) -> None:
         raise CaptureError(f"{type(model).__name__} returns a {names}, which a symbolic trace returns as a plain dict.")
 
 
+# What a torch.fx GraphModule uses for itself: a module with a direct submodule, parameter or
+# buffer of one of these names (research code's ``self.meta``, ``self.graph``, ``self.code``)
+# cannot become one (partial capture runs it as it is, with its parts prepared).
+GRAPH_MODULE_NAMES = ("meta", "graph", "code")
+
+
+def graph_module_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own attributes that a GraphModule uses itself."""
+    return [n for n in (*module._modules, *module._parameters, *module._buffers) if n in GRAPH_MODULE_NAMES]
+
+
+def _refuse_graph_module_names(model: nn.Module) -> None:
+    clash = graph_module_names(model)
+    if clash:
+        kind = type(getattr(model, clash[0])).__name__
+        raise CaptureError(
+            f"{type(model).__name__} has a top-level attribute {clash[0]!r} ({kind}); a whole-graph capture is a "
+            f"torch.fx GraphModule, which uses {', '.join(GRAPH_MODULE_NAMES)} itself. Use capture='auto' (partial "
+            "capture keeps the model's own root), or prepare a module that holds this model (self.model = model; "
+            "its state_dict keys then start with 'model.').")
+
+
 def capture(model: nn.Module, example_inputs: Optional[tuple[Any, ...]] = None,
             example_kwargs: Optional[dict[str, Any]] = None, method: str = "auto",
             dynamic_shapes: DynamicShapes = "auto") -> tuple[PreparedModel, CaptureReport]:
     """Capture ``model`` (already a copy: capture shares its submodules) in both modes."""
     if method not in CAPTURE_METHODS:
         raise CaptureError(f"capture={method!r} is invalid: allowed {CAPTURE_METHODS}.")
+    _refuse_graph_module_names(model)
     order = ["symbolic", "export"] if method == "auto" else [method]
     report = CaptureReport(method="", model_inputs=tuple(inspect.signature(model.forward).parameters),
                            model_class=type(model))
